@@ -1,0 +1,139 @@
+"""`tuner generate` / `tuner bench` end to end through the CLI, and every bad input of the issue."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tuner.cli.app import build_app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(build_app(), list(map(str, args)))
+
+
+def ckpt_args(small_ckpts):
+    var_p, vae_p = small_ckpts
+    return ["--var-ckpt", var_p, "--vae-ckpt", vae_p]
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_generate_writes_npz_and_pngs(tmp_path, small_ckpts):
+    out = tmp_path / "out"
+    r = run("generate", *ckpt_args(small_ckpts), "--classes", "1,2,9", "--seed", "0", "--out", out)
+    assert r.exit_code == 0, r.output
+    data = np.load(out / "samples.npz")
+    assert data["images"].dtype == np.float32 and data["images"].shape == (3, 3, 8, 8)
+    assert data["labels"].tolist() == [1, 2, 9]
+    assert 0 <= data["images"].min() and data["images"].max() <= 1
+    assert len(list(out.glob("0*_class*.png"))) == 3
+    assert str(out) in r.output
+
+
+def test_generate_matches_library_call(tmp_path, small_ckpts, small_model):
+    from tuner.model.generate import generate
+
+    out = tmp_path / "o"
+    r = run("generate", *ckpt_args(small_ckpts), "--classes", "4,5", "--seed", "7", "--cfg", "2",
+            "--top-k", "10", "--top-p", "0.9", "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    ref = generate(small_model.var, small_model.vae, torch.tensor([4, 5]), seed=7, cfg=2.0, top_k=10, top_p=0.9)
+    assert np.allclose(np.load(out / "samples.npz")["images"], ref.images.numpy(), atol=1e-6)
+
+
+def test_bench_reports_bytes(small_ckpts):
+    r = run("bench", *ckpt_args(small_ckpts), "--batch", "2", "--repeats", "1", "--warmup", "0", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    data = json.loads(r.output)
+    assert data["kv_bytes_allocated"] == data["kv_bytes_planned"]
+    assert len(data["per_scale_ms"]) == 4 and data["images_per_s"] > 0
+
+
+def test_missing_checkpoint(tmp_path, small_ckpts):
+    r = run("generate", "--var-ckpt", tmp_path / "nope.pth", "--vae-ckpt", small_ckpts[1], "--out", tmp_path)
+    assert_user_error(r, "not found", "--var-ckpt")
+
+
+def test_truncated_checkpoint(tmp_path, small_ckpts):
+    bad = tmp_path / "trunc.pth"
+    bad.write_bytes(small_ckpts[0].read_bytes()[:1000])
+    r = run("generate", "--var-ckpt", bad, "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
+    assert_user_error(r, "not a readable PyTorch checkpoint")
+
+
+def test_non_checkpoint_file(tmp_path, small_ckpts):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("hello")
+    r = run("generate", "--var-ckpt", bad, "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
+    assert_user_error(r, "not a readable PyTorch checkpoint")
+
+
+def test_vae_passed_as_var(tmp_path, small_ckpts):
+    r = run("generate", "--var-ckpt", small_ckpts[1], "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
+    assert_user_error(r, "VQ-VAE state dict", "swap")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda sd: sd.pop("head.bias"), "missing keys head.bias"),
+    (lambda sd: sd.__setitem__("extra.weight", torch.zeros(1)), "unexpected keys extra.weight"),
+    (lambda sd: sd.__setitem__("blocks.0.ffn.fc1.bias", torch.zeros(3)), "mis-shaped blocks.0.ffn.fc1.bias"),
+])
+def test_bad_state_dict(tmp_path, small_ckpts, edit, fragment):
+    sd = torch.load(small_ckpts[0], weights_only=True)
+    edit(sd)
+    p = tmp_path / "edited.pth"
+    torch.save(sd, p)
+    r = run("generate", "--var-ckpt", p, "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
+    assert_user_error(r, fragment)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--classes", "10"], "outside [0, 10)"),
+    (["--classes", ""], "--classes is empty"),
+    (["--classes", ","], "--classes is empty"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "-0.1"], "--top-p"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--cfg", "-2"], "--cfg"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--attention-backend", "cuda"], "--attention-backend"),
+])
+def test_bad_flags(tmp_path, small_ckpts, flags, fragment):
+    r = run("generate", *ckpt_args(small_ckpts), "--out", tmp_path / "o", *flags)
+    assert_user_error(r, fragment)
+
+
+def test_unknown_model(tmp_path):
+    r = run("generate", "--model", "d99", "--out", tmp_path)
+    assert_user_error(r, "unknown model", "d16")
+
+
+def test_named_model_without_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("TUNER_WEIGHTS_DIR", raising=False)
+    r = run("generate", "--model", "d16", "--out", tmp_path)
+    assert_user_error(r, "--weights-dir")
+
+
+def test_weights_dir_missing_file(tmp_path):
+    r = run("generate", "--model", "d16", "--weights-dir", tmp_path, "--out", tmp_path / "o")
+    assert_user_error(r, "var_d16.pth not found")
+
+
+def test_unwritable_output_dir(tmp_path, small_ckpts):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a path below a regular file can never be created, even as root
+    r = run("generate", *ckpt_args(small_ckpts), "--out", blocker / "sub")
+    assert_user_error(r, "not writable", "--out")

@@ -1,0 +1,53 @@
+"""Options shared by every command that runs a model, and the code that turns them into one."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from tuner.errors import UserError
+
+ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36.")
+VarCkptOpt = typer.Option(None, "--var-ckpt", help="Path of an official-format VAR state dict (var_d*.pth).")
+VaeCkptOpt = typer.Option(None, "--vae-ckpt", help="Path of the VQ-VAE state dict (vae_ch160v4096z32.pth).")
+WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
+                             help="Directory with var_<model>.pth and vae_ch160v4096z32.pth.")
+RandomWeightsOpt = typer.Option(False, "--random-weights", help="Use random weights of the model's shape.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (non-fp32 runs under autocast).")
+BackendOpt = typer.Option("auto", "--attention-backend",
+                          help="auto (triton on CUDA, torch on CPU), torch or triton.")
+PolicyOpt = typer.Option(None, "--policy", help="Policy file (JSON) to apply; default: full cache.")
+
+
+def load_model_from_options(model: Optional[str], var_ckpt, vae_ckpt, weights_dir, random_weights: bool,
+                            device: str, seed: int = 0):
+    """Return a :class:`~tuner.model.loading.LoadedModel` for the CLI options."""
+    from tuner.model.loading import load_model
+
+    return load_model(model, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
+                      random_weights=random_weights, seed=seed, device=device)
+
+
+def load_policy_option(path: Optional[str], loaded):
+    """``(policy, PolicySpec)`` for ``--policy FILE`` (full cache when ``None``)."""
+    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.full import FullPolicy
+
+    geometry = CacheGeometry.from_var_config(loaded.config.var)
+    if path is None:
+        return FullPolicy(), PolicySpec(geometry, loaded.config.name)
+    from tuner.policy_file import load_policy_file
+
+    policy, info = load_policy_file(path, loaded.config, checkpoint_sha256=loaded.checkpoint_sha256)
+    spec = PolicySpec(geometry, loaded.config.name, getattr(info, "calibration", None))
+    return policy, spec
+
+
+def check_sampling(cfg: float, top_k: int, top_p: float) -> None:
+    if cfg < 0:
+        raise UserError(f"--cfg {cfg} is negative; guidance must be >= 0 (1.5 is the FID setting)")
+    if top_k < 0:
+        raise UserError(f"--top-k {top_k} is negative; use 0 to disable top-k filtering")
+    if not 0.0 <= top_p <= 1.0:
+        raise UserError(f"--top-p {top_p} is outside [0, 1]; use 0 to disable nucleus filtering")

@@ -1,0 +1,1 @@
+"""VAR inference engine: transformer, multi-scale VQ-VAE, KV cache and generation loop."""

@@ -1,0 +1,191 @@
+"""The KV cache of one generation run: preallocated from a plan, compacted per layer (design §2, §4).
+
+Layout: per layer a persistent K and V buffer ``[rows, heads, C[l], head_dim]`` with
+``C[l] = max_s budgets[l][s]``, and one workspace shared by all layers for the current scale's new
+K/V (``max_s n_s`` tokens). Attention of scale ``s`` at layer ``l`` reads the layer's kept tokens
+plus the workspace; right after it, the policy chooses what the layer keeps and the buffer is
+compacted in place — per layer, so the current scale never sits in every layer at once.
+
+The ``full`` plan is laid out like the official code: every layer's buffer holds all ``L`` tokens
+and the new tokens are written straight into it (no workspace).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, SelectionState
+
+AttentionFn = Callable[..., torch.Tensor]
+Observer = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class KVCache:
+    """Owner of all cache memory of a run; ``attend`` is the only entry point of attention.
+
+    Parameters
+    ----------
+    plan, geometry: the policy's static budgets and the model's cache geometry.
+    rows: sequences per forward (2 per image with classifier-free guidance).
+    policy: called (``select``) whenever a layer keeps some but not all of its candidates.
+    attention: ``kv_attention``-compatible function (see :mod:`kernels`); ``backend`` is passed on.
+    observer: optional ``f(layer, scale, q, k_all, v_all, positions)`` for calibration statistics.
+    """
+
+    def __init__(self, plan: CachePlan, geometry: CacheGeometry, rows: int, dtype: torch.dtype,
+                 device: torch.device | str, policy: KVPolicy, attention: AttentionFn,
+                 backend: str = "torch", observer: Observer | None = None, check_selection: bool = True):
+        plan.validate(geometry)
+        self.plan, self.geometry, self.policy = plan, geometry, policy
+        self.rows, self.dtype, self.device = rows, dtype, torch.device(device)
+        self.attention, self.backend, self.observer = attention, backend, observer
+        self.check_selection = check_selection
+        g = geometry
+        shape = (rows, g.num_heads)
+        caps = [g.seq_len] * g.num_layers if plan.full else list(plan.capacities())
+        self.k = [torch.empty(*shape, c, g.head_dim, dtype=dtype, device=device) for c in caps]
+        self.v = [torch.empty(*shape, c, g.head_dim, dtype=dtype, device=device) for c in caps]
+        self.lens = [0] * g.num_layers
+        if plan.full:
+            self.ws_k = self.ws_v = None
+            self.pos = None
+        else:
+            n_max = max(g.scale_lengths)
+            self.ws_k = torch.empty(*shape, n_max, g.head_dim, dtype=dtype, device=device)
+            self.ws_v = torch.empty(*shape, n_max, g.head_dim, dtype=dtype, device=device)
+            # Global token ids of what each layer keeps (metadata, reported apart from KV bytes).
+            self.pos = [torch.empty(*shape, c, dtype=torch.int32, device=device) for c in caps]
+        self.scale = -1
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of every K/V buffer this cache allocated (layer buffers + workspace)."""
+        total = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        if self.ws_k is not None:
+            total += 2 * self.ws_k.numel() * self.ws_k.element_size()
+        return total
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the kept-token id buffers (0 for the full layout)."""
+        return sum(t.numel() * t.element_size() for t in self.pos) if self.pos else 0
+
+    def resident_tokens(self) -> int:
+        """Tokens currently held across all layers (excluding the workspace)."""
+        return sum(self.lens)
+
+    # ------------------------------------------------------------------ the hook
+    def begin_scale(self, scale: int) -> None:
+        self.scale = scale
+
+    def _lens_tensor(self, length: int) -> torch.Tensor:
+        return torch.full((self.rows, self.geometry.num_heads), length, dtype=torch.int32, device=self.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               softmax_scale: float) -> torch.Tensor:
+        """Attention of the current scale at ``layer``, then the policy's keep decision.
+
+        q, k_new, v_new: ``[rows, heads, n_s, head_dim]``. Returns ``[rows, heads, n_s, head_dim]``.
+        """
+        s, n = self.scale, k_new.shape[2]
+        if n != self.geometry.scale_lengths[s]:
+            raise ValueError(f"scale {s} has {self.geometry.scale_lengths[s]} tokens, got {n}")
+        kb, vb, length = self.k[layer], self.v[layer], self.lens[layer]
+        q = q.to(self.dtype)
+        if self.plan.full:
+            kb[:, :, length:length + n].copy_(k_new)
+            vb[:, :, length:length + n].copy_(v_new)
+            kn, vn = kb[:, :, length:length + n], vb[:, :, length:length + n]
+        else:
+            self.ws_k[:, :, :n].copy_(k_new)
+            self.ws_v[:, :, :n].copy_(v_new)
+            kn, vn = self.ws_k[:, :, :n], self.ws_v[:, :, :n]
+        out = self.attention(q, kb, vb, self._lens_tensor(length), kn, vn, softmax_scale,
+                             backend=self.backend, uniform_len=length)
+        if self.observer is not None:
+            self._observe(layer, q, kn, vn, length)
+        if self.plan.full:
+            self.lens[layer] = length + n
+        else:
+            self._keep(layer, q, kn, vn, length, softmax_scale)
+        return out
+
+    # ------------------------------------------------------------------ compaction
+    def _positions(self, layer: int, length: int) -> torch.Tensor:
+        start = self.geometry.scale_starts[self.scale]
+        n = self.geometry.scale_lengths[self.scale]
+        new = torch.arange(start, start + n, device=self.device, dtype=torch.int64)
+        new = new.view(1, 1, n).expand(self.rows, self.geometry.num_heads, n)
+        if self.pos is None:  # full layout: positions are 0..length-1
+            old = torch.arange(length, device=self.device, dtype=torch.int64)
+            old = old.view(1, 1, length).expand(self.rows, self.geometry.num_heads, length)
+        else:
+            old = self.pos[layer][:, :, :length].long()
+        return torch.cat((old, new), dim=2)
+
+    def _observe(self, layer: int, q, kn, vn, length: int) -> None:
+        kb, vb = self.k[layer], self.v[layer]
+        k_all = torch.cat((kb[:, :, :length], kn), dim=2) if not self.plan.full else kb[:, :, :length + kn.shape[2]]
+        v_all = torch.cat((vb[:, :, :length], vn), dim=2) if not self.plan.full else vb[:, :, :length + vn.shape[2]]
+        self.observer(layer, self.scale, q, k_all, v_all, self._positions(layer, length))
+
+    def _keep(self, layer: int, q, kn, vn, length: int, softmax_scale: float) -> None:
+        budget = self.plan.budgets[layer][self.scale]
+        n = kn.shape[2]
+        kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
+        if budget == length + n:  # keep everything: append the new scale
+            kb[:, :, length:budget].copy_(kn)
+            vb[:, :, length:budget].copy_(vn)
+            start = self.geometry.scale_starts[self.scale]
+            pos[:, :, length:budget] = torch.arange(start, start + n, device=self.device, dtype=torch.int32)
+        elif budget > 0:
+            state = SelectionState(
+                layer=layer, scale=self.scale, budget=budget, geometry=self.geometry,
+                positions=self._positions(layer, length), queries=q,
+                k_old=kb[:, :, :length], v_old=vb[:, :, :length], k_new=kn, v_new=vn,
+                softmax_scale=softmax_scale, backend=self.backend,
+            )
+            idx = self.policy.select(state)
+            if self.check_selection:
+                _check_indices(idx, budget, length + n, self.rows, self.geometry.num_heads, self.policy)
+            if idx.dim() == 1:
+                self._compact_shared(idx.to(self.device), layer, kn, vn, length, state.positions)
+            else:
+                self._compact_per_head(idx.to(self.device), layer, kn, vn, length, state.positions)
+        self.lens[layer] = budget
+
+    def _compact_shared(self, idx, layer, kn, vn, length, positions) -> None:
+        kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
+        n_old = int((idx < length).sum())
+        old, new = idx[:n_old], idx[n_old:] - length
+        # Sorted indices: old survivors first, moved towards the front, then the chosen new tokens.
+        if n_old:
+            kb[:, :, :n_old] = kb[:, :, old]
+            vb[:, :, :n_old] = vb[:, :, old]
+        kb[:, :, n_old:idx.numel()] = kn[:, :, new]
+        vb[:, :, n_old:idx.numel()] = vn[:, :, new]
+        pos[:, :, :idx.numel()] = positions[:, :, idx].to(torch.int32)
+
+    def _compact_per_head(self, idx, layer, kn, vn, length, positions) -> None:
+        kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
+        k = idx.shape[-1]
+        gather = idx.unsqueeze(-1).expand(-1, -1, -1, kb.shape[-1])
+        # Each (row, head) keeps its own tokens: gather from the candidates (transient copy).
+        kb[:, :, :k] = torch.cat((kb[:, :, :length], kn), dim=2).gather(2, gather)
+        vb[:, :, :k] = torch.cat((vb[:, :, :length], vn), dim=2).gather(2, gather)
+        pos[:, :, :k] = positions.gather(2, idx).to(torch.int32)
+
+
+def _check_indices(idx: torch.Tensor, budget: int, n_cand: int, rows: int, heads: int, policy) -> None:
+    name = type(policy).__name__
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}.select returned dtype {idx.dtype}, expected int64")
+    if idx.dim() not in (1, 3) or idx.shape[-1] != budget or (idx.dim() == 3 and tuple(idx.shape[:2]) != (rows, heads)):
+        raise ValueError(f"{name}.select returned shape {tuple(idx.shape)}, expected [{budget}] or "
+                         f"[{rows}, {heads}, {budget}]")
+    if budget and (int(idx.min()) < 0 or int(idx.max()) >= n_cand):
+        raise ValueError(f"{name}.select returned indices outside [0, {n_cand})")
+    if budget > 1 and not bool((idx[..., 1:] > idx[..., :-1]).all()):
+        raise ValueError(f"{name}.select must return unique indices sorted ascending")

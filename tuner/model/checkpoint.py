@@ -1,0 +1,146 @@
+"""Reading official-format checkpoints safely and inferring the model shape from tensor shapes.
+
+Every failure becomes a one-line :class:`~tuner.errors.UserError` naming the file and the fix.
+Files are read with ``torch.load(..., weights_only=True)``: no pickled code is ever executed.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from tuner.errors import UserError
+from tuner.model.config import PATCH_NUMS_256, PATCH_NUMS_512, VAEConfig, VARConfig
+
+KNOWN_SCHEDULES = (PATCH_NUMS_256, PATCH_NUMS_512)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path, what: str, flag: str) -> dict[str, torch.Tensor]:
+    """Load a plain state dict (``name -> Tensor``) from ``path``.
+
+    ``what`` names the checkpoint for messages (e.g. "VAR"), ``flag`` the option that sets it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} checkpoint not found: {p}; pass an existing file with {flag}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, pickled code objects...
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{p} is not a readable PyTorch checkpoint ({reason}); "
+                        f"re-download or re-save it and pass it with {flag}") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...} wrappers
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{p} does not hold a state dict of tensors; pass a {what} state dict with {flag}")
+    return obj
+
+
+def looks_like_vae(sd: dict) -> bool:
+    return any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd)
+
+
+def looks_like_var(sd: dict) -> bool:
+    return "class_emb.weight" in sd or any(k.startswith("blocks.") for k in sd)
+
+
+def infer_var_config(sd: dict[str, torch.Tensor], source: str = "VAR checkpoint") -> tuple[VARConfig, int, int]:
+    """Infer ``(VARConfig, vae_z, vocab)`` from an official-format VAR state dict."""
+    if "class_emb.weight" not in sd:
+        if looks_like_vae(sd):
+            raise UserError(f"{source} holds a VQ-VAE state dict, not a VAR one; "
+                            "swap the files: --var-ckpt takes var_d*.pth, --vae-ckpt takes vae_*.pth")
+        raise UserError(f"{source} is not a VAR checkpoint (no class_emb.weight); pass var_d<N>.pth")
+    try:
+        classes, c = sd["class_emb.weight"].shape
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        l2 = "blocks.0.attn.scale_mul_1H11" in sd
+        heads = int(sd["blocks.0.attn.scale_mul_1H11"].shape[1]) if l2 else c // 64
+        num_scales = sd["lvl_embed.weight"].shape[0]
+        seq_len = sd["pos_1LC"].shape[1]
+        mlp_ratio = sd["blocks.0.ffn.fc1.weight"].shape[0] / c
+        vae_z, vocab = sd["word_embed.weight"].shape[1], sd["head.weight"].shape[0]
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{source} is missing VAR tensors ({exc}); pass an official var_d<N>.pth") from None
+    patch_nums = _infer_patch_nums(sd, num_scales, seq_len, source)
+    cfg = VARConfig(depth=depth, patch_nums=patch_nums, num_classes=classes - 1, embed_dim=c, num_heads=heads,
+                    mlp_ratio=mlp_ratio, shared_aln="shared_ada_lin.1.weight" in sd, attn_l2_norm=l2)
+    return cfg, vae_z, vocab
+
+
+def _infer_patch_nums(sd: dict, num_scales: int, seq_len: int, source: str) -> tuple[int, ...]:
+    if "lvl_1L" in sd:  # level id per token: counts per level are pn**2
+        counts = torch.bincount(sd["lvl_1L"].flatten().long(), minlength=num_scales).tolist()
+        pns = tuple(int(round(n ** 0.5)) for n in counts)
+        if all(p * p == n for p, n in zip(pns, counts)):
+            return pns
+    for sched in KNOWN_SCHEDULES:
+        if len(sched) == num_scales and sum(p * p for p in sched) == seq_len:
+            return sched
+    raise UserError(f"{source}: cannot infer the scale schedule ({num_scales} scales, {seq_len} tokens); "
+                    "the checkpoint needs its lvl_1L buffer")
+
+
+def infer_vae_config(sd: dict[str, torch.Tensor], source: str = "VAE checkpoint") -> VAEConfig:
+    """Infer a :class:`VAEConfig` from an official-format VQ-VAE state dict."""
+    if "quantize.embedding.weight" not in sd:
+        if looks_like_var(sd):
+            raise UserError(f"{source} holds a VAR state dict, not a VQ-VAE one; "
+                            "swap the files: --vae-ckpt takes vae_*.pth, --var-ckpt takes var_d*.pth")
+        raise UserError(f"{source} is not a VQ-VAE checkpoint (no quantize.embedding.weight); pass vae_*.pth")
+    try:
+        vocab, z = sd["quantize.embedding.weight"].shape
+        ch = sd["decoder.conv_out.weight"].shape[1]
+        levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+        ch_mult = tuple(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+        blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.0\.block\.(\d+)\.", k)))
+        n_phi = sum(1 for k in sd if re.fullmatch(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight", k))
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{source} is missing VQ-VAE tensors ({exc}); pass an official vae_*.pth") from None
+    return VAEConfig(
+        vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=blocks - 1,
+        share_quant_resi=n_phi or 1,
+        using_sa=f"decoder.up.{levels - 1}.attn.0.qkv.weight" in sd,
+        using_mid_sa="decoder.mid.attn_1.qkv.weight" in sd,
+    )
+
+
+def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
+                tolerate: tuple[str, ...] = ()) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error listing the first problems.
+
+    ``tolerate`` names keys whose shape may differ (the module handles them, e.g. the VAE's
+    ``quantize.ema_vocab_hit_SV`` whose first dim is the number of scales).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    shaped = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and k not in tolerate and tuple(sd[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if extra:
+        problems.append(f"unexpected keys {_first(extra)}")
+    if shaped:
+        problems.append(f"mis-shaped {_first(shaped)}")
+    if problems:
+        raise UserError(f"{source} does not match the model: {'; '.join(problems)}; "
+                        "pass an unmodified official-format checkpoint")
+    module.load_state_dict(sd, strict=True)
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -1,0 +1,145 @@
+"""Frozen model configurations and the named sizes (``tiny``, ``d16`` … ``d36``).
+
+Everything about a VAR model that the engine, the memory planner and the policies need is derived
+from two frozen dataclasses: :class:`VARConfig` (transformer) and :class:`VAEConfig` (multi-scale
+VQ-VAE). The official sizes follow ``build_vae_var``: heads = depth, width = 64·depth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Multi-scale residual VQ-VAE hyperparameters (official: ``vae_ch160v4096z32``)."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    share_quant_resi: int = 4
+    quant_resi: float = 0.5
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    beta: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= 0 or self.z_channels <= 0 or self.ch <= 0:
+            raise ValueError("VAE vocab_size, z_channels and ch must be positive")
+        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+            raise ValueError("VAE ch_mult must be a non-empty tuple of positive ints")
+        if self.ch % 32 != 0:
+            raise ValueError(f"VAE ch={self.ch} must be a multiple of 32 (GroupNorm with 32 groups)")
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction factor of the encoder (16 for the official VAE)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    """VAR transformer hyperparameters. ``embed_dim``/``num_heads`` default to 64·depth / depth."""
+
+    depth: int
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    num_classes: int = 1000
+    embed_dim: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    norm_eps: float = 1e-6
+    cond_drop_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.depth <= 0:
+            raise ValueError(f"depth must be positive, got {self.depth}")
+        if self.embed_dim == 0:
+            object.__setattr__(self, "embed_dim", 64 * self.depth)
+        if self.num_heads == 0:
+            object.__setattr__(self, "num_heads", self.depth)
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not self.patch_nums or list(self.patch_nums) != sorted(set(self.patch_nums)):
+            raise ValueError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
+        if self.num_classes <= 0:
+            raise ValueError("num_classes must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def scale_lengths(self) -> tuple[int, ...]:
+        """Tokens per scale, ``pn**2``."""
+        return tuple(p * p for p in self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        """Total tokens L over all scales (680 at 256px)."""
+        return sum(self.scale_lengths)
+
+    @property
+    def begin_ends(self) -> tuple[tuple[int, int], ...]:
+        out, cur = [], 0
+        for n in self.scale_lengths:
+            out.append((cur, cur + n))
+            cur += n
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A named model: transformer + tokenizer configuration."""
+
+    name: str
+    var: VARConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    @property
+    def resolution(self) -> int:
+        return self.var.patch_nums[-1] * self.vae.downsample
+
+
+def _official(name: str, depth: int, patch_nums=PATCH_NUMS_256, shared_aln=False) -> ModelConfig:
+    return ModelConfig(name, VARConfig(depth=depth, patch_nums=patch_nums, shared_aln=shared_aln))
+
+
+TINY_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8)
+
+
+def tiny_config() -> ModelConfig:
+    """The built-in ``tiny`` model: 32×32 images, ×4 VAE, 7 scales (155 tokens), 10 classes."""
+    return ModelConfig(
+        "tiny",
+        VARConfig(depth=6, patch_nums=TINY_PATCH_NUMS, num_classes=10, embed_dim=128, num_heads=4),
+        VAEConfig(vocab_size=512, z_channels=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
+                  share_quant_resi=4, using_sa=False, using_mid_sa=True),
+    )
+
+
+NAMED_MODELS = {
+    "tiny": tiny_config,
+    "d16": lambda: _official("d16", 16),
+    "d20": lambda: _official("d20", 20),
+    "d24": lambda: _official("d24", 24),
+    "d30": lambda: _official("d30", 30),
+    "d36": lambda: _official("d36", 36, PATCH_NUMS_512, shared_aln=True),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    """Return the named configuration; raises ``KeyError`` with the known names."""
+    try:
+        return NAMED_MODELS[name]()
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(NAMED_MODELS)}") from None

@@ -1,0 +1,118 @@
+"""Scale-by-scale generation with classifier-free guidance over a policy-managed KV cache.
+
+With the ``full`` policy this reproduces the official ``VAR.autoregressive_infer_cfg(B, labels,
+g_seed, cfg, top_k, top_p, more_smooth=False)``: same embeddings, same guidance ramp, same sampler
+and random-number call order, same VAE decoding.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
+from tuner.model.cache import KVCache, Observer
+from tuner.model.sampling import guided_logits, sample_tokens
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerationResult:
+    """Output of :func:`generate`.
+
+    images: ``[B, 3, H, W]`` float32 in [0, 1]. tokens: per scale ``[B, pn*pn]`` sampled indices.
+    kv_bytes_allocated: bytes of the cache's K/V buffers (measured from the buffers themselves).
+    scale_seconds: wall time per scale (synchronised on CUDA).
+    """
+
+    images: torch.Tensor
+    tokens: list[torch.Tensor]
+    plan: CachePlan
+    kv_bytes_allocated: int
+    index_bytes_allocated: int
+    scale_seconds: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: float = 1.5,
+             top_k: int = 900, top_p: float = 0.96, policy: KVPolicy | None = None,
+             spec: PolicySpec | None = None, backend: str = "torch", dtype: torch.dtype = torch.float32,
+             observer: Observer | None = None, attention: Callable | None = None,
+             check_selection: bool = True) -> GenerationResult:
+    """Generate ``B = len(labels)`` images, one forward per scale over ``2B`` rows (CFG).
+
+    Parameters
+    ----------
+    var, vae: :class:`~tuner.model.var.VARTransformer` and :class:`~tuner.model.vqvae.VQVAE` (fp32
+        weights; ``dtype`` other than fp32 runs under autocast, as the official demo does).
+    labels: ``[B]`` int64 class ids on the model's device.
+    seed: seeds a generator on the model's device; ``None`` uses the global RNG.
+    policy, spec: cache policy (default ``full``) and what it plans against.
+    backend: resolved attention backend (``torch`` or ``triton``), see :mod:`kernels.dispatch`.
+    observer: calibration hook, called after every layer's attention.
+    """
+    from tuner.policies.full import FullPolicy
+
+    device = labels.device
+    vcfg = var.cfg
+    b, num_scales = labels.shape[0], vcfg.num_scales
+    geometry = CacheGeometry.from_var_config(vcfg)
+    policy = policy or FullPolicy()
+    spec = spec or PolicySpec(geometry)
+    plan = policy.plan(spec)
+    if attention is None:
+        from kernels import kv_attention as attention
+    cache = KVCache(plan, geometry, rows=2 * b, dtype=dtype, device=device, policy=policy,
+                    attention=attention, backend=backend, observer=observer, check_selection=check_selection)
+    rng = None
+    if seed is not None:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+
+    quant = vae.quantize
+    z = quant.embedding.weight.shape[1]
+    patch_nums = vcfg.patch_nums
+    tokens, seconds = [], []
+    with _autocast(device, dtype):
+        cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes)), dim=0))
+        lvl_pos = var.lvl_pos()
+        first_l = var.first_l
+        next_map = (cond_BD.unsqueeze(1).expand(2 * b, first_l, -1)
+                    + var.pos_start.expand(2 * b, first_l, -1) + lvl_pos[:, :first_l])
+        cur_l = 0
+        f_hat = cond_BD.new_zeros(b, z, patch_nums[-1], patch_nums[-1])
+        for si, pn in enumerate(patch_nums):
+            _sync(device)
+            t0 = time.perf_counter()
+            cur_l += pn * pn
+            cache.begin_scale(si)
+            x = var.run_blocks(next_map, var.condition(cond_BD), cache=cache)
+            logits = guided_logits(var.logits(x, cond_BD), b, cfg, si, num_scales)
+            idx_Bl = sample_tokens(logits, top_k, top_p, rng)
+            tokens.append(idx_Bl)
+            h_BChw = quant.embedding(idx_Bl).transpose_(1, 2).reshape(b, z, pn, pn)
+            f_hat, next_map = quant.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
+            if si != num_scales - 1:
+                next_map = next_map.view(b, z, -1).transpose(1, 2)
+                next_map = var.word_embed(next_map) + lvl_pos[:, cur_l:cur_l + patch_nums[si + 1] ** 2]
+                next_map = next_map.repeat(2, 1, 1)
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5).float()
+    return GenerationResult(images=images, tokens=tokens, plan=plan, kv_bytes_allocated=cache.kv_bytes,
+                            index_bytes_allocated=cache.index_bytes, scale_seconds=seconds)

@@ -1,0 +1,1 @@
+"""KV-cache policy families: each a frozen dataclass with ``plan(spec)`` and ``select(...)``."""

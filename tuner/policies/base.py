@@ -1,0 +1,220 @@
+"""The policy contract: static budgets (``plan``) and token selection (``select``).
+
+A policy is a frozen dataclass of hyperparameters. The engine calls it in two places:
+
+1. ``plan(spec) -> CachePlan`` once, before any image is generated. ``budgets[l][s]`` is the number
+   of tokens layer ``l`` keeps *after* processing scale ``s`` (what scale ``s+1`` will read besides
+   its own tokens). Memory is a function of the plan alone (design §4), so it is a guarantee.
+2. ``select(state) -> indices`` right after layer ``l``'s attention at scale ``s``: which of the
+   candidate tokens (the layer's previously kept tokens followed by the current scale's tokens)
+   the layer keeps. Exactly ``budgets[l][s]`` indices, unique, sorted ascending.
+
+Nothing here imports optuna, ray or mlflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Shape facts of a model's KV cache: layers × heads × head_dim over the scale schedule."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    patch_nums: tuple[int, ...]
+
+    @classmethod
+    def from_var_config(cls, cfg: Any) -> "CacheGeometry":
+        """Build from a :class:`tuner.model.config.VARConfig`."""
+        return cls(cfg.depth, cfg.num_heads, cfg.head_dim, tuple(cfg.patch_nums))
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def scale_lengths(self) -> tuple[int, ...]:
+        return tuple(p * p for p in self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        return sum(self.scale_lengths)
+
+    @property
+    def scale_starts(self) -> tuple[int, ...]:
+        """Global position of the first token of each scale."""
+        out, cur = [], 0
+        for n in self.scale_lengths:
+            out.append(cur)
+            cur += n
+        return tuple(out)
+
+    def tokens_through(self, scale: int) -> int:
+        """Number of tokens in scales ``0..scale`` inclusive (0 for ``scale < 0``)."""
+        return sum(self.scale_lengths[: scale + 1]) if scale >= 0 else 0
+
+    def scale_of(self, position: int) -> int:
+        """Scale index of a global token position."""
+        for s, start in enumerate(self.scale_starts):
+            if position < start + self.scale_lengths[s]:
+                return s
+        raise ValueError(f"position {position} is outside the sequence of {self.seq_len} tokens")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a policy may look at when it plans: geometry, model identity and calibration stats.
+
+    ``calibration`` is a :class:`tuner.calibration.Calibration` (or ``None``); policies whose
+    ``needs_calibration`` is true raise ``ValueError`` when it is missing rather than defaulting.
+    """
+
+    geometry: CacheGeometry
+    model_name: str = ""
+    calibration: Any = None
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Static token budgets.
+
+    Attributes
+    ----------
+    budgets:
+        ``budgets[layer][scale]`` = tokens the layer keeps after scale ``scale``. The entry for the
+        last scale is normally 0 (nothing reads it); a positive value keeps (and counts) them.
+    full:
+        The official layout: every layer holds every token of every scale (no workspace, no
+        selection). Only the ``full`` policy sets it.
+    """
+
+    budgets: tuple[tuple[int, ...], ...]
+    full: bool = False
+
+    def capacity(self, layer: int) -> int:
+        """Persistent buffer size of ``layer`` in tokens: ``max_s budgets[layer][s]``."""
+        return max(self.budgets[layer]) if self.budgets[layer] else 0
+
+    def capacities(self) -> tuple[int, ...]:
+        return tuple(self.capacity(layer) for layer in range(len(self.budgets)))
+
+    def validate(self, geometry: CacheGeometry) -> None:
+        """Raise ``ValueError`` if the plan does not fit the geometry.
+
+        A budget may not exceed the tokens that exist (``tokens_through(s)``) nor what the layer can
+        have at that point (its previous budget plus the scale's new tokens).
+        """
+        if len(self.budgets) != geometry.num_layers:
+            raise ValueError(f"plan has {len(self.budgets)} layers, model has {geometry.num_layers}")
+        if self.full:
+            return
+        for layer, row in enumerate(self.budgets):
+            if len(row) != geometry.num_scales:
+                raise ValueError(f"layer {layer}: plan has {len(row)} scales, model has {geometry.num_scales}")
+            prev = 0
+            for s, b in enumerate(row):
+                if b < 0:
+                    raise ValueError(f"budget[{layer}][{s}] = {b} is negative")
+                limit = min(geometry.tokens_through(s), prev + geometry.scale_lengths[s])
+                if b > limit:
+                    raise ValueError(
+                        f"budget[{layer}][{s}] = {b} exceeds the {limit} tokens available at that scale"
+                    )
+                prev = b
+
+
+@dataclass
+class SelectionState:
+    """What ``select`` sees for one (layer, scale). Built by the engine's cache.
+
+    Shapes: R = rows (2 per image with CFG), H = heads, n = candidates = ``n_old`` kept tokens
+    followed by the current scale's ``n_new`` tokens, d = head_dim.
+
+    Attributes
+    ----------
+    positions: ``[R, H, n]`` int64 global token positions of the candidates (old ones ascending,
+               then the current scale's tokens in raster order).
+    queries:   ``[R, H, n_new, d]`` the current scale's queries exactly as used in attention
+               (for VAR: L2-normalised and multiplied by the per-head scale).
+    k_old, v_old: ``[R, H, n_old, d]`` the layer's kept tokens (views into the cache buffer).
+    k_new, v_new: ``[R, H, n_new, d]`` the current scale's keys/values.
+    softmax_scale: the factor applied to ``q·k`` inside the softmax (1.0 for VAR's cosine attention).
+    backend:   attention backend chosen for the run (``torch`` or ``triton``), for scorers.
+    """
+
+    layer: int
+    scale: int
+    budget: int
+    geometry: CacheGeometry
+    positions: "torch.Tensor"
+    queries: "torch.Tensor"
+    k_old: "torch.Tensor"
+    v_old: "torch.Tensor"
+    k_new: "torch.Tensor"
+    v_new: "torch.Tensor"
+    softmax_scale: float = 1.0
+    backend: str = "torch"
+
+    @property
+    def n_old(self) -> int:
+        return int(self.k_old.shape[2])
+
+    @property
+    def n_new(self) -> int:
+        return int(self.k_new.shape[2])
+
+    @property
+    def n_candidates(self) -> int:
+        return self.n_old + self.n_new
+
+    @property
+    def keys(self) -> "torch.Tensor":
+        """``[R, H, n, d]`` all candidate keys (concatenated on demand)."""
+        import torch
+
+        return torch.cat((self.k_old, self.k_new), dim=2)
+
+    @property
+    def values(self) -> "torch.Tensor":
+        import torch
+
+        return torch.cat((self.v_old, self.v_new), dim=2)
+
+
+class KVPolicy:
+    """Base class of all policy families (subclasses are frozen dataclasses).
+
+    Subclasses set ``family`` and implement :meth:`plan` and :meth:`select`, validate their fields
+    in ``__post_init__`` (``ValueError``), and are registered in :mod:`tuner.policies.registry`.
+    """
+
+    family: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def plan(self, spec: PolicySpec) -> CachePlan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, state: SelectionState) -> "torch.Tensor":  # pragma: no cover - abstract
+        """Indices into the candidates to keep.
+
+        Returns ``[k]`` (the same tokens for every row and head) or ``[R, H, k]`` (per row and
+        head), int64, unique and sorted ascending along the last dim, ``k == state.budget``.
+        """
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """Hyperparameters as a JSON-able dict (the dataclass fields)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
