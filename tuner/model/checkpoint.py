@@ -106,11 +106,14 @@ def infer_vae_config(sd: dict[str, torch.Tensor], source: str = "VAE checkpoint"
         ch_mult = tuple(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
         blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.0\.block\.(\d+)\.", k)))
         n_phi = sum(1 for k in sd if re.fullmatch(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight", k))
+        per_scale = "quantize.quant_resi.0.weight" in sd  # share_quant_resi=0: one Phi per scale
+        has_phi = n_phi or per_scale or "quantize.quant_resi.qresi.weight" in sd
     except (KeyError, ValueError) as exc:
         raise UserError(f"{source} is missing VQ-VAE tensors ({exc}); pass an official vae_*.pth") from None
     return VAEConfig(
         vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=blocks - 1,
-        share_quant_resi=n_phi or 1,
+        share_quant_resi=0 if per_scale else (n_phi or 1),
+        quant_resi=0.5 if has_phi else 0.0,  # no Phi tensors: the residual conv was disabled
         using_sa=f"decoder.up.{levels - 1}.attn.0.qkv.weight" in sd,
         using_mid_sa="decoder.mid.attn_1.qkv.weight" in sd,
     )

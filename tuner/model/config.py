@@ -122,7 +122,7 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(
         "tiny",
         VARConfig(depth=6, patch_nums=TINY_PATCH_NUMS, num_classes=10, embed_dim=128, num_heads=4),
-        VAEConfig(vocab_size=512, z_channels=16, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
+        VAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1,
                   share_quant_resi=4, using_sa=False, using_mid_sa=True),
     )
 
