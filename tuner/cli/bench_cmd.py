@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import resolve_backend, resolve_device, torch_dtype, user_errors
+from tuner.cli.common import BACKENDS, check_choice, resolve_backend, resolve_device, torch_dtype, user_errors
 from tuner.errors import UserError
 
 
@@ -95,6 +95,7 @@ def bench(
     if batch <= 0 or repeats <= 0 or warmup < 0:
         raise UserError("--batch and --repeats must be positive and --warmup >= 0")
     tdtype = torch_dtype(dtype)
+    check_choice(attention_backend, BACKENDS, "--attention-backend")
     dev = resolve_device(device)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
     pol, spec = mo.load_policy_option(policy, loaded)

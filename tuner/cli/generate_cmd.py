@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import parse_int_list, resolve_backend, resolve_device, torch_dtype, user_errors, writable_dir
+from tuner.cli.common import BACKENDS, check_choice, parse_int_list, resolve_backend, resolve_device, torch_dtype, user_errors, writable_dir
 from tuner.errors import UserError
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"
@@ -24,7 +24,7 @@ def generate(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     classes: Optional[str] = typer.Option(
-        None, "--classes", help="Comma-separated class ids (default: every class for tiny, 8 demo classes otherwise)."),
+        None, "--classes", help="Comma-separated class ids (default: 8 ImageNet demo classes, or every class of a smaller model)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
     cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance strength (ramped over scales)."),
     top_k: int = typer.Option(900, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps all)."),
@@ -47,11 +47,12 @@ def generate(
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size} must be positive")
     tdtype = torch_dtype(dtype)
+    check_choice(attention_backend, BACKENDS, "--attention-backend")
     dev = resolve_device(device)
     out_dir = writable_dir(out)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
     n_cls = loaded.config.var.num_classes
-    default_classes = ",".join(map(str, range(n_cls))) if loaded.config.name == "tiny" else DEMO_CLASSES
+    default_classes = DEMO_CLASSES if n_cls == 1000 else ",".join(map(str, range(n_cls)))
     labels = parse_int_list(classes if classes is not None else default_classes, "--classes")
     bad = [c for c in labels if not 0 <= c < n_cls]
     if bad:

@@ -9,6 +9,11 @@ from tuner.policies.base import KVPolicy
 # family name -> "module:ClassName"; modules are imported on first use (no work at import time).
 _FAMILIES: dict[str, str] = {
     "full": "tuner.policies.full:FullPolicy",
+    "window": "tuner.policies.window:WindowPolicy",
+    "sink_window": "tuner.policies.sink_window:SinkWindowPolicy",
+    "ams": "tuner.policies.ams:AMSPolicy",
+    "scalekv": "tuner.policies.scalekv:ScaleKVPolicy",
+    "budgets": "tuner.policies.budgets:BudgetsPolicy",
 }
 
 

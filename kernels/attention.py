@@ -1,0 +1,156 @@
+"""Triton attention of a scale's queries over a ragged KV cache plus the scale's own tokens.
+
+One program handles ``BLOCK_M`` query rows of one (row, head): stage 1 streams the valid cache
+prefix (its length read from ``cache_lens`` at run time), stage 2 streams the scale's own new
+tokens; an online softmax in exp2 form keeps one fp32 accumulator, so no attention matrix is ever
+materialized and the cache and new tokens never have to be concatenated.
+
+Importing this module defines the kernel: ``TRITON_INTERPRET=1`` must be set before that for the
+CPU interpreter (see :mod:`kernels.dispatch`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_span(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, span,
+                 qk_scale, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Fold ``span`` keys/values starting at ``k_base``/``v_base`` into the running softmax."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d[None, :] < D
+    for start in range(0, span, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < span
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok, other=0.0)
+        if UPCAST:  # the interpreter cannot multiply bf16 (it sees raw uint16 bit patterns)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+        # Every block holds at least one valid column, so m_new is finite and alpha never NaN.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _kv_attention_kernel(
+        Q, KC, VC, LENS, KN, VN, O,
+        sq_r, sq_h, sq_m, sq_d,
+        skc_r, skc_h, skc_n, skc_d,
+        svc_r, svc_h, svc_n, svc_d,
+        skn_r, skn_h, skn_n, skn_d,
+        svn_r, svn_h, svn_n, svn_d,
+        so_r, so_h, so_m, so_d,
+        H, LQ, C, qk_scale,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
+    pid_m = tl.program_id(0)
+    pid_rh = tl.program_id(1)
+    # int64 row/head offsets: large batches of long caches overflow int32 element offsets.
+    r = (pid_rh // H).to(tl.int64)
+    h = (pid_rh % H).to(tl.int64)
+    n_cache = tl.minimum(tl.load(LENS + pid_rh), C)  # LENS is contiguous [R, H]
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (offs_m[:, None] < LQ) & (offs_d[None, :] < D)
+    q = tl.load(Q + r * sq_r + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # stage 1: the valid cache prefix of this (row, head)
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, KC + r * skc_r + h * skc_h, VC + r * svc_r + h * svc_h,
+                                 skc_n, skc_d, svc_n, svc_d, n_cache, qk_scale, offs_d,
+                                 D, BLOCK_N, UPCAST, IEEE)
+    # stage 2: the scale's own tokens (always all visible)
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, KN + r * skn_r + h * skn_h, VN + r * svn_r + h * svn_h,
+                                 skn_n, skn_d, svn_n, svn_d, LQ, qk_scale, offs_d,
+                                 D, BLOCK_N, UPCAST, IEEE)
+    # epilogue: l_i >= 1 for every real query row (its own token is visible); padded rows guard /0.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + r * so_r + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+             out.to(O.dtype.element_ty), mask=row_ok)
+
+
+def is_interpreted() -> bool:
+    """True when the kernels of this module run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return type(_kv_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def block_config(lq: int, block_d: int, interpreted: bool, elt: int = 2) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for ``lq`` queries of padded head dim ``block_d``.
+
+    Interpreter: big blocks (its cost is per program and loop step, not per element). GPU: a small
+    hand-picked table (not tuned on hardware yet): VAR scales have 1 to 256 queries (680 tokens in
+    all at 256px), so small scales use 16-row tiles (tl.dot's minimum) and stream K/V, larger ones
+    64/128-row tiles; 128-wide heads halve BLOCK_N to stay within shared memory. fp32 (``elt`` 4)
+    keeps at most 64 rows and 2 stages (40-75 KB of shared memory on sm_80/90 instead of 130-150 KB).
+    """
+    if interpreted:
+        return min(64, max(16, triton.next_power_of_2(lq))), 64, 1, 1
+    block_n = 64 if block_d <= 64 else 32
+    if elt >= 4:
+        return (16 if lq <= 16 else 64), block_n, 4, 2
+    if lq <= 16:
+        return 16, block_n, 4, 3
+    if lq <= 64:
+        return 32, block_n, 4, 3
+    if lq <= 1024:
+        return 64, block_n, 4, 3
+    return 128, block_n, 8, 3
+
+
+def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                        softmax_scale: float) -> torch.Tensor:
+    """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked)."""
+    r, h, lq, d = q.shape
+    if d > 256:
+        raise ValueError(f"the triton backend supports head_dim up to 256, got {d}; use the torch backend")
+    out = torch.empty(r, h, lq, d, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    interpreted = is_interpreted()
+    upcast = interpreted and q.dtype == torch.bfloat16
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, warps, stages = block_config(lq, block_d, interpreted, q.element_size())
+    lens = cache_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    kc, vc = k_cache, v_cache
+    if k_cache.shape[2] == 0:
+        # A zero-capacity buffer may be a null pointer with odd strides: point at the new tokens
+        # instead and read nothing from them.
+        kc, vc, lens = k_new, v_new, torch.zeros_like(lens)
+    grid = (triton.cdiv(lq, block_m), r * h)
+    _kv_attention_kernel[grid](
+        q, kc, vc, lens, k_new, v_new, out,
+        *q.stride(), *kc.stride(), *vc.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
+        h, lq, kc.shape[2], float(softmax_scale) * _LOG2E,
+        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=upcast, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,392 @@
+"""Calibration statistics of a model, computed once from full-cache runs and cached on disk.
+
+Three statistics per layer, measured on the queries/keys of generations with the full cache
+(classifier-free guidance rows, conditional and unconditional, all averaged):
+
+- **inter-scale key similarity** ``key_similarity[l][s]`` (AMS-KV): keys of scale ``s-1``, laid out
+  on their ``p × p`` grid and bilinearly upsampled to scale ``s``'s grid, against scale ``s``'s keys:
+  minus the L2 distance per token, averaged over tokens, heads and rows (``None`` for ``s = 0``).
+- **attention selectivity** (ScaleKV): ``car[l][s]`` = mean over the queries of scale ``s`` of the
+  softmax mass on scale ``s``'s own keys; ``htk[l][s]`` = mean over the queries of the mass of the
+  ``K'`` largest attention weights on the history (scales ``< s``), ``K' = max(1, ceil(htk_fraction ·
+  history))`` — the paper leaves ``K'`` open; we tie it to the ~10% budgets it targets. Both are
+  averaged over queries, heads and rows, then ``asi = car · htk`` (``None`` for ``s = 0``).
+- **attention density** ``density[l][j][i]`` (AMS-KV): attention mass that all queries of scale ``j``
+  put on the keys of scale ``i``, divided by ``T_i`` (tokens of scale ``i``); per head and row,
+  then averaged. ``sum_i density[l][j][i] · T_i = T_j``.
+
+The observer computes softmax attention in query chunks (fp32) so the attention matrix of a large
+scale is never materialised whole. ``calibration_markdown`` and ``plot_calibration`` (bottom of this
+module) are what ``tuner calibrate`` prints and saves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from tuner.errors import UserError
+from tuner.policies.base import CacheGeometry
+
+SCHEMA_VERSION = 1
+QUERY_CHUNK_ELEMENTS = 1 << 24  # attention weights materialised at once (64 MiB in fp32)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How the calibration images are generated (part of the cache key)."""
+
+    samples: int = 16
+    seed: int = 0
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    batch_size: int = 8
+    htk_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError("calibration samples and batch_size must be >= 1")
+        if not 0.0 < self.htk_fraction <= 1.0:
+            raise ValueError(f"htk_fraction must be in (0, 1], got {self.htk_fraction}")
+
+    def key(self) -> str:
+        """Stable short hash of the spec."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+Table = tuple[tuple[float | None, ...], ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration statistics of one model (see the module docstring for the definitions).
+
+    Attributes
+    ----------
+    key_similarity, car, htk: ``[num_layers][num_scales]`` floats (``None`` at scale 0).
+    density: ``[num_layers][query scale][key scale]`` floats (0 above the diagonal).
+    """
+
+    model_name: str
+    patch_nums: tuple[int, ...]
+    num_layers: int
+    key_similarity: Table
+    car: Table
+    htk: Table
+    density: tuple[tuple[tuple[float, ...], ...], ...]
+    spec: CalibrationSpec
+    checkpoint_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        s, n = len(self.patch_nums), self.num_layers
+        for name in ("key_similarity", "car", "htk"):
+            table = getattr(self, name)
+            if len(table) != n or any(len(row) != s for row in table):
+                raise ValueError(f"calibration {name} must be {n} layers × {s} scales")
+        if len(self.density) != n or any(len(m) != s or any(len(r) != s for r in m) for m in self.density):
+            raise ValueError(f"calibration density must be {n} layers × {s} × {s} scales")
+
+    @property
+    def asi(self) -> Table:
+        """``[num_layers][num_scales]`` attention selectivity index ``car · htk`` (``None`` at scale 0)."""
+        return tuple(tuple(None if c is None or h is None else c * h for c, h in zip(cr, hr))
+                     for cr, hr in zip(self.car, self.htk))
+
+    def asi_z(self, eps: float = 1e-8) -> Table:
+        """ASI z-normalised over layers, separately per scale (``None`` at scale 0)."""
+        asi = self.asi
+        out = [[None] * len(self.patch_nums) for _ in range(self.num_layers)]
+        for s in range(len(self.patch_nums)):
+            col = [row[s] for row in asi]
+            if any(v is None for v in col):
+                continue
+            mu = sum(col) / len(col)
+            sigma = math.sqrt(sum((v - mu) ** 2 for v in col) / len(col))
+            for layer, v in enumerate(col):
+                out[layer][s] = (v - mu) / (sigma + eps)
+        return tuple(tuple(row) for row in out)
+
+    def layer_similarity(self) -> tuple[float, ...]:
+        """Per layer: mean key similarity over scales ``1..S-1`` (AMS-KV's demanding-layer test)."""
+        out = []
+        for row in self.key_similarity:
+            vals = [v for v in row if v is not None]
+            out.append(sum(vals) / len(vals) if vals else 0.0)
+        return tuple(out)
+
+    def check_geometry(self, geometry: CacheGeometry) -> None:
+        """``ValueError`` if these statistics were computed for another layer/scale layout."""
+        if (self.num_layers, tuple(self.patch_nums)) != (geometry.num_layers, tuple(geometry.patch_nums)):
+            raise ValueError(f"calibration is for {self.num_layers} layers with patch_nums {list(self.patch_nums)}, "
+                             f"the model has {geometry.num_layers} layers with {list(geometry.patch_nums)}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(schema_version=SCHEMA_VERSION, patch_nums=list(self.patch_nums), spec=asdict(self.spec),
+                 asi=self.asi)
+        return json.loads(json.dumps(d))  # tuples -> lists
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        """Rebuild from :meth:`to_dict` output; ``ValueError`` on anything malformed."""
+        if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"calibration schema_version must be {SCHEMA_VERSION}")
+        try:
+            def table(rows):
+                return tuple(tuple(None if v is None else float(v) for v in row) for row in rows)
+
+            return cls(model_name=str(d["model_name"]), patch_nums=tuple(int(p) for p in d["patch_nums"]),
+                       num_layers=int(d["num_layers"]), key_similarity=table(d["key_similarity"]),
+                       car=table(d["car"]), htk=table(d["htk"]),
+                       density=tuple(tuple(tuple(float(v) for v in r) for r in m) for m in d["density"]),
+                       spec=CalibrationSpec(**d["spec"]), checkpoint_sha256=d.get("checkpoint_sha256"))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed calibration data: {exc!r}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)  # atomic: concurrent workers never read a half-written file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read calibration file {path}: {exc}; delete it and run `tuner calibrate` "
+                            f"again") from None
+
+
+class CalibrationObserver:
+    """Engine observer (``generate(..., observer=obs)``) that accumulates the statistics.
+
+    Call signature: ``obs(layer, scale, q [R, H, n_s, d], k_all [R, H, n, d], v_all, positions [R, H, n])``
+    with ``k_all`` holding every token of scales ``<= scale`` (full policy) and ``q`` as used in
+    attention (``softmax_scale`` is the factor the model applies to ``q·k``, 1.0 for VAR).
+    """
+
+    def __init__(self, geometry: CacheGeometry, *, model_name: str = "", spec: CalibrationSpec | None = None,
+                 checkpoint_sha256: str | None = None, softmax_scale: float = 1.0,
+                 chunk_elements: int = QUERY_CHUNK_ELEMENTS):
+        self.geometry, self.model_name = geometry, model_name
+        self.spec = spec or CalibrationSpec()
+        self.checkpoint_sha256, self.softmax_scale = checkpoint_sha256, softmax_scale
+        self.chunk_elements = chunk_elements
+        n, s = geometry.num_layers, geometry.num_scales
+        self._sums = {k: [[0.0] * s for _ in range(n)] for k in ("sim", "car", "htk")}
+        self._counts = {k: [[0] * s for _ in range(n)] for k in ("sim", "car", "htk")}
+        self._density = [[[0.0] * s for _ in range(s)] for _ in range(n)]
+        self._density_count = [[0] * s for _ in range(n)]
+
+    def __call__(self, layer: int, scale: int, q, k_all, v_all, positions) -> None:
+        import torch
+
+        # Statistics in fp32 even when the run uses fp16/bf16 autocast.
+        with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+            self._observe(layer, scale, q.float(), k_all.float(), positions)
+
+    def _observe(self, layer: int, scale: int, q, k, positions) -> None:
+        import torch
+
+        g = self.geometry
+        r, h, n_s, _ = q.shape
+        ends = torch.tensor([g.tokens_through(i) for i in range(g.num_scales)], device=k.device)
+        key_scale = torch.bucketize(positions[0, 0].to(k.device), ends, right=True)  # [n]
+        cur = (key_scale == scale).nonzero().flatten()
+        hist = (key_scale < scale).nonzero().flatten()
+        n_hist = int(hist.numel())
+        top = max(1, math.ceil(self.spec.htk_fraction * n_hist)) if n_hist else 0
+        mass = torch.zeros(r, h, k.shape[2], device=k.device)
+        car = torch.zeros(r, h, device=k.device)
+        htk = torch.zeros(r, h, device=k.device)
+        chunk = max(1, self.chunk_elements // max(1, r * h * k.shape[2]))
+        for c0 in range(0, n_s, chunk):
+            attn = torch.softmax(q[:, :, c0:c0 + chunk] @ k.transpose(-1, -2) * self.softmax_scale, dim=-1)
+            mass += attn.sum(dim=2)
+            car += attn.index_select(-1, cur).sum(-1).sum(-1)
+            if n_hist:
+                htk += attn.index_select(-1, hist).topk(top, dim=-1).values.sum(-1).sum(-1)
+        self._add("car", layer, scale, (car / n_s).sum().item(), r * h)
+        if n_hist:
+            self._add("htk", layer, scale, (htk / n_s).sum().item(), r * h)
+        for i in range(scale + 1):
+            on_i = mass.index_select(-1, (key_scale == i).nonzero().flatten()).sum(-1) / g.scale_lengths[i]
+            self._density[layer][scale][i] += on_i.sum().item()
+        self._density_count[layer][scale] += r * h
+        if scale > 0:
+            self._add("sim", layer, scale, self._similarity(k, key_scale, scale).item(), r * h)
+
+    def _similarity(self, k, key_scale, scale: int):
+        """Sum over rows and heads of minus the mean L2 distance (upsampled scale-1 keys vs scale keys)."""
+        import torch.nn.functional as F
+
+        r, h, _, d = k.shape
+        p, pn = self.geometry.patch_nums[scale - 1], self.geometry.patch_nums[scale]
+        prev = k.index_select(2, (key_scale == scale - 1).nonzero().flatten())
+        cur = k.index_select(2, (key_scale == scale).nonzero().flatten())
+        grid = prev.reshape(r * h, p, p, d).permute(0, 3, 1, 2)
+        up = F.interpolate(grid, size=(pn, pn), mode="bilinear", align_corners=False)
+        up = up.permute(0, 2, 3, 1).reshape(r, h, pn * pn, d)
+        return -(up - cur).norm(dim=-1).mean(-1).sum()
+
+    def _add(self, key: str, layer: int, scale: int, value: float, count: int) -> None:
+        self._sums[key][layer][scale] += value
+        self._counts[key][layer][scale] += count
+
+    def _table(self, key: str) -> Table:
+        return tuple(tuple(None if c == 0 else v / c for v, c in zip(vr, cr))
+                     for vr, cr in zip(self._sums[key], self._counts[key]))
+
+    def finalize(self) -> Calibration:
+        """The averaged statistics; ``ValueError`` if some layer or scale was never observed."""
+        g = self.geometry
+        if any(c == 0 for row in self._density_count for c in row):
+            raise ValueError("calibration observed no attention for some (layer, scale); was the full policy used?")
+        car = tuple(tuple(None if s == 0 else v for s, v in enumerate(row)) for row in self._table("car"))
+        density = tuple(tuple(tuple(v / self._density_count[layer][j] for v in row) for j, row in enumerate(m))
+                        for layer, m in enumerate(self._density))
+        return Calibration(self.model_name, tuple(g.patch_nums), g.num_layers, self._table("sim"), car,
+                           self._table("htk"), density, self.spec, self.checkpoint_sha256)
+
+
+# ---------------------------------------------------------------------------------------- running it
+def calibration_labels(num_classes: int, samples: int) -> list[int]:
+    """Class ids spread evenly over all classes (not the first ``samples`` consecutive ones)."""
+    return [(i * num_classes) // samples for i in range(samples)]
+
+
+def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
+              progress: Callable[[int, int], None] | None = None, *, spec: CalibrationSpec | None = None,
+              checkpoint_sha256: str | None = None, backend: str = "torch", dtype=None) -> Calibration:
+    """Generate ``samples`` images with the full cache and return their statistics.
+
+    ``spec`` overrides ``samples``/``seed``; batch ``j`` is sampled with seed ``spec.seed + j``.
+    ``progress(done, total)`` is called after every batch.
+    """
+    import torch
+
+    from tuner.model.generate import generate
+    from tuner.policies.full import FullPolicy
+
+    spec = spec or CalibrationSpec(samples=samples, seed=seed)
+    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    softmax_scale = float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
+    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec, checkpoint_sha256=checkpoint_sha256,
+                              softmax_scale=softmax_scale)
+    device = next(var.parameters()).device
+    labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
+    done = 0
+    for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
+        generate(var, vae, chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
+                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=obs)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, spec.samples)
+    return obs.finalize()
+
+
+def default_cache_dir() -> Path:
+    """``$TUNER_CACHE_DIR/calibration`` if set, else ``~/.cache/varkv-tuner/calibration``."""
+    root = os.environ.get("TUNER_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "varkv-tuner") / "calibration"
+
+
+def cache_path(model_cfg, checkpoint_sha256: str, spec: CalibrationSpec, cache_dir: str | Path | None = None) -> Path:
+    """Where the statistics of this checkpoint + spec live."""
+    model_key = hashlib.sha256(checkpoint_sha256.encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / f"{model_cfg.name}_{model_key}_{spec.key()}.json"
+
+
+def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str | None,
+                                spec: CalibrationSpec | None = None, cache_dir: str | Path | None = None,
+                                progress: Callable[[int, int], None] | None = None, recompute: bool = False,
+                                backend: str = "torch", dtype=None) -> Calibration:
+    """Cached :func:`calibrate`, keyed by checkpoint hash + spec.
+
+    ``checkpoint_sha256=None`` (random weights: nothing identifies them) computes without caching; any
+    other string (e.g. ``"random:seed 0"``) works as a key. A cached file for another model or spec
+    (or an unreadable one) is recomputed and replaced.
+    """
+    spec = spec or CalibrationSpec()
+    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    path = cache_path(model_cfg, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
+    if path is not None and path.is_file() and not recompute:
+        try:
+            cal = Calibration.from_dict(json.loads(path.read_text()))
+            cal.check_geometry(geometry)
+            if cal.spec == spec and cal.checkpoint_sha256 == checkpoint_sha256:
+                return cal
+        except (OSError, ValueError):
+            pass  # stale or corrupt: recompute below
+    cal = calibrate(var, vae, model_cfg, spec=spec, progress=progress, checkpoint_sha256=checkpoint_sha256,
+                    backend=backend, dtype=dtype)
+    if path is not None:
+        cal.save(path)
+    return cal
+
+
+# ---------------------------------------------------------------------------------------- reports
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def calibration_markdown(cal: Calibration) -> str:
+    """Markdown tables: per-layer similarity (rank 0 = most cache-demanding) and ASI per (layer, scale)."""
+    sims = cal.layer_similarity()
+    rank = {layer: i for i, layer in enumerate(sorted(range(cal.num_layers), key=lambda x: (sims[x], x)))}
+    scales = range(len(cal.patch_nums))
+    lines = [f"# Calibration of {cal.model_name}", "",
+             f"checkpoint sha256: {cal.checkpoint_sha256 or 'none (random weights)'}; samples {cal.spec.samples}, "
+             f"seed {cal.spec.seed}, cfg {cal.spec.cfg}, top-k {cal.spec.top_k}, top-p {cal.spec.top_p}, "
+             f"K' = {cal.spec.htk_fraction:g} of the history", "",
+             "## Inter-scale key similarity (negative L2; lower = more cache-demanding)", "",
+             "| layer | mean | rank | " + " | ".join(f"s{s}" for s in scales) + " |",
+             "|---|---|---|" + "---|" * len(cal.patch_nums)]
+    for layer, row in enumerate(cal.key_similarity):
+        lines.append(f"| {layer} | {sims[layer]:.4f} | {rank[layer]} | " + " | ".join(_fmt(v) for v in row) + " |")
+    lines += ["", "## Attention selectivity index (CAR × HTK; low = drafter)", "",
+              "| layer | " + " | ".join(f"s{s}" for s in scales) + " |", "|---|" + "---|" * len(cal.patch_nums)]
+    for layer, row in enumerate(cal.asi):
+        lines.append(f"| {layer} | " + " | ".join(_fmt(v, 4) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_calibration(cal: Calibration, out_dir: str | Path) -> list[Path]:
+    """Heatmap PNGs: key similarity, ASI z-scores (layers × scales) and the layer-mean attention density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def grid(table) -> "np.ndarray":
+        return np.array([[np.nan if v is None else v for v in row] for row in table], dtype=float)
+
+    density = np.array(cal.density, dtype=float).mean(axis=0)
+    panels = [("key_similarity.png", grid(cal.key_similarity), "inter-scale key similarity", "scale", "layer"),
+              ("asi_z.png", grid(cal.asi_z()), "ASI z-score per scale (low = drafter)", "query scale", "layer"),
+              ("density.png", np.log10(np.where(density > 0, density, np.nan)),
+               "log10 attention density (mean over layers)", "key scale", "query scale")]
+    paths = []
+    for name, data, title, xlabel, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(1.0 + 0.45 * data.shape[1], 1.2 + 0.25 * data.shape[0]))
+        im = ax.imshow(data, aspect="auto", cmap="viridis")
+        fig.colorbar(im, ax=ax)
+        ax.set(title=f"{cal.model_name}: {title}", xlabel=xlabel, ylabel=ylabel)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths

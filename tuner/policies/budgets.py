@@ -1,0 +1,110 @@
+"""``budgets``: the joint family — any per-(layer, scale) budget table plus a selection rule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
+from tuner.policies.selection import (SELECTION_RULES, check_int, check_pool_kernel, clip_row, round_half_up,
+                                      select_by_rule)
+
+
+def _floats(name: str, values) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must hold finite numbers, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BudgetsPolicy(KVPolicy):
+    """Explicit budgets, or a compact curve the search can explore, plus a selection rule.
+
+    Give exactly one of:
+
+    - ``table``: ``budgets[layer][scale]`` as ints (``num_layers × num_scales``); it must be a valid
+      plan (:meth:`~tuner.policies.base.CachePlan.validate`).
+    - ``scale_curve`` (``num_scales - 1`` numbers in ``[0, 1]``) with optional ``layer_weights``
+      (``num_layers`` numbers ``>= 0``, rescaled to mean 1; default all 1): layer ``l`` keeps
+      ``round(w_l · c_s · T_s)`` tokens after scale ``s`` (``T_s`` = tokens of scales ``0..s``),
+      clipped to what it can hold (``<= min(T_s, b[s-1] + n_s)``); the last scale keeps 0. A
+      per-scale curve × per-layer multipliers: ``num_scales - 1 + num_layers`` continuous knobs.
+
+    ``rule`` picks the kept tokens: ``recent`` (most recent), ``sink_recent`` (the first
+    ``sink_scales`` scales, then most recent) or ``scores`` (ScaleKV's observation-window attention
+    mass with ``window_size`` queries and ``pool_kernel`` max-pooling, per row and head).
+    """
+
+    table: tuple[tuple[int, ...], ...] | None = None
+    scale_curve: tuple[float, ...] | None = None
+    layer_weights: tuple[float, ...] | None = None
+    rule: str = "recent"
+    sink_scales: int = 0
+    window_size: int = 16
+    pool_kernel: int = 5
+
+    family = "budgets"
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.scale_curve is None):
+            raise ValueError("give exactly one of table or scale_curve")
+        if self.table is not None:
+            if self.layer_weights is not None:
+                raise ValueError("layer_weights only applies to scale_curve, not to an explicit table")
+            try:
+                table = tuple(tuple(_int(v) for v in row) for row in self.table)
+            except TypeError:
+                raise ValueError("table must be a list of per-layer lists of ints") from None
+            if not table or any(b < 0 for row in table for b in row):
+                raise ValueError("table must be non-empty with non-negative budgets")
+            object.__setattr__(self, "table", table)
+        else:
+            curve = _floats("scale_curve", self.scale_curve)
+            if any(not 0.0 <= c <= 1.0 for c in curve):
+                raise ValueError(f"scale_curve values must be in [0, 1], got {list(curve)}")
+            object.__setattr__(self, "scale_curve", curve)
+            if self.layer_weights is not None:
+                weights = _floats("layer_weights", self.layer_weights)
+                if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+                    raise ValueError("layer_weights must be >= 0 and not all 0")
+                object.__setattr__(self, "layer_weights", weights)
+        if self.rule not in SELECTION_RULES:
+            raise ValueError(f"rule must be one of {', '.join(SELECTION_RULES)}, got {self.rule!r}")
+        check_int("sink_scales", self.sink_scales, 0)
+        check_int("window_size", self.window_size, 1)
+        check_pool_kernel(self.pool_kernel)
+
+    def plan(self, spec: PolicySpec) -> CachePlan:
+        g = spec.geometry
+        if self.table is not None:
+            plan = CachePlan(self.table)
+            plan.validate(g)
+            return plan
+        if len(self.scale_curve) != g.num_scales - 1:
+            raise ValueError(f"scale_curve has {len(self.scale_curve)} values, the model needs "
+                             f"{g.num_scales - 1} (one per scale except the last)")
+        weights = self.layer_weights or (1.0,) * g.num_layers
+        if len(weights) != g.num_layers:
+            raise ValueError(f"layer_weights has {len(weights)} values, the model has {g.num_layers} layers")
+        mean = sum(weights) / len(weights)
+        rows = []
+        for w in weights:
+            wanted = [round_half_up(w / mean * c * g.tokens_through(s)) for s, c in enumerate(self.scale_curve)]
+            rows.append(clip_row(g, wanted + [0]))
+        return CachePlan(tuple(rows))
+
+    def select(self, state: SelectionState):
+        g = state.geometry
+        sinks = g.tokens_through(min(self.sink_scales, g.num_scales) - 1)
+        return select_by_rule(state, self.rule, sink_tokens=sinks, window_size=self.window_size,
+                              pool_kernel=self.pool_kernel)
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError
+    return value

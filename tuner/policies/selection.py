@@ -1,0 +1,190 @@
+"""Budget arithmetic and token-selection rules shared by the policy families.
+
+Budget helpers work on a :class:`~tuner.policies.base.CacheGeometry` and return plain ints, so plans
+are computed without torch. Selection helpers take a :class:`~tuner.policies.base.SelectionState`
+and return what ``KVPolicy.select`` must return: int64 indices into the candidates (the layer's kept
+tokens followed by the current scale's tokens), unique and sorted ascending, exactly
+``state.budget`` of them, shaped ``[k]`` (shared by all rows and heads) or ``[R, H, k]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from tuner.policies.base import CacheGeometry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tuner.policies.base import SelectionState
+
+SELECTION_RULES = ("recent", "sink_recent", "scores")
+
+
+# ---------------------------------------------------------------------------------------- budgets
+def round_half_up(x: float) -> int:
+    """Round to the nearest int, halves up (Python's ``round`` rounds halves to even)."""
+    return int(math.floor(x + 0.5))
+
+
+def kept_scales_tokens(geometry: CacheGeometry, scale: int, window: int, sink_scales: int = 0) -> int:
+    """Tokens of scales ``{0..sink_scales-1} ∪ {scale-window+1..scale}`` (only scales ``<= scale``)."""
+    kept = set(range(min(sink_scales, scale + 1))) | set(range(max(0, scale - window + 1), scale + 1))
+    return sum(geometry.scale_lengths[i] for i in kept)
+
+
+def scale_window_row(geometry: CacheGeometry, window: int, sink_scales: int = 0,
+                     cap: int | None = None) -> tuple[int, ...]:
+    """Budgets of one layer that keeps its sink scales and the last ``window`` scales, at most ``cap`` tokens.
+
+    The last scale's budget is 0: no later scale reads it. The row is always valid: the kept set of
+    scale ``s`` is a subset of the kept set of ``s-1`` plus scale ``s`` itself.
+    """
+    row = []
+    for s in range(geometry.num_scales - 1):
+        b = kept_scales_tokens(geometry, s, window, sink_scales)
+        row.append(b if cap is None else min(b, cap))
+    return tuple(row) + (0,)
+
+
+def clip_row(geometry: CacheGeometry, wanted: Sequence[int]) -> tuple[int, ...]:
+    """Clip wanted budgets to what the layer can hold: ``0 <= b[s] <= min(T_s, b[s-1] + n_s)``."""
+    out, prev = [], 0
+    for s, w in enumerate(wanted):
+        b = max(0, min(int(w), geometry.tokens_through(s), prev + geometry.scale_lengths[s]))
+        out.append(b)
+        prev = b
+    return tuple(out)
+
+
+def share_budget(total: int, caps: Sequence[int]) -> list[int]:
+    """Split ``total`` tokens as evenly as possible with item ``i`` getting at most ``caps[i]``.
+
+    Water-filling: items with small caps are saturated first and their surplus goes to the others.
+    Deterministic (ties by index; the last items in cap order take the rounding remainder). The
+    result sums to ``min(total, sum(caps))``.
+    """
+    out = [0] * len(caps)
+    remaining = max(0, int(total))
+    order = sorted(range(len(caps)), key=lambda i: (caps[i], i))
+    for rank, i in enumerate(order):
+        give = min(int(caps[i]), remaining // (len(caps) - rank))
+        out[i] = give
+        remaining -= give
+    return out
+
+
+def check_int(name: str, value, low: int, allow_none: bool = False) -> None:
+    """``ValueError`` unless ``value`` is an int ``>= low`` (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_fraction(name: str, value, low_open: bool = True, allow_none: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a number in ``(0, 1]`` (``[0, 1]`` with ``low_open=False``)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > 1 or value < 0 or (low_open and value == 0):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def check_pool_kernel(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value > 0 and value % 2 == 0):
+        raise ValueError(f"pool_kernel must be 0 (no pooling) or an odd integer >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------- selection
+def recent_indices(state: "SelectionState") -> "torch.Tensor":
+    """``[k]``: the ``budget`` most recent candidates (candidates are ordered by position)."""
+    import torch
+
+    n, k = state.n_candidates, state.budget
+    return torch.arange(n - k, n, dtype=torch.int64, device=state.positions.device)
+
+
+def sink_recent_indices(state: "SelectionState", sink_tokens: int) -> "torch.Tensor":
+    """Sink tokens (global position ``< sink_tokens``) first, then the most recent candidates.
+
+    Candidates are sorted by position, so the sinks are a prefix: slot ``j`` of the ``k`` kept ones is
+    candidate ``j`` while ``j < a`` (``a`` = sinks present, at most ``k``), else ``n - k + j``.
+    Returns ``[k]`` when every row and head has the same number of sinks (the usual case), else
+    ``[R, H, k]``.
+    """
+    import torch
+
+    n, k = state.n_candidates, state.budget
+    a = (state.positions < sink_tokens).sum(dim=-1).clamp(max=k)  # [R, H]
+    j = torch.arange(k, dtype=torch.int64, device=state.positions.device)
+    if bool((a == a.flatten()[0]).all()):
+        a0 = int(a.flatten()[0])
+        return torch.where(j < a0, j, j + (n - k))
+    a = a.unsqueeze(-1)
+    return torch.where(j < a, j, j + (n - k))
+
+
+def observation_window(side: int, n_new: int, window_size: int) -> list[int]:
+    """Current-scale tokens whose queries score the candidates (ScaleKV's observation window).
+
+    Small maps (``n_new <= window_size``) use all their tokens. Otherwise a ``g × g`` grid
+    (``g = isqrt(window_size)``) spread over the ``side × side`` map: the map is cut into ``g × g``
+    patches of ``side // g`` rows/cols and the centre cell of each patch is taken, as in the released
+    ScaleKV code; if ``g² < window_size`` the most recent unused tokens pad the window.
+    Returns sorted raster indices into the current scale.
+    """
+    if n_new <= window_size:
+        return list(range(n_new))
+    g = math.isqrt(window_size)
+    cell = side // g
+    offsets = [i * cell + (cell - 1) // 2 for i in range(g)]
+    chosen = {r * side + c for r in offsets for c in offsets}
+    pad = n_new - 1
+    while len(chosen) < window_size:
+        if pad not in chosen:
+            chosen.add(pad)
+        pad -= 1
+    return sorted(chosen)
+
+
+def score_indices(state: "SelectionState", window_size: int = 16, pool_kernel: int = 5) -> "torch.Tensor":
+    """``[R, H, k]``: per (row, head) top-``k`` candidates by observation-window attention mass.
+
+    Window queries (:func:`observation_window`) attend to all candidates with the true softmax
+    (``kernels.token_scores``: attention mass per candidate summed over the window queries, 1-D
+    max-pooled with ``pool_kernel`` over the candidate order). The window's own tokens are always
+    kept (when the budget is smaller than the window, the best-scored window tokens).
+    """
+    import torch
+    from kernels import token_scores
+
+    r, h = state.queries.shape[:2]
+    n, k = state.n_candidates, state.budget
+    side = state.geometry.patch_nums[state.scale]
+    win = torch.tensor(observation_window(side, state.n_new, window_size), dtype=torch.int64,
+                       device=state.queries.device)
+    q_obs = state.queries.index_select(2, win)
+    keys = state.keys
+    key_lens = torch.full((r, h), n, dtype=torch.int32, device=keys.device)
+    scores = token_scores(q_obs, keys, key_lens, state.softmax_scale, pool_kernel=pool_kernel,
+                          backend=state.backend).float().clone()
+    # Scores are attention masses (>= 0): lifting the window above the maximum keeps it first in
+    # the ranking while preserving its internal order.
+    cols = win + state.n_old
+    lift = scores.amax(dim=-1, keepdim=True) + 1.0
+    scores[..., cols] = scores[..., cols] + lift
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+
+
+def select_by_rule(state: "SelectionState", rule: str, *, sink_tokens: int = 0, window_size: int = 16,
+                   pool_kernel: int = 5) -> "torch.Tensor":
+    """Dispatch on a rule name of :data:`SELECTION_RULES`."""
+    if rule == "recent":
+        return recent_indices(state)
+    if rule == "sink_recent":
+        return sink_recent_indices(state, sink_tokens)
+    if rule == "scores":
+        return score_indices(state, window_size, pool_kernel)
+    raise ValueError(f"unknown selection rule {rule!r}; known: {', '.join(SELECTION_RULES)}")

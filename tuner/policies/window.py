@@ -1,0 +1,36 @@
+"""``window``: the LLM-style sliding window, over scales and optionally over tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
+from tuner.policies.selection import check_int, recent_indices, scale_window_row
+
+
+@dataclass(frozen=True)
+class WindowPolicy(KVPolicy):
+    """Keep the last ``window`` scales in every layer (sliding-window attention, Longformer-style).
+
+    After scale ``s`` each layer keeps scales ``s-window+1 .. s``, so scale ``s+1`` reads ``window``
+    earlier scales plus itself; ``window=0`` keeps nothing (each scale sees only itself).
+    ``max_tokens`` additionally caps every layer at that many of the most recent tokens: with
+    ``window >= num_scales`` it is the token-level sliding window, and it lets the baseline be
+    matched to another policy's exact memory (:mod:`tuner.presets`).
+    """
+
+    window: int = 2
+    max_tokens: int | None = None
+
+    family = "window"
+
+    def __post_init__(self) -> None:
+        check_int("window", self.window, 0)
+        check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+
+    def plan(self, spec: PolicySpec) -> CachePlan:
+        g = spec.geometry
+        row = scale_window_row(g, self.window, 0, self.max_tokens)
+        return CachePlan(tuple(row for _ in range(g.num_layers)))
+
+    def select(self, state: SelectionState):
+        return recent_indices(state)

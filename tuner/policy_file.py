@@ -1,0 +1,217 @@
+"""Deployable policy files (design §7): JSON with a schema version, checked strictly on load.
+
+Layout (``schema_version`` 1)::
+
+    {"schema_version": 1, "kind": "varkv-tuner policy",
+     "model": {"name", "depth", "patch_nums", "num_heads", "head_dim", "checkpoint_sha256"},
+     "policy": {"family", "params"},
+     "budgets": [[...per scale...] per layer], "full": false,
+     "memory": {"dtype", "cfg", "kv_bytes_per_image", "full_kv_bytes_per_image", "fraction",
+                "capacities", "workspace_tokens"},
+     "calibration": {...} | null,     # the statistics the family planned with (needed to re-plan)
+     "metrics": {...} | null, "eval_spec": {...} | null,
+     "provenance": {"study", "trial", "mlflow_run_id", "tuner_version", "git_sha", "created", ...}}
+
+Loading re-plans the policy from its family and params (with the embedded calibration) and refuses
+the file unless the result equals the stored budget table — the table is what memory was promised
+on, so a file can never silently run with other budgets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
+
+SCHEMA_VERSION = 1
+KIND = "varkv-tuner policy"
+_REQUIRED = ("model", "policy", "budgets", "memory")
+
+
+@dataclass(frozen=True)
+class PolicyFileInfo:
+    """Everything in a loaded policy file besides the policy object."""
+
+    path: str
+    schema_version: int
+    model: dict
+    plan: CachePlan
+    memory: dict
+    calibration: Any = None  # tuner.calibration.Calibration or None
+    metrics: dict | None = None
+    eval_spec: dict | None = None
+    provenance: dict | None = None
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.model.get("checkpoint_sha256")
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _plain(obj: Any) -> Any:
+    if obj is None or isinstance(obj, dict):
+        return obj
+    if dataclasses.is_dataclass(obj):
+        return json.loads(json.dumps(dataclasses.asdict(obj)))
+    return dict(obj)
+
+
+def model_identity(model_cfg: Any, checkpoint_sha256: str | None) -> dict:
+    v = model_cfg.var
+    return {"name": model_cfg.name, "depth": v.depth, "patch_nums": list(v.patch_nums), "num_heads": v.num_heads,
+            "head_dim": v.head_dim, "checkpoint_sha256": checkpoint_sha256}
+
+
+def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *, checkpoint_sha256: str | None = None,
+                      spec: PolicySpec | None = None, calibration: Any = None, dtype: str = "fp16",
+                      metrics: dict | None = None, eval_spec: Any = None, provenance: dict | None = None) -> Path:
+    """Plan ``policy`` for ``model_cfg`` and write the file; returns its path.
+
+    ``calibration`` (or ``spec.calibration``) is embedded when the family needs it, so the file can
+    be re-planned and checked anywhere. ``provenance`` entries are merged over the automatic ones
+    (tuner version, git sha, creation time).
+    """
+    from tuner import __version__
+    from tuner.memory import memory_report
+
+    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    if calibration is None and spec is not None:
+        calibration = spec.calibration
+    spec = PolicySpec(geometry, model_cfg.name, calibration)
+    report = memory_report(policy, geometry, dtype=dtype, cfg=True, spec=spec)
+    prov = {"study": None, "trial": None, "mlflow_run_id": None, "tuner_version": __version__,
+            "git_sha": _git_sha(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    prov.update(provenance or {})
+    doc = {
+        "schema_version": SCHEMA_VERSION, "kind": KIND,
+        "model": model_identity(model_cfg, checkpoint_sha256),
+        "policy": {"family": policy.family, "params": policy.params()},
+        "budgets": [list(row) for row in report.plan.budgets], "full": report.plan.full,
+        "memory": {"dtype": report.dtype, "cfg": True, "kv_bytes_per_image": report.kv_bytes_per_image,
+                   "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
+                   "capacities": list(report.capacities), "workspace_tokens": report.workspace_tokens},
+        "calibration": calibration.to_dict() if calibration is not None and policy.needs_calibration else None,
+        "metrics": dict(metrics) if metrics else None,
+        "eval_spec": _plain(eval_spec),
+        "provenance": json.loads(json.dumps(prov, default=str)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def load_policy_file(path: str | Path, model_cfg: Any = None, *,
+                     checkpoint_sha256: str | None = None) -> tuple[KVPolicy, PolicyFileInfo]:
+    """Read and check a policy file; ``(policy, info)`` or a one-line ``UserError`` naming the fix.
+
+    With ``model_cfg`` the file must be for that model (name, depth, patch_nums, heads); with both
+    hashes known (``checkpoint_sha256`` and the file's) they must match.
+    """
+    from tuner.calibration import Calibration
+    from tuner.memory import memory_report
+    from tuner.policies.registry import family_names, make_policy
+
+    where = str(path)
+    redo = "re-export it with `tuner search` (or write it with tuner.policy_file.write_policy_file)"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read policy file {where}: {exc.strerror or exc}; check the path") from None
+    except ValueError as exc:
+        raise UserError(f"{where} is not valid JSON ({exc}); {redo}") from None
+    if not isinstance(doc, dict) or "schema_version" not in doc:
+        raise UserError(f"{where} is not a varkv-tuner policy file (no schema_version); {redo}")
+    if doc["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{where} has schema_version {doc['schema_version']!r}, this tuner reads {SCHEMA_VERSION}; "
+                        f"use a matching varkv-tuner version or {redo}")
+    missing = [k for k in _REQUIRED if not isinstance(doc.get(k), (dict, list))]
+    if missing:
+        raise UserError(f"{where} is incomplete (missing or malformed: {', '.join(missing)}); {redo}")
+    model, pol = doc["model"], doc["policy"]
+    try:
+        geometry = CacheGeometry(int(model["depth"]), int(model["num_heads"]), int(model["head_dim"]),
+                                 tuple(int(p) for p in model["patch_nums"]))
+        family, params = str(pol["family"]), dict(pol.get("params") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{where}: malformed model or policy section ({exc!r}); {redo}") from None
+    if model_cfg is not None:
+        _check_model(where, model, geometry, model_cfg)
+    file_sha = model.get("checkpoint_sha256")
+    if file_sha and checkpoint_sha256 and file_sha != checkpoint_sha256:
+        raise UserError(f"{where} was tuned on checkpoint {file_sha[:12]}…, the loaded weights are "
+                        f"{checkpoint_sha256[:12]}…; load the weights it was made for or tune a policy for these")
+    if family not in family_names():
+        raise UserError(f"{where}: unknown policy family {family!r} (known: {', '.join(family_names())}); "
+                        f"upgrade varkv-tuner or {redo}")
+    try:
+        policy = make_policy(family, params)
+    except ValueError as exc:
+        raise UserError(f"{where}: bad {family} parameters: {exc}; fix them or {redo}") from None
+    calibration = None
+    if doc.get("calibration") is not None:
+        try:
+            calibration = Calibration.from_dict(doc["calibration"])
+            calibration.check_geometry(geometry)
+        except ValueError as exc:
+            raise UserError(f"{where}: embedded calibration is unusable ({exc}); {redo}") from None
+    try:
+        plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]), bool(doc.get("full", False)))
+        plan.validate(geometry)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: budget table does not fit the model ({exc}); {redo}") from None
+    spec = PolicySpec(geometry, str(model.get("name", "")), calibration)
+    try:
+        report = memory_report(policy, geometry, dtype=doc["memory"].get("dtype", "fp16"), spec=spec)
+    except ValueError as exc:
+        raise UserError(f"{where}: the {family} policy cannot be planned ({exc}); {redo}") from None
+    if report.plan != plan:
+        raise UserError(f"{where}: the budget table differs from what the {family} parameters plan (edited or "
+                        f"made by another tuner version); {redo}")
+    stored = doc["memory"].get("kv_bytes_per_image")
+    if stored is not None and stored != report.kv_bytes_per_image:
+        raise UserError(f"{where}: memory figure {stored} B/image does not match the plan "
+                        f"({report.kv_bytes_per_image} B); {redo}")
+    info = PolicyFileInfo(where, SCHEMA_VERSION, dict(model), plan, dict(doc["memory"]), calibration,
+                          doc.get("metrics"), doc.get("eval_spec"), doc.get("provenance"))
+    return policy, info
+
+
+def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: Any) -> None:
+    want = CacheGeometry.from_var_config(model_cfg.var)
+    name = model.get("name")
+    if name != model_cfg.name or geometry != want:
+        raise UserError(f"{where} is a policy for model {name} (depth {geometry.num_layers}, patch_nums "
+                        f"{list(geometry.patch_nums)}), not {model_cfg.name} (depth {want.num_layers}, patch_nums "
+                        f"{list(want.patch_nums)}); pass --model {name} or use a policy exported for {model_cfg.name}")
+
+
+def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
+    """Human summary for ``tuner policy show``."""
+    m, mem, prov = info.model, info.memory, info.provenance or {}
+    lines = [f"policy file {info.path} (schema {info.schema_version})",
+             f"model: {m.get('name')} depth {m.get('depth')} patch_nums {m.get('patch_nums')} "
+             f"checkpoint {m.get('checkpoint_sha256') or 'none (random weights)'}",
+             f"policy: {policy.family} {json.dumps(policy.params())}",
+             f"memory: {100 * float(mem.get('fraction', 0)):.2f}% of the full cache, "
+             f"{mem.get('kv_bytes_per_image')} B per image ({mem.get('dtype')}, CFG)"]
+    if info.metrics:
+        lines.append("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                             for k, v in info.metrics.items()))
+    if prov:
+        lines.append("provenance: " + ", ".join(f"{k} {v}" for k, v in prov.items() if v is not None))
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Paper presets for a model, and the LLM baselines at exactly their memory.
+
+The search enqueues these first (design §6) and reports them next to its winner. Presets:
+
+- ``ams``: AMS-KV as reconstructed (reference/methods.md §2): the 2 coarsest scales condensed, a
+  local window of 1 recent scale (2 for the quarter of the layers with the lowest inter-scale key
+  similarity, ``theta_quantile = 0.25``).
+- ``scalekv_10`` / ``scalekv_20``: ScaleKV at 10% / 20% of the tokens cached before the last scale,
+  1/16 of the (layer, scale) pairs drafters keeping 99% of their candidates, 16 window queries,
+  max-pool 5.
+- For each of those ``P``: ``window@P`` (token-level sliding window) and ``sink_window@P``
+  (StreamingLLM: the 2 coarsest scales as sinks + the most recent tokens), with the per-layer token
+  cap solved so their KV bytes are the largest not above ``P``'s (at most ``num_layers - 1`` tokens
+  of one layer below it).
+
+AMS-KV and ScaleKV plan from calibration statistics, so their memory depends on them: without
+``calibration`` :func:`paper_presets` raises ``UserError`` (it never falls back to made-up
+statistics).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.policies.ams import AMSPolicy
+from tuner.policies.base import CacheGeometry, KVPolicy, PolicySpec
+from tuner.policies.scalekv import ScaleKVPolicy
+from tuner.policies.sink_window import SinkWindowPolicy
+from tuner.policies.window import WindowPolicy
+
+BASELINE_SINK_SCALES = 2
+
+
+def method_presets() -> dict[str, KVPolicy]:
+    """The paper methods' default hyperparameters (model-independent)."""
+    return {
+        "ams": AMSPolicy(n_condensed=2, window=1, window_demanding=2, theta_quantile=0.25),
+        "scalekv_10": ScaleKVPolicy(budget_fraction=0.10),
+        "scalekv_20": ScaleKVPolicy(budget_fraction=0.20),
+    }
+
+
+def matched_token_cap(policy: KVPolicy, spec: PolicySpec) -> int:
+    """Per-layer token cap ``c`` of a uniform baseline whose KV bytes are the largest ``<=`` the policy's.
+
+    Uniform baselines hold ``num_layers · c`` tokens plus the same workspace, so
+    ``c = floor(Σ_l C[l] / num_layers)`` (at least 1).
+    """
+    plan = policy.plan(spec)
+    g = spec.geometry
+    total = g.seq_len * g.num_layers if plan.full else sum(plan.capacities())
+    return max(1, total // g.num_layers)
+
+
+def matched_baselines(policy: KVPolicy, spec: PolicySpec) -> dict[str, KVPolicy]:
+    """``window`` and ``sink_window`` at the same memory as ``policy`` (see :func:`matched_token_cap`)."""
+    g = spec.geometry
+    cap = matched_token_cap(policy, spec)
+    return {"window": WindowPolicy(window=g.num_scales, max_tokens=cap),
+            "sink_window": SinkWindowPolicy(sink_scales=min(BASELINE_SINK_SCALES, g.num_scales),
+                                            window=g.num_scales, max_tokens=cap)}
+
+
+def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy]:
+    """Presets by name (insertion order: each method followed by its matched baselines).
+
+    Parameters
+    ----------
+    model_cfg: ``ModelConfig`` (or ``VARConfig`` / :class:`CacheGeometry`).
+    calibration: :class:`tuner.calibration.Calibration` of that model; required (``UserError``).
+    """
+    from tuner.memory import as_geometry
+
+    geometry: CacheGeometry = as_geometry(model_cfg)
+    name = getattr(model_cfg, "name", "")
+    if calibration is None:
+        raise UserError(f"the paper presets of {name or 'this model'} need its calibration statistics (AMS-KV "
+                        f"key similarity, ScaleKV ASI); run `tuner calibrate` first or pass --no-presets")
+    try:
+        calibration.check_geometry(geometry)
+    except ValueError as exc:
+        raise UserError(f"calibration does not fit {name or 'this model'}: {exc}; recalibrate this model") from None
+    spec = PolicySpec(geometry, name, calibration)
+    out: dict[str, KVPolicy] = {}
+    for preset, policy in method_presets().items():
+        out[preset] = policy
+        for base, matched in matched_baselines(policy, spec).items():
+            out[f"{base}@{preset}"] = matched
+    return out

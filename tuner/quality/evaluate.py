@@ -1,0 +1,146 @@
+"""Paired evaluation of a policy against the full cache on the same labels and seeds (design §5).
+
+``PolicyEvaluator`` loads a model once, generates (and caches) the full-cache reference images and
+features per :class:`EvalSpec`, and turns a policy into a plain dict of metrics — what the search
+workers return. Nothing here imports optuna, ray or mlflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tuner.errors import UserError
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Which images a policy is judged on: image ``i`` has class ``labels[i]``; images are generated
+    in batches of ``batch_size`` and batch ``j`` is sampled with seed ``seed + j``.
+    """
+
+    labels: tuple[int, ...]
+    seed: int = 0
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.labels:
+            raise ValueError("an evaluation needs at least one sample")
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+
+    @classmethod
+    def balanced(cls, num_classes: int, samples: int, seed: int = 0, **kw: Any) -> "EvalSpec":
+        """``samples`` images cycling through the classes (``samples`` must be >= 2 for FID)."""
+        if samples <= 0:
+            raise UserError(f"--samples {samples} must be positive (FID needs at least 2)")
+        return cls(labels=tuple(i % num_classes for i in range(samples)), seed=seed, **kw)
+
+    def key(self) -> str:
+        """Stable hash of the spec (evaluation-cache key)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+    @property
+    def samples(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Reference:
+    images: torch.Tensor  # [N, 3, H, W] in [0, 1], CPU
+    features: torch.Tensor | None  # [N, F]
+    seconds_per_image: float
+
+
+@dataclass
+class PolicyEvaluator:
+    """Evaluates policies on one loaded model. Create with :func:`build_evaluator`."""
+
+    loaded: Any  # tuner.model.loading.LoadedModel
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    backend: str = "torch"
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reference_stats: Any = None  # tuner.quality.metrics.FeatureStats of the real/reference set
+    spec_for: Callable[[Any], Any] | None = None  # policy -> PolicySpec (adds calibration)
+    _refs: dict[str, Reference] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str:
+        return self.loaded.checkpoint_sha256 or f"random:{self.loaded.source}"
+
+    def policy_spec(self, policy):
+        from tuner.policies.base import CacheGeometry, PolicySpec
+
+        if self.spec_for is not None:
+            return self.spec_for(policy)
+        return PolicySpec(CacheGeometry.from_var_config(self.loaded.config.var), self.loaded.config.name)
+
+    def generate(self, policy, spec: EvalSpec) -> tuple[torch.Tensor, int, float]:
+        """Images ``[N, 3, H, W]`` (CPU), KV bytes allocated per image, seconds per image."""
+        from tuner.model.generate import generate
+
+        labels = torch.tensor(spec.labels, dtype=torch.long, device=self.device)
+        pspec = self.policy_spec(policy)
+        images, kv_per_image, seconds = [], 0, 0.0
+        for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
+            t0 = time.perf_counter()
+            res = generate(self.loaded.var, self.loaded.vae, chunk, seed=spec.seed + j, cfg=spec.cfg,
+                           top_k=spec.top_k, top_p=spec.top_p, policy=policy, spec=pspec,
+                           backend=self.backend, dtype=self.dtype)
+            seconds += time.perf_counter() - t0
+            images.append(res.images.cpu())
+            kv_per_image = max(kv_per_image, res.kv_bytes_allocated // len(chunk))
+        return torch.cat(images), kv_per_image, seconds / spec.samples
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.features is None:
+            return None
+        with torch.no_grad():
+            return torch.cat([self.features(b) for b in torch.split(images, 256)]).float()
+
+    def reference(self, spec: EvalSpec) -> Reference:
+        """Full-cache images and features for ``spec``, computed once per evaluator."""
+        from tuner.policies.full import FullPolicy
+
+        if spec.key() not in self._refs:
+            images, _, sec = self.generate(FullPolicy(), spec)
+            self._refs[spec.key()] = Reference(images, self.embed(images), sec)
+        return self._refs[spec.key()]
+
+    def evaluate(self, family: str, params: dict, spec: EvalSpec) -> dict[str, float]:
+        """Metrics of one policy: memory, fidelity vs full cache, FID vs reference, latency."""
+        from tuner.memory import memory_report
+        from tuner.policies.registry import make_policy
+        from tuner.quality.metrics import frechet_distance, psnr, ssim
+
+        policy = make_policy(family, params)
+        ref = self.reference(spec)
+        images, kv_bytes, sec = self.generate(policy, spec)
+        report = memory_report(policy, self.loaded.config, dtype="fp16", cfg=True, spec=self.policy_spec(policy))
+        out = {
+            "memory_fraction": float(report.fraction),
+            "kv_bytes_per_image": float(report.kv_bytes_per_image),
+            "psnr": float(psnr(images, ref.images)),
+            "ssim": float(ssim(images, ref.images)),
+            "latency_s_per_image": float(sec),
+            "full_latency_s_per_image": float(ref.seconds_per_image),
+            "samples": float(spec.samples),
+        }
+        feats = self.embed(images)
+        if feats is not None and spec.samples >= 2:
+            out["fid_vs_full"] = float(frechet_distance(feats, ref.features))
+            if self.reference_stats is not None:
+                from tuner.quality.metrics import FeatureStats, fid_from_stats
+
+                fid = fid_from_stats(FeatureStats.from_features(feats), self.reference_stats)
+                fid_full = fid_from_stats(FeatureStats.from_features(ref.features), self.reference_stats)
+                out.update(fid=float(fid), delta_fid=float(fid - fid_full))
+        return out
