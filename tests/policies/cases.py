@@ -11,7 +11,7 @@ CASES: dict[str, list[dict]] = {
         {"params": {"window": 99}, "keeps_all": True},
         {"params": {"window": 2}},
         {"params": {"window": 1, "max_tokens": 7}},
-        {"params": {"window": 0}},
+        {"params": {"window": 1, "max_tokens": 1}},
     ],
     "sink_window": [
         {"params": {"sink_scales": 99, "window": 1}, "keeps_all": True},

@@ -20,7 +20,7 @@ def test_window_budgets_and_kept_tokens():
     spec = PolicySpec(TINY)
     assert WindowPolicy(2).plan(spec).budgets[0] == (1, 5, 13, 25, 41, 61, 0)
     assert WindowPolicy(2, max_tokens=20).plan(spec).budgets[3] == (1, 5, 13, 20, 20, 20, 0)
-    assert WindowPolicy(0).plan(spec).budgets[0] == (0,) * 7
+    assert WindowPolicy(1, max_tokens=1).plan(spec).budgets[0] == (1, 1, 1, 1, 1, 1, 0)
     kept = simulate(WindowPolicy(2, max_tokens=20), spec)
     assert kept[1][4][0, 0].tolist() == list(range(35, 55))  # the 20 most recent tokens after scale 4
 
@@ -138,7 +138,7 @@ def test_budgets_curve_weights_and_table():
 
 
 @pytest.mark.parametrize("family,params,match", [
-    ("window", {"window": -1}, "window must be an integer >= 0"),
+    ("window", {"window": 0}, "window must be an integer >= 1"),
     ("window", {"max_tokens": 0}, "max_tokens"),
     ("sink_window", {"sink_scales": 1.5}, "sink_scales"),
     ("ams", {"window": 3, "window_demanding": 2}, "window_demanding"),
@@ -175,3 +175,13 @@ def test_scalekv_drafters_gain_even_when_the_budget_is_below_the_window():
     col = [row[s] for row in plan.budgets]
     assert sum(col) == 9 * 6
     assert max(col) > 9 and min(col) >= 4
+
+
+def test_window_zero_is_rejected():
+    import pytest
+
+    from tuner.policies.registry import make_policy
+
+    for family in ("window", "sink_window"):
+        with pytest.raises(ValueError, match="window"):
+            make_policy(family, {"window": 0})

@@ -7,7 +7,12 @@ import typer
 
 # (module, attribute) of each subcommand's ``register(app)`` function, in help order.
 COMMAND_MODULES = (
+    "tuner.search.cli",
     "tuner.cli.generate_cmd",
+    "tuner.cli.evaluate_cmd",
+    "tuner.cli.plan_cmd",
+    "tuner.cli.policy_cmd",
+    "tuner.cli.calibrate_cmd",
     "tuner.cli.bench_cmd",
 )
 

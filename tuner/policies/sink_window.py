@@ -25,7 +25,7 @@ class SinkWindowPolicy(KVPolicy):
 
     def __post_init__(self) -> None:
         check_int("sink_scales", self.sink_scales, 0)
-        check_int("window", self.window, 0)
+        check_int("window", self.window, 1)  # window 0 is "no cache": use max_tokens for tiny budgets
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
 
     def plan(self, spec: PolicySpec) -> CachePlan:

@@ -12,7 +12,7 @@ class WindowPolicy(KVPolicy):
     """Keep the last ``window`` scales in every layer (sliding-window attention, Longformer-style).
 
     After scale ``s`` each layer keeps scales ``s-window+1 .. s``, so scale ``s+1`` reads ``window``
-    earlier scales plus itself; ``window=0`` keeps nothing (each scale sees only itself).
+    earlier scales plus itself; ``window`` must be >= 1 (``max_tokens`` caps it further).
     ``max_tokens`` additionally caps every layer at that many of the most recent tokens: with
     ``window >= num_scales`` it is the token-level sliding window, and it lets the baseline be
     matched to another policy's exact memory (:mod:`tuner.presets`).
@@ -24,7 +24,7 @@ class WindowPolicy(KVPolicy):
     family = "window"
 
     def __post_init__(self) -> None:
-        check_int("window", self.window, 0)
+        check_int("window", self.window, 1)  # window 0 is "no cache": use max_tokens for tiny budgets
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
 
     def plan(self, spec: PolicySpec) -> CachePlan:

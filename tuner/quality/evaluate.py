@@ -144,3 +144,81 @@ class PolicyEvaluator:
                 fid_full = fid_from_stats(FeatureStats.from_features(ref.features), self.reference_stats)
                 out.update(fid=float(fid), delta_fid=float(fid - fid_full))
         return out
+
+    def calibration(self):
+        """Calibration statistics of this model (cached on disk by checkpoint hash), computed once."""
+        if getattr(self, "_calibration", None) is None:
+            from tuner.calibration import CalibrationSpec, load_or_compute_calibration
+
+            self._calibration = load_or_compute_calibration(
+                self.loaded.var, self.loaded.vae, self.loaded.config, checkpoint_sha256=self.model_hash,
+                spec=CalibrationSpec(samples=self.calibration_samples), backend=self.backend)
+        return self._calibration
+
+    def describe(self) -> dict:
+        """Facts the search driver needs from a worker: classes and the calibration it plans with."""
+        return {"num_classes": self.loaded.config.var.num_classes, "model": self.loaded.config.name,
+                "calibration": self.calibration().to_dict()}
+
+
+def _spec_with_calibration(evaluator: PolicyEvaluator):
+    from tuner.policies.base import CacheGeometry, PolicySpec
+
+    geometry = CacheGeometry.from_var_config(evaluator.loaded.config.var)
+
+    def spec_for(policy):
+        cal = evaluator.calibration() if policy.needs_calibration else None
+        return PolicySpec(geometry, evaluator.loaded.config.name, cal)
+
+    return spec_for
+
+
+def tiny_reference_stats(features, samples: int = 2000, seed: int = 777):
+    """Statistics of the procedural training distribution (the tiny model's "real" reference set)."""
+    from tuner.data.procedural import make_dataset
+    from tuner.quality.metrics import FeatureStats
+
+    images, _ = make_dataset(samples, seed=seed)
+    with torch.no_grad():
+        feats = torch.cat([features((b + 1) / 2) for b in torch.split(images, 256)]).double()
+    return FeatureStats.from_features(feats)
+
+
+def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae_ckpt=None, device: str = "cpu",
+                    dtype: str = "fp32", backend: str = "auto", inception_weights=None, reference=None,
+                    calibration_samples: int = 16, random_weights: bool = False) -> PolicyEvaluator:
+    """Load a model and its feature network once; the factory the search workers call.
+
+    Features: the shipped tiny feature net for ``tiny``; the FID Inception-v3 (local weights) for
+    ImageNet models, without which only PSNR/SSIM are reported. ``reference``: a reference batch
+    ``.npz`` for ``fid``/``delta_fid`` (tiny uses a fixed generated reference set).
+    """
+    from kernels.dispatch import resolve_backend
+    from tuner.model.loading import load_model
+
+    loaded = load_model(model, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
+                        random_weights=random_weights, device=device)
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    features, stats = None, None
+    if loaded.config.name == "tiny":
+        from tuner.quality.features import load_feature_net
+
+        features = load_feature_net().to(device).eval()
+        stats = tiny_reference_stats(features)
+    elif inception_weights is not None:
+        from tuner.quality.inception import load_fid_inception
+
+        features = load_fid_inception(inception_weights).to(device).eval()
+    if reference is not None and features is not None:
+        from tuner.quality.reference_stats import reference_stats
+
+        stats = reference_stats(reference, features, loaded.config.resolution)
+    try:
+        resolved = resolve_backend(backend, device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    ev = PolicyEvaluator(loaded, device=device, dtype=tdtype, backend=resolved, features=features,
+                         reference_stats=stats)
+    ev.calibration_samples = calibration_samples
+    ev.spec_for = _spec_with_calibration(ev)
+    return ev

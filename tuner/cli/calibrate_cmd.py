@@ -1,0 +1,57 @@
+"""``tuner calibrate``: per-layer/scale statistics the ams and scalekv policies plan with."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from tuner.cli import model_opts as mo
+from tuner.cli.common import resolve_device, user_errors, writable_dir
+from tuner.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate", help="Compute (and cache) inter-scale key similarity, ScaleKV's ASI and attention "
+                                  "density from full-cache generations; writes heatmaps and a table.")(calibrate)
+
+
+def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = False, quiet: bool = False):
+    """Cached calibration of a loaded model, computed with a progress bar when missing."""
+    from rich.progress import Progress
+
+    from tuner.calibration import CalibrationSpec, load_or_compute_calibration
+
+    key = loaded.checkpoint_sha256 or f"random:{loaded.source}"
+    with Progress(transient=True, disable=quiet) as progress:
+        task = progress.add_task(f"calibrating {loaded.config.name}", total=samples)
+        return load_or_compute_calibration(
+            loaded.var, loaded.vae, loaded.config, checkpoint_sha256=key,
+            spec=CalibrationSpec(samples=samples, seed=seed), recompute=recompute,
+            progress=lambda done, total: progress.update(task, completed=done))
+
+
+@user_errors
+def calibrate(
+    model: str = mo.ModelOpt,
+    var_ckpt: Optional[str] = mo.VarCkptOpt,
+    vae_ckpt: Optional[str] = mo.VaeCkptOpt,
+    weights_dir: Optional[str] = mo.WeightsDirOpt,
+    random_weights: bool = mo.RandomWeightsOpt,
+    samples: int = typer.Option(16, "--samples", help="Calibration images."),
+    seed: int = typer.Option(0, "--seed", help="Calibration seed."),
+    out: str = typer.Option("calibration", "--out", help="Directory for calibration.json, heatmaps and table."),
+    recompute: bool = typer.Option(False, "--recompute", help="Ignore the on-disk cache."),
+    device: str = mo.DeviceOpt,
+) -> None:
+    from tuner.calibration import calibration_markdown, plot_calibration
+
+    if samples <= 0:
+        raise UserError(f"--samples {samples} must be positive")
+    out_dir = writable_dir(out)
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, resolve_device(device))
+    cal = calibration_for(loaded, samples, seed, recompute)
+    cal.save(out_dir / "calibration.json")
+    (out_dir / "calibration.md").write_text(calibration_markdown(cal))
+    pngs = plot_calibration(cal, out_dir)
+    typer.echo(calibration_markdown(cal))
+    typer.echo(f"wrote {out_dir}/calibration.json, calibration.md and {len(pngs)} heatmaps")

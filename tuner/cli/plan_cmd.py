@@ -1,0 +1,82 @@
+"""``tuner plan``: memory of a policy before any image is generated (no weights, no GPU needed)."""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from tuner.cli.common import user_errors
+from tuner.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", help="Memory of a policy (file or family + params): bytes per image, fraction of the "
+                             "full cache, per-scale resident curve, max batch for a GPU.")(plan)
+
+
+@user_errors
+def plan(
+    model: str = typer.Option("tiny", "--model", help="Named model: tiny, d16, d20, d24, d30, d36."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy file (JSON)."),
+    family: Optional[str] = typer.Option(None, "--family", help="Policy family: full, window, sink_window, ams, "
+                                                                "scalekv, budgets."),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="Family hyperparameter name=value (repeatable)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration JSON (from tuner calibrate); "
+                                              "without it ams/scalekv plan with placeholder layer roles."),
+    dtype: str = typer.Option("fp16", "--dtype", help="K/V dtype: fp32, fp16 or bf16."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory (e.g. 80GiB) to size the max batch."),
+    heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    from tuner.cli.common import DTYPE_NAMES, check_choice
+    from tuner.cli.policy_opts import placeholder_calibration, policy_from_flags
+    from tuner.memory import format_plan_table, max_batch, memory_report, parse_size, plot_budget_heatmap
+    from tuner.model.config import model_config
+    from tuner.policies.base import CacheGeometry, PolicySpec
+
+    check_choice(dtype, DTYPE_NAMES, "--dtype")
+    try:
+        cfg = model_config(model)
+    except KeyError as exc:
+        raise UserError(f"{exc.args[0]}; pass --model with one of them") from None
+    if (policy is None) == (family is None):
+        raise UserError("pass exactly one of --policy FILE or --family NAME [--param k=v ...]")
+    geometry = CacheGeometry.from_var_config(cfg.var)
+    note = ""
+    if policy is not None:
+        from tuner.policy_file import load_policy_file
+
+        pol, info = load_policy_file(policy, cfg)
+        cal = info.calibration
+    else:
+        pol = policy_from_flags(family, param)
+        cal = None
+        if calibration:
+            from tuner.calibration import Calibration
+
+            try:
+                cal = Calibration.load(calibration)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read calibration {calibration}: {exc}; rerun tuner calibrate") from None
+        elif pol.needs_calibration:
+            cal = placeholder_calibration(cfg)
+            note = "layer roles: placeholder (no --calibration); memory figures are exact, the roles are not"
+    try:
+        report = memory_report(pol, cfg, dtype=dtype, spec=PolicySpec(geometry, cfg.name, cal))
+    except ValueError as exc:
+        raise UserError(f"policy does not fit {cfg.name}: {exc}") from None
+    estimate = max_batch(report, cfg, parse_size(gpu_mem), dtype) if gpu_mem else None
+    if heatmap:
+        plot_budget_heatmap(report.plan, heatmap, title=f"{cfg.name} {pol.family}")
+    if as_json:
+        out = {"model": cfg.name, "family": pol.family, "params": pol.params(), "dtype": dtype,
+               "kv_bytes_per_image": report.kv_bytes_per_image,
+               "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
+               "resident_bytes_per_scale": list(report.resident_bytes_per_scale),
+               "capacities": list(report.capacities), "note": note or None}
+        if estimate is not None:
+            out["max_batch"] = estimate.batch
+        typer.echo(json.dumps(out, indent=2))
+    else:
+        typer.echo(format_plan_table(report, estimate) + (f"\n{note}" if note else ""))
