@@ -92,6 +92,9 @@ class AMSPolicy(KVPolicy):
 
     def plan(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
+        if self.n_condensed >= g.num_scales:
+            raise ValueError(f"n_condensed={self.n_condensed} must be below the model's {g.num_scales} scales "
+                             "(condensed scales are a prefix, the rest is windowed)")
         efficient = scale_window_row(g, self.window, self.n_condensed, self.c_min)
         demanding = scale_window_row(g, self.window_demanding, self.n_condensed, self.c_max)
         return CachePlan(tuple(demanding if d else efficient for d in self.demanding_layers(spec)))
