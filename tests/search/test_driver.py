@@ -1,0 +1,191 @@
+"""The search driver end to end, in-process (``--workers 0``) with the fake evaluator on the toy space:
+ask/tell, planner-infeasible trials, evaluation cache, presets, resume, export, reports, MLflow."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+import tests.search.toy_policy  # noqa: F401
+from tests.search.helpers import config, eval_log, toy_space
+from tuner.errors import UserError
+from tuner.search import study as study_mod
+from tuner.search.driver import run_search
+from tuner.search.study import Preset
+
+
+@pytest.fixture
+def toy_presets(monkeypatch):
+    presets = [Preset("toy-w3", "toy", {"window": 3, "odd_layers_half": True, "tag": "a"}),
+               Preset("toy-w9", "toy", {"window": 9, "odd_layers_half": False, "tag": "a"})]  # outside the space
+    monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: presets)
+    return presets
+
+
+def load(cfg):
+    import optuna
+
+    return optuna.load_study(study_name=cfg.study_name, storage=cfg.storage)
+
+
+def screening(cfg, log):
+    return [e for e in log if e["n"] == cfg.samples]
+
+
+def test_search_end_to_end(tmp_path, toy_presets):
+    import mlflow
+
+    cfg = config(tmp_path, trials=12, mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = run_search(cfg, progress=False)
+    study = load(cfg)
+    trials = study.trials
+    assert len(trials) == 12 and all(t.state.name == "COMPLETE" for t in trials)
+    # the in-space preset is the first trial, evaluated exactly as given
+    assert trials[0].user_attrs["preset"] == "toy-w3"
+    assert trials[0].params == {"toy.window": 3, "toy.odd_layers_half": True, "toy.tag": "a"}
+    # every trial has its constraint; planner-rejected trials were never evaluated
+    log = eval_log(cfg)
+    evaluated = Counter(json.dumps(e["params"], sort_keys=True) for e in screening(cfg, log))
+    assert max(evaluated.values()) == 1  # identical policies are never evaluated twice
+    for t in trials:
+        key = json.dumps(t.user_attrs["policy_params"], sort_keys=True)
+        assert "memory" in t.constraints
+        if t.user_attrs.get("plan_infeasible"):
+            assert t.constraints["memory"] > 0 and key not in evaluated
+        else:
+            assert key in evaluated
+    assert result.evaluations == len(evaluated)
+    # export: the winner is feasible and the best screened candidate's policy; table rows in order
+    assert result.policy_path is not None and result.policy_path.is_file()
+    names = [row["policy"] for row in result.comparison]
+    assert names[:3] == ["full cache", "toy-w3", "toy-w9"] and names[3].startswith("winner (trial ")
+    winner = result.comparison[-1]
+    assert winner["memory_fraction"] <= 0.4
+    final = [e for e in log if e["n"] == cfg.final_samples]
+    assert {e["family"] for e in final} == {"toy", "full"}
+    assert all(e["seed"] != cfg.seed for e in final)  # held-out seeds
+    for name in ("pareto.csv", "pareto.png", "comparison.csv", "comparison.md", "config.json"):
+        assert (cfg.out_dir / name).stat().st_size > 0
+    # MLflow: one parent run with a child per trial, filterable by the study tag
+    client = mlflow.tracking.MlflowClient(cfg.mlflow_uri)
+    exp = client.get_experiment_by_name("varkv-tiny")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`tuner.study` = '{cfg.study_name}'")
+    parents = [r for r in runs if r.data.tags.get("tuner.role") == "study"]
+    assert len(parents) == 1 and len(runs) == 13
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_id == result.mlflow_run_id
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.json", "search_space", "pareto", "policy", "summary"} <= arts
+    assert "winner.fid_vs_full" in parent.data.metrics
+
+
+def test_resume_continues_and_never_reevaluates(tmp_path, toy_presets):
+    first = run_search(config(tmp_path, trials=6), progress=False)
+    cfg = config(tmp_path, trials=11)
+    second = run_search(cfg, progress=False)
+    assert len(first.records) == 6 and len(second.records) == 11
+    assert [r.number for r in second.records[:6]] == [r.number for r in first.records]
+    evaluated = Counter(json.dumps(e["params"], sort_keys=True) for e in screening(cfg, eval_log(cfg)))
+    assert max(evaluated.values()) == 1
+    assert load(cfg).user_attrs["presets_enqueued"] is True
+    assert sum(1 for t in load(cfg).trials if t.user_attrs.get("preset")) == 1  # enqueued once
+
+
+def test_cache_shared_by_two_studies_in_one_database(tmp_path):
+    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
+    a = config(tmp_path, space=space, trials=6, mem_target="60%", presets=False)
+    ra = run_search(a, progress=False)
+    assert ra.evaluations == 2  # only two distinct policies exist
+    assert sum(r.cache_hit for r in ra.records) == 4
+    b = config(tmp_path, space=space, trials=4, mem_target="70%", presets=False, storage=a.storage)
+    assert b.study_name != a.study_name
+    rb = run_search(b, progress=False)
+    assert rb.evaluations == 0 and all(r.cache_hit for r in rb.records)
+    import optuna
+
+    names = {s.study_name for s in optuna.get_all_study_summaries(a.storage)}
+    assert names == {a.study_name, b.study_name}
+
+
+def test_settings_of_an_existing_study_cannot_change(tmp_path):
+    cfg = config(tmp_path, trials=3, presets=False)
+    run_search(cfg, progress=False)
+    other = config(tmp_path, trials=5, presets=False, mem_target="30%", study_name=cfg.study_name)
+    with pytest.raises(UserError, match="was created with mem_target=0.4 \\(now 0.3\\)"):
+        run_search(other, progress=False)
+    assert len(load(cfg).trials) == 3
+
+
+def test_invalid_policies_fail_and_the_search_goes_on(tmp_path):
+    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 4}\n"
+                                "      tag: {type: categorical, choices: [a, invalid]}\n")
+    cfg = config(tmp_path, space=space, trials=10, mem_target="90%", presets=False)
+    result = run_search(cfg, progress=False)
+    failed = [r for r in result.records if r.state == "FAIL"]
+    assert failed and all("tag 'invalid' is rejected" in r.error for r in failed)
+    assert any(r.feasible for r in result.records) and result.policy_path is not None
+
+
+def test_no_feasible_policy_means_no_evaluation_and_no_export(tmp_path):
+    cfg = config(tmp_path, trials=5, mem_target="1%", presets=False)
+    result = run_search(cfg, progress=False)
+    assert all(r.plan_infeasible for r in result.records)
+    assert eval_log(cfg) == [] and result.policy_path is None
+
+
+def test_quality_limit_and_multi_objective(tmp_path):
+    cfg = config(tmp_path, trials=8, mem_target=None, fid_limit=12.0, presets=False)
+    result = run_search(cfg, progress=False)
+    study = load(cfg)
+    assert [d.name for d in study.directions] == ["MINIMIZE"]
+    for r in result.records:
+        if r.evaluated:
+            assert r.values == [r.metrics["memory_fraction"]]
+            assert (r.constraints["quality"] <= 0) == (r.metrics["fid_vs_full"] <= 12.0)
+    both = config(tmp_path, out=tmp_path / "both", trials=8, mem_target="60%", fid_limit=12.0, metric="psnr",
+                  presets=False)
+    result = run_search(both, progress=False)
+    assert len(load(both).directions) == 2
+    for r in result.records:
+        if r.evaluated:
+            assert r.values == [r.metrics["memory_fraction"], -r.metrics["psnr"]]
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("families:\n  toy:\n    params:\n      window: {type: int, low: 1}\n")
+    with pytest.raises(UserError, match=r"bad.yaml:4: families.toy.params.window: missing 'high'"):
+        run_search(config(tmp_path, space=str(bad_space)), progress=False)
+    with pytest.raises(UserError, match="--mlflow-uri http://127.0.0.1:1 is unreachable"):
+        run_search(config(tmp_path, mlflow_uri="http://127.0.0.1:1"), progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="--storage .* cannot be created or written"):
+        run_search(config(tmp_path, storage=f"sqlite:///{blocker / 'x.db'}"), progress=False)
+    with pytest.raises(UserError, match="evaluator factory module 'no_such_module'"):
+        run_search(config(tmp_path, evaluator="no_such_module:build"), progress=False)
+    assert not (tmp_path / "run" / "study.db").exists()
+
+
+def test_studies_and_show_commands(tmp_path, toy_presets):
+    import typer
+    from typer.testing import CliRunner
+
+    from tuner.search.cli import register
+
+    cfg = config(tmp_path, trials=8)
+    result = run_search(cfg, progress=False)
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    res = runner.invoke(app, ["studies", "--storage", cfg.storage], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    assert cfg.study_name in res.output and "8" in res.output and str(result.policy_path) in res.output
+    res = runner.invoke(app, ["show", cfg.study_name, "--storage", cfg.storage], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    assert "Pareto front" in res.output and f"exported policy (trial" in res.output
+    res = runner.invoke(app, ["show", "nope", "--storage", cfg.storage])
+    assert res.exit_code == 2 and f"no study 'nope'" in res.output
+    res = runner.invoke(app, ["studies", "--storage", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert res.exit_code == 2 and "no such database file" in res.output

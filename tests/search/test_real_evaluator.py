@@ -1,0 +1,41 @@
+"""The product path: ``tuner search`` with the real evaluator on the shipped ``tiny`` model (slow)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuner.search.config import resolve_config
+from tuner.search.driver import run_search
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "ray-actor"])
+def test_search_with_the_real_evaluator_on_tiny(tmp_path, workers):
+    if workers:
+        import os
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cfg = resolve_config(model="tiny", mem_target="50%", family="all", trials=4, samples=2, final_samples=2,
+                         final_top_k=1, workers=workers, device="cpu", mlflow_uri=f"sqlite:///{tmp_path / 'ml.db'}",
+                         out=str(tmp_path / "run"), eval_batch_size=8)
+    result = run_search(cfg, progress=False)
+    evaluated = [r for r in result.records if r.evaluated]
+    assert evaluated, [r.error for r in result.records]
+    for r in evaluated:
+        m = r.metrics
+        assert 0 < m["memory_fraction"] <= 0.5
+        assert {"fid_vs_full", "psnr", "ssim", "kv_bytes_per_image", "latency_s_per_image"} <= set(m)
+    assert result.policy_path is not None and result.policy_path.is_file()
+    data = json.loads(result.policy_path.read_text())
+    assert data["schema_version"] >= 1
+    names = [row["policy"] for row in result.comparison]
+    assert names[0] == "full cache" and names[-1].startswith("winner")
+    full = result.comparison[0]
+    assert full["memory_fraction"] == pytest.approx(1.0)
+    from tuner.model.config import model_config
+    from tuner.policy_file import load_policy_file
+
+    policy, _ = load_policy_file(result.policy_path, model_config("tiny"))
+    assert policy.family == result.comparison[-1]["family"]

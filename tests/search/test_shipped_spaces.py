@@ -1,0 +1,60 @@
+"""The shipped search spaces against the real policy families, on every named model, and a search
+on ``--family all`` with the real paper presets (fake evaluator: fast and model-free)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.search.fake_eval import FakeEvaluator
+from tests.search.helpers import config, eval_log
+from tuner.memory import memory_report
+from tuner.model.config import NAMED_MODELS, model_config
+from tuner.policies.base import CacheGeometry, PolicySpec
+from tuner.policies.registry import make_policy
+from tuner.search.driver import run_search
+from tuner.search.space import SPACE_DIR, load_space
+from tuner.search.study import load_presets
+
+
+@pytest.mark.parametrize("model", list(NAMED_MODELS))
+def test_every_sampled_policy_plans_and_presets_round_trip(model):
+    import optuna
+
+    mc = model_config(model)
+    g = CacheGeometry.from_var_config(mc.var)
+    cal = FakeEvaluator(model).calibration()
+    spec = PolicySpec(g, model, cal)
+    space = load_space(SPACE_DIR / "all.yaml", g)
+    assert space.family_names == ["ams", "scalekv", "budgets"]
+    for name in ("ams", "scalekv", "budgets"):
+        assert load_space(SPACE_DIR / f"{name}.yaml", g).family_names == [name]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    fractions = {"ams": [], "scalekv": [], "budgets": []}
+    for _ in range(60):
+        trial = study.ask()
+        family, params = space.suggest(trial)
+        report = memory_report(make_policy(family, params), mc, spec=spec)  # never raises
+        fractions[family].append(report.fraction)
+        study.tell(trial, 0.0)
+    assert all(fractions.values())
+    assert min(min(v) for v in fractions.values()) < 0.2  # low-memory regions are reachable
+    presets = {p.name: p for p in load_presets(mc, cal)}
+    inside = {n for n, p in presets.items() if space.trial_params(p.family, p.params) is not None}
+    assert inside == {"ams", "scalekv_10", "scalekv_20"}  # the baselines are other families
+
+
+def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
+    cfg = config(tmp_path, space=None, family="all", trials=8, mem_target="35%", final_top_k=1)
+    result = run_search(cfg, progress=False)
+    first = result.records[:3]
+    assert [r.preset for r in first] == ["ams", "scalekv_10", "scalekv_20"]
+    assert [r.family for r in first] == ["ams", "scalekv", "scalekv"]
+    names = [row["policy"] for row in result.comparison]
+    assert names[0] == "full cache" and len(names) == 1 + 9 + 1
+    assert {"window@ams", "sink_window@scalekv_10"} <= set(names)
+    assert result.policy_path is not None
+    from tuner.policy_file import load_policy_file
+
+    policy, info = load_policy_file(result.policy_path, model_config("tiny"), checkpoint_sha256="fake-tiny")
+    assert info.provenance["study"] == cfg.study_name
+    assert info.memory["fraction"] <= 0.35
+    assert {e["family"] for e in eval_log(cfg)} >= {"ams", "scalekv", "full", "window", "sink_window"}

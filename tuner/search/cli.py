@@ -1,0 +1,156 @@
+"""Typer command functions for ``tuner search``, ``tuner studies`` and ``tuner show``.
+
+The CLI app registers them (``app.command("search")(search_command)`` …); heavy imports happen only
+when a command runs. Flags map 1:1 onto :class:`tuner.search.config.SearchConfig`.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from tuner.cli.common import user_errors
+from tuner.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    """Register the three commands on ``app`` (what ``tuner.cli.app`` calls)."""
+    app.command("search", help="Search KV-cache policies for a model under a memory target and/or quality limit.")(
+        search_command)
+    app.command("studies", help="List the searches (studies) in a storage with trial counts and best values.")(
+        studies_command)
+    app.command("show", help="Show a study's Pareto front and its exported policy file.")(show_command)
+
+
+def _console():
+    """stdout console; wide when piped so tables are not squeezed to 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+
+
+def _evaluator_args(items: List[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--evaluator-arg {item!r} must look like key=value")
+        out[key] = value
+    return out
+
+
+@user_errors
+def search_command(
+    model: str = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36."),
+    weights_dir: Optional[str] = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
+                                              help="Directory with the official checkpoints."),
+    var_ckpt: Optional[str] = typer.Option(None, "--var-ckpt", help="VAR state dict (var_d*.pth)."),
+    vae_ckpt: Optional[str] = typer.Option(None, "--vae-ckpt", help="VQ-VAE state dict."),
+    mem_target: Optional[str] = typer.Option(None, "--mem-target",
+                                             help="KV memory target: 15%, 0.15 (of the full cache) or 40MiB per image."),
+    fid_limit: Optional[float] = typer.Option(None, "--fid-limit",
+                                              help="Quality limit on --metric (at most; at least for psnr/ssim)."),
+    metric: str = typer.Option("fid_vs_full", "--metric", help="fid_vs_full, delta_fid, fid, psnr or ssim."),
+    family: str = typer.Option("all", "--family", help="ams, scalekv, budgets or all (search_spaces/<family>.yaml)."),
+    space: Optional[str] = typer.Option(None, "--space", help="A search-space YAML file (overrides --family)."),
+    trials: int = typer.Option(40, "--trials", help="Total finished trials the study should reach."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop asking new trials after this many seconds."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N evaluated trials without improvement."),
+    samples: int = typer.Option(8, "--samples", help="Images per screening evaluation."),
+    final_samples: int = typer.Option(32, "--final-samples", help="Images per final (held-out) re-evaluation."),
+    final_top_k: int = typer.Option(3, "--final-top-k", help="Best candidates re-evaluated before export."),
+    workers: Optional[int] = typer.Option(None, "--workers",
+                                          help="CPU workers (default: one per GPU, else half the cores; 0 = in-process)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a Ray cluster: auto or host:port."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///<out>/study.db)."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default from model and target)."),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
+                                             help="MLflow tracking URI (default sqlite:///<out>/mlflow.db; none = off)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default varkv-<model>)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe, nsga2, gp or random."),
+    seed: int = typer.Option(0, "--seed", help="Sampler seed and base sampling seed."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory (default runs/<study>)."),
+    device: str = typer.Option("auto", "--device", help="Evaluation device: auto, cpu, cuda."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Evaluation dtype: fp32, fp16, bf16."),
+    attention_backend: str = typer.Option("auto", "--attention-backend", help="auto, torch or triton."),
+    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance of the evaluation."),
+    top_k: int = typer.Option(900, "--top-k", help="Top-k sampling of the evaluation."),
+    top_p: float = typer.Option(0.96, "--top-p", help="Top-p sampling of the evaluation."),
+    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Images per forward pass in evaluations."),
+    trial_timeout: float = typer.Option(3600.0, "--trial-timeout", help="Seconds before a worker counts as hung."),
+    no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live display (one line per trial only)."),
+    evaluator: str = typer.Option("tuner.quality.evaluate:build_evaluator", "--evaluator", hidden=True),
+    evaluator_arg: List[str] = typer.Option([], "--evaluator-arg", hidden=True),
+) -> None:
+    from tuner.search.config import resolve_config
+    from tuner.search.driver import run_search
+
+    config = resolve_config(
+        model=model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, mem_target=mem_target,
+        fid_limit=fid_limit, metric=metric, family=family, space=space, trials=trials, timeout_s=timeout,
+        patience=patience, samples=samples, final_samples=final_samples, final_top_k=final_top_k, workers=workers,
+        ray_address=ray_address, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
+        experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
+        backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
+        trial_timeout_s=trial_timeout, presets=not no_presets, evaluator=evaluator,
+        evaluator_kwargs=_evaluator_args(evaluator_arg))
+    result = run_search(config, progress=not no_progress)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@user_errors
+def studies_command(
+    storage: str = typer.Option(..., "--storage", help="SQLAlchemy URL of the search database."),
+) -> None:
+    from rich.table import Table
+
+    from tuner.search.studies import list_studies
+
+    rows = list_studies(storage)
+    if not rows:
+        typer.echo(f"no studies in {storage}")
+        return
+    table = Table(title=f"studies in {storage}")
+    for col in ("study", "trials", "evaluated", "feasible", "objective", "best"):
+        table.add_column(col, no_wrap=col == "study")
+    for s in rows:
+        table.add_row(s.name, str(s.trials), str(s.evaluated), str(s.feasible), s.objective, s.best)
+    console = _console()
+    console.print(table)
+    for s in rows:  # full paths on their own lines: copyable, never wrapped inside a cell
+        console.print(f"{s.name}: exported policy {s.exported or '(none yet)'}", highlight=False, soft_wrap=True)
+
+
+@user_errors
+def show_command(
+    study: str = typer.Argument(..., help="Study name (see tuner studies)."),
+    storage: str = typer.Option(..., "--storage", help="SQLAlchemy URL of the search database."),
+) -> None:
+    from rich.table import Table
+
+    from tuner.search.studies import show_study
+
+    objective, front, exports = show_study(storage, study)
+    console = _console()
+    if objective is None:
+        console.print(f"{study} was not created by tuner search; no Pareto front to show")
+        return
+    table = Table(title=f"{study}: Pareto front (memory vs {objective.metric}); {objective.describe()}")
+    for col in ("trial", "family", "preset", "memory", "KV MiB/img", objective.metric, "params"):
+        table.add_column(col)
+    for r in front:
+        m = r.metrics
+        table.add_row(str(r.number), r.family or "-", r.preset or "", f"{100 * m['memory_fraction']:.2f}%",
+                      f"{m.get('kv_bytes_per_image', 0) / 2**20:.3f}", f"{m.get(objective.metric, float('nan')):.4g}",
+                      ", ".join(f"{k}={v}" for k, v in sorted(r.params.items()))[:80])
+    console.print(table)
+    if not front:
+        console.print("no feasible evaluated trial yet")
+    for e in exports:
+        console.print(f"exported policy (trial {e.trial_number}): {e.path}", highlight=False, soft_wrap=True)
+    if not exports:
+        console.print("no policy exported yet (the search exports when it finishes)")

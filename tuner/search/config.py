@@ -1,0 +1,253 @@
+"""The resolved configuration of one search (design §6): a frozen dataclass built from CLI flags.
+
+``SearchConfig`` is pure data validated in ``__post_init__`` (``ValueError``); :func:`resolve_config`
+is the user-facing constructor that turns bad flags into one-line :class:`~tuner.errors.UserError`
+messages and fills the defaults that depend on other fields (study name, output directory, storage
+and tracking URIs). The resolved config is saved with the results and on the MLflow parent run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
+# metric name -> True when larger is better (the objective then uses the negated value).
+METRICS = {"fid_vs_full": False, "delta_fid": False, "fid": False, "psnr": True, "ssim": True}
+DEFAULT_EVALUATOR = "tuner.quality.evaluate:build_evaluator"
+NO_TRACKING = ("none", "off")
+
+
+@dataclass(frozen=True)
+class MemTarget:
+    """A memory constraint: a fraction of the full cache, or absolute KV bytes per image."""
+
+    fraction: float | None = None
+    bytes_per_image: int | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.bytes_per_image is None):
+            raise ValueError("a memory target is either a fraction or a byte count")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"memory target fraction {self.fraction} must be in (0, 1]")
+        if self.bytes_per_image is not None and self.bytes_per_image <= 0:
+            raise ValueError(f"memory target {self.bytes_per_image} bytes must be positive")
+
+    def violation(self, fraction: float, kv_bytes_per_image: float) -> float:
+        """Constraint value (<= 0 feasible), relative to the target so units do not matter."""
+        if self.fraction is not None:
+            return fraction / self.fraction - 1.0
+        return kv_bytes_per_image / float(self.bytes_per_image) - 1.0
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction:.4g} of the full cache"
+        return f"{self.bytes_per_image / 2**20:.4g} MiB per image"
+
+
+def parse_mem_target(text: str) -> MemTarget:
+    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`MemTarget`; one-line UserError otherwise.
+
+    Delegates the unit grammar to :func:`tuner.memory.parse_mem_target` and normalises what it returns
+    (a float fraction, an int byte count, or an object with ``fraction``/``bytes_per_image``).
+    """
+    from tuner.memory import parse_mem_target as _parse
+
+    try:
+        parsed = _parse(text)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--mem-target {text!r}: {exc}; use a percentage like 15%, a fraction like 0.15 "
+                        f"or bytes per image like 40MiB") from None
+    fraction = getattr(parsed, "fraction", None)
+    nbytes = getattr(parsed, "bytes_per_image", None)
+    if nbytes is None:
+        nbytes = getattr(parsed, "bytes", None)
+    if fraction is None and nbytes is None:
+        if isinstance(parsed, bool):
+            parsed = None
+        if isinstance(parsed, int):
+            nbytes = parsed
+        elif isinstance(parsed, float):
+            fraction = parsed
+    if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise UserError(f"--mem-target {text!r} is outside (0%, 100%]; use e.g. 15% of the full cache")
+    if nbytes is not None and int(nbytes) <= 0:
+        raise UserError(f"--mem-target {text!r} must be a positive size like 40MiB per image")
+    if fraction is None and nbytes is None:
+        raise UserError(f"--mem-target {text!r} is not a fraction or a size; use 15%, 0.15 or 40MiB")
+    if fraction is not None:
+        return MemTarget(fraction=float(fraction), text=text)
+    return MemTarget(bytes_per_image=int(nbytes), text=text)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything one ``tuner search`` run needs; saved as ``config.json`` and on the MLflow run."""
+
+    model: str = "tiny"
+    weights_dir: str | None = None
+    var_ckpt: str | None = None
+    vae_ckpt: str | None = None
+    mem_target: MemTarget | None = None
+    quality_limit: float | None = None
+    metric: str = "fid_vs_full"
+    family: str = "all"
+    space: str | None = None  # a YAML file; overrides ``family``
+    trials: int = 40
+    timeout_s: float | None = None
+    patience: int | None = None
+    samples: int = 8
+    final_samples: int = 32
+    final_top_k: int = 3
+    workers: int | None = None  # None = one per GPU, else what fits the CPUs
+    ray_address: str | None = None
+    storage: str = ""
+    study_name: str = ""
+    mlflow_uri: str = ""
+    experiment: str = ""
+    sampler: str = "tpe"
+    seed: int = 0
+    out: str = ""
+    device: str = "auto"
+    dtype: str = "fp32"
+    backend: str = "auto"
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    eval_batch_size: int = 32
+    trial_timeout_s: float = 3600.0
+    presets: bool = True
+    evaluator: str = DEFAULT_EVALUATOR
+    evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.space is None and self.family not in FAMILY_CHOICES:
+            raise ValueError(f"--family {self.family!r} is not one of {', '.join(FAMILY_CHOICES)} "
+                             f"(or pass --space FILE)")
+        if self.mem_target is None and self.quality_limit is None:
+            raise ValueError("give --mem-target (e.g. 15%) and/or --fid-limit: the search needs a target")
+        if self.quality_limit is not None and not math.isfinite(self.quality_limit):
+            raise ValueError(f"--fid-limit {self.quality_limit} must be a finite number")
+        checks = (("--trials", self.trials, 1), ("--samples", self.samples, 2),
+                  ("--final-samples", self.final_samples, 2), ("--final-top-k", self.final_top_k, 1),
+                  ("--eval-batch-size", self.eval_batch_size, 1))
+        for flag, value, low in checks:
+            if value < low:
+                raise ValueError(f"{flag} {value} must be at least {low}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers {self.workers} must be >= 0 (0 evaluates in the driver process)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"--timeout {self.timeout_s} must be positive seconds")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"--patience {self.patience} must be at least 1")
+        if self.trial_timeout_s <= 0:
+            raise ValueError("the per-trial timeout must be positive")
+        if self.cfg < 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError("sampling settings out of range: --cfg >= 0, --top-k >= 0, --top-p in [0, 1]")
+        if ":" not in self.evaluator:
+            raise ValueError(f"evaluator factory {self.evaluator!r} must look like 'package.module:function'")
+        for name in ("storage", "study_name", "out", "mlflow_uri", "experiment"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be resolved (use resolve_config)")
+
+    # -- derived facts ---------------------------------------------------------------------------------
+    @property
+    def maximize_metric(self) -> bool:
+        return METRICS[self.metric]
+
+    @property
+    def tracking_enabled(self) -> bool:
+        return self.mlflow_uri.lower() not in NO_TRACKING
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def space_label(self) -> str:
+        return Path(self.space).stem if self.space else self.family
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (what is saved with the results)."""
+        d = dataclasses.asdict(self)
+        d["mem_target"] = self.mem_target.text if self.mem_target else None
+        d["evaluator_kwargs"] = dict(self.evaluator_kwargs)
+        return d
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a study is bound to: re-running with other values needs another study name."""
+        target = None
+        if self.mem_target is not None:
+            target = self.mem_target.fraction if self.mem_target.fraction is not None \
+                else f"{self.mem_target.bytes_per_image}B"
+        return {"model": self.model, "metric": self.metric, "mem_target": target,
+                "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
+                "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p}
+
+
+def default_study_name(model: str, space_label: str, mem: MemTarget | None, limit: float | None,
+                       metric: str) -> str:
+    """Deterministic, so that re-running the same command resumes the same study."""
+    parts = [model, space_label]
+    if mem is not None:
+        parts.append("mem" + (f"{mem.fraction * 100:g}pct" if mem.fraction is not None
+                              else f"{mem.bytes_per_image}B"))
+    if limit is not None:
+        parts.append(f"{metric}{limit:g}")
+    elif metric != "fid_vs_full":
+        parts.append(metric)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = None,
+                   out: str | None = None, storage: str | None = None, study_name: str | None = None,
+                   mlflow_uri: str | None = None, experiment: str | None = None,
+                   **fields: Any) -> SearchConfig:
+    """Build a :class:`SearchConfig` from flag values; every problem becomes a one-line UserError.
+
+    Defaults that depend on other flags: the study name (model, space, target), the output directory
+    ``runs/<study>``, the storage ``sqlite:///<out>/study.db`` and MLflow ``sqlite:///<out>/mlflow.db``.
+    """
+    from tuner.model.config import NAMED_MODELS
+
+    model = fields.get("model", "tiny")
+    if model not in NAMED_MODELS:
+        raise UserError(f"--model {model!r} is unknown; known models: {', '.join(NAMED_MODELS)}")
+    if mem_target is not None and not str(mem_target).strip():
+        raise UserError("--mem-target is empty; use a percentage like 15%, a fraction like 0.15 or 40MiB")
+    mem = parse_mem_target(str(mem_target).strip()) if mem_target is not None else None
+    space = fields.get("space")
+    if space is not None:
+        if not Path(space).is_file():
+            raise UserError(f"--space {space}: no such file; pass a search-space YAML file")
+        fields["space"] = str(Path(space).resolve())
+    label = Path(space).stem if space else fields.get("family", "all")
+    name = study_name or default_study_name(model, label, mem, fid_limit, fields.get("metric", "fid_vs_full"))
+    out_dir = Path(out) if out else Path("runs") / name
+    if "evaluator_kwargs" in fields and isinstance(fields["evaluator_kwargs"], dict):
+        fields["evaluator_kwargs"] = tuple(sorted(fields["evaluator_kwargs"].items()))
+    try:
+        return SearchConfig(
+            mem_target=mem, quality_limit=fid_limit, study_name=name, out=str(out_dir.resolve()),
+            storage=storage or sqlite_url(out_dir / "study.db"),
+            mlflow_uri=mlflow_uri or sqlite_url(out_dir / "mlflow.db"),
+            experiment=experiment or f"varkv-{model}", **fields)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

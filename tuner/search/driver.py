@@ -1,0 +1,305 @@
+"""The search driver (design §6): ask → plan → (cache | infeasible | evaluate) → tell, the only writer
+of study state.
+
+``run_search(cfg)`` validates everything that can be validated without side effects (space file,
+model, storage and MLflow reachability) before it writes anything, starts the evaluation pool
+(model loads once per worker), opens or resumes the study, enqueues the paper presets, runs the
+ask/tell loop under the stop rule with a live display, and finally re-evaluates the best candidates
+on held-out seeds and exports the winner (:mod:`tuner.search.export`).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.search import trials as T
+from tuner.search.config import SearchConfig
+from tuner.search.objective import Objective
+from tuner.search.progress import ProgressView, trial_line
+from tuner.search.runtime import SearchRuntime, prepare_runtime
+from tuner.search.stop import InterruptFlag, StopRule
+
+HEARTBEAT_S = 10.0
+POLL_S = 0.25
+
+
+@dataclass
+class _Task:
+    """One evaluation in flight; several trials may wait on it (same policy asked twice)."""
+
+    policy_hash: str
+    family: str
+    params: dict[str, Any]
+    plan_metrics: dict[str, float]
+    trials: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    out_dir: Path
+    stop_reason: str
+    records: list[T.TrialRecord]
+    interrupted: bool = False
+    policy_path: Path | None = None
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    evaluations: int = 0  # evaluations run by this invocation (cache misses)
+
+
+class SearchDriver:
+    def __init__(self, rt: SearchRuntime):
+        self.rt = rt
+        self.cfg: SearchConfig = rt.cfg
+        self.objective = Objective.from_config(rt.cfg)
+        self.records: list[T.TrialRecord] = T.load_records(rt.study)
+        self.tasks: dict[int, _Task] = {}
+        self.by_hash: dict[str, int] = {}
+        self.next_task = 0
+        self.evaluations = 0
+        self.since_improvement = 0
+        self.front: list[T.TrialRecord] = []  # feasible evaluated trials, non-dominated (single: the best)
+        for rec in self.records:
+            self._improves(rec)
+        self.view: ProgressView | None = None
+
+    # -- asking -------------------------------------------------------------------------------------------
+    def ask_one(self) -> None:
+        rt = self.rt
+        trial = rt.study.ask()
+        trial.set_user_attr(T.A_SESSION, rt.session_id)
+        fixed = trial.user_attrs.get(T.A_FIXED)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # enqueued values are checked by the space
+                family, params = rt.space.suggest(trial)
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. a re-queued point the edited space lost
+            if not fixed:
+                self._fail(trial, None, {}, f"cannot decode the trial: {exc}")
+                return
+        if fixed:
+            family, params = fixed["family"], dict(fixed["params"])
+        try:
+            policy, plan_metrics = rt.plan(family, params)
+        except ValueError as exc:  # a combination the policy rejects: not evaluable
+            self._fail(trial, family, params, f"invalid policy: {exc}")
+            return
+        params = policy.params()
+        phash = T.policy_hash(family, params)
+        trial.set_user_attr(T.A_FAMILY, family)
+        trial.set_user_attr(T.A_POLICY, params)
+        trial.set_user_attr(T.A_HASH, phash)
+        violation = self.objective.memory_violation(plan_metrics["memory_fraction"],
+                                                    plan_metrics["kv_bytes_per_image"])
+        if violation is not None and violation > 0:
+            self._tell_plan_infeasible(trial, family, params, plan_metrics, violation)
+            return
+        cached = rt.tables.cached_metrics(rt.model_hash, phash, rt.screen_key)
+        if cached is not None:
+            self._tell(trial, family, params, {**plan_metrics, **cached}, cache_hit=True)
+            return
+        if phash in self.by_hash:
+            self.tasks[self.by_hash[phash]].trials.append(trial)
+            return
+        task_id, self.next_task = self.next_task, self.next_task + 1
+        self.tasks[task_id] = _Task(phash, family, params, plan_metrics, [trial])
+        self.by_hash[phash] = task_id
+        rt.pool.submit({"task_id": task_id, "family": family, "params": params, "eval": rt.screen_spec})
+
+    # -- telling ---------------------------------------------------------------------------------------------
+    def complete(self, outcome: Any) -> None:
+        task = self.tasks.pop(outcome.task_id)
+        del self.by_hash[task.policy_hash]
+        if outcome.error is not None:
+            for trial in task.trials:
+                self._fail(trial, task.family, task.params, outcome.error)
+            return
+        self.evaluations += 1
+        metrics = {**task.plan_metrics, **outcome.result["metrics"]}
+        self.rt.tables.store_metrics(self.rt.model_hash, task.policy_hash, self.rt.screen_key, task.family,
+                                     task.params, metrics, outcome.result.get("seconds"))
+        for i, trial in enumerate(task.trials):
+            self._tell(trial, task.family, task.params, metrics, cache_hit=i > 0)
+
+    def _tell(self, trial: Any, family: str, params: dict, metrics: dict[str, float], cache_hit: bool) -> None:
+        import math
+
+        try:
+            values = self.objective.values(metrics)
+            constraints = self.objective.constraints(metrics)
+        except (KeyError, ValueError) as exc:
+            self._fail(trial, family, params, f"unusable metrics: {exc}")
+            return
+        if not all(math.isfinite(v) for v in values):
+            self._fail(trial, family, params, f"non-finite objective {values}")
+            return
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(T.A_METRICS, metrics)
+        if cache_hit:
+            trial.set_user_attr(T.A_CACHE_HIT, True)
+        self.rt.study.tell(trial, values)
+        self._record(trial, "COMPLETE", family, params, metrics, values, constraints, cache_hit=cache_hit)
+
+    def _tell_plan_infeasible(self, trial, family, params, plan_metrics, violation) -> None:
+        worst = max((r.values[-1] for r in self.records if r.evaluated and r.values), default=None)
+        values = self.objective.placeholder_values(plan_metrics["memory_fraction"], worst)
+        constraints = {"memory": violation}
+        if self.objective.limit is not None:
+            constraints["quality"] = 1.0  # never measured; counted as violated
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(T.A_PLAN_INFEASIBLE, True)
+        trial.set_user_attr(T.A_METRICS, plan_metrics)
+        self.rt.study.tell(trial, values)
+        self._record(trial, "COMPLETE", family, params, plan_metrics, values, constraints, plan_infeasible=True)
+
+    def _fail(self, trial: Any, family: str, params: dict, error: str) -> None:
+        from optuna.trial import TrialState
+
+        trial.set_user_attr(T.A_ERROR, error[:2000])
+        self.rt.study.tell(trial, state=TrialState.FAIL)
+        self._record(trial, "FAIL", family, params, {}, None, {}, error=error)
+
+    def _record(self, trial, state, family, params, metrics, values, constraints, **flags) -> None:
+        rec = T.TrialRecord(trial.number, state, family, dict(params), dict(metrics), values, dict(constraints),
+                            preset=trial.user_attrs.get(T.A_PRESET), **flags)
+        self.records.append(rec)
+        if rec.evaluated:
+            self.since_improvement = 0 if self._improves(rec) else self.since_improvement + 1
+        tags = {"tuner.family": family or "", "tuner.preset": rec.preset or "",
+                "tuner.plan_infeasible": rec.plan_infeasible, "tuner.cache_hit": rec.cache_hit}
+        if rec.error:
+            tags["tuner.error"] = rec.error[:500]
+        tracked_metrics = dict(metrics)
+        for i, v in enumerate(values or []):
+            tracked_metrics[f"objective_{i}"] = v
+        tracked_metrics.update({f"constraint_{k}": v for k, v in constraints.items()})
+        state_tag = "INFEASIBLE" if rec.plan_infeasible else state
+        self.rt.tracker.log_trial(trial.number, params={**trial.params, **{f"policy.{k}": v for k, v in params.items()}},
+                                  metrics=tracked_metrics, state=state_tag, tags=tags)
+        note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible else (rec.error or ""))
+        if self.view is not None:
+            feasible = rec.feasible if state == "COMPLETE" and not rec.plan_infeasible else None
+            self.view.line(trial_line(trial.number, state, family, metrics, self.cfg.metric, feasible,
+                                      note[:120] + (f"  [{rec.preset}]" if rec.preset else "")))
+
+    def _improves(self, rec: T.TrialRecord) -> bool:
+        """Update the front with ``rec``; True when it entered (incremental: O(front) per trial)."""
+        if not rec.feasible or not rec.values:
+            return False
+        if not self.objective.multi:
+            if self.front and self.front[0].values[0] <= rec.values[0]:
+                return False
+            self.front = [rec]
+            return True
+
+        def dominates(a, b):
+            return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+        if any(dominates(m.values, rec.values) or m.values == rec.values for m in self.front):
+            return False
+        self.front = [m for m in self.front if not dominates(rec.values, m.values)] + [rec]
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return sum(len(t.trials) for t in self.tasks.values())
+
+    def snapshot(self, rule: StopRule, note: str = ""):
+        from tuner.search.progress import Snapshot
+
+        best = sorted(self.front, key=lambda r: (r.values[-1], r.values[0]))
+        if best:
+            b = best[0]
+            best_text = (f"trial {b.number} {b.family}: memory {b.metrics.get('memory_fraction', float('nan')):.4f}, "
+                         f"{self.cfg.metric} {b.metrics.get(self.cfg.metric, float('nan')):.4g}")
+        else:
+            best_text = "none yet"
+        return Snapshot(done=len(self.records), total=self.cfg.trials, running=self.in_flight(),
+                        evaluated=sum(r.evaluated and not r.cache_hit for r in self.records),
+                        plan_infeasible=sum(r.plan_infeasible for r in self.records),
+                        failed=sum(r.state == "FAIL" for r in self.records),
+                        cache_hits=sum(r.cache_hit for r in self.records), best=best_text,
+                        pareto_size=len(best) if self.objective.multi else min(len(best), 1),
+                        workers=self.rt.pool.status(), elapsed_s=rule.elapsed(), note=note)
+
+    def loop(self, rule: StopRule) -> str:
+        last_beat = time.monotonic()
+        while True:
+            while self.rt.pool.idle > 0 and rule.can_ask(len(self.records), self.in_flight(), self.since_improvement):
+                self.ask_one()
+            reason = rule.reason(len(self.records) + self.in_flight(), self.since_improvement)
+            if reason is not None and not self.tasks:
+                return rule.reason(len(self.records), self.since_improvement) or reason
+            if rule.interrupted:
+                return "interrupted"
+            for outcome in self.rt.pool.poll(POLL_S):
+                self.complete(outcome)
+            if time.monotonic() - last_beat > HEARTBEAT_S:
+                self.rt.tables.heartbeat(self.rt.session_id)
+                last_beat = time.monotonic()
+            if self.view is not None:
+                self.view.update(self.snapshot(rule))
+
+    def abandon_in_flight(self) -> list[int]:
+        """Ctrl-C: fail every running trial and re-queue it for the next run of the same command."""
+        from optuna.trial import TrialState
+
+        from tuner.search.study import requeue
+
+        numbers = []
+        self.rt.pool.cancel_all()
+        for task in self.tasks.values():
+            for trial in task.trials:
+                trial.set_user_attr(T.A_INTERRUPTED, "ctrl-c")
+                self.rt.study.tell(trial, state=TrialState.FAIL)
+                requeue(self.rt.study, trial.params, trial.user_attrs, trial.number)
+                numbers.append(trial.number)
+        self.tasks, self.by_hash = {}, {}
+        return numbers
+
+
+def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) -> SearchResult:
+    """Run (or resume) the search described by ``cfg``; see the module docstring for the stages."""
+    from tuner.search.export import finish_search
+
+    if console is None:
+        import sys
+
+        from rich.console import Console
+
+        console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
+    rt = prepare_runtime(cfg, console)
+    status = "FAILED"
+    try:
+        driver = SearchDriver(rt)
+        rule = StopRule(cfg.trials, cfg.timeout_s, cfg.patience)
+        if len(driver.records) >= cfg.trials:
+            console.print(f"study {cfg.study_name} already has {len(driver.records)} finished trials "
+                          f"(--trials {cfg.trials}); raise --trials to search further", highlight=False)
+        with InterruptFlag(rule), ProgressView(console, enabled=progress) as view:
+            driver.view = view
+            reason = driver.loop(rule)
+            view.update(driver.snapshot(rule, note=f"stopped: {reason}"))
+        interrupted = rule.interrupted
+        requeued = driver.abandon_in_flight() if interrupted else []
+        result = SearchResult(cfg.study_name, cfg.storage, cfg.out_dir, reason, driver.records,
+                              interrupted=interrupted, mlflow_run_id=rt.tracker.run_id,
+                              evaluations=driver.evaluations)
+        finish_search(rt, driver, result, requeued)
+        status = "KILLED" if interrupted else "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        rt.close(status)
+
+
+__all__ = ["run_search", "SearchResult", "SearchDriver", "UserError"]

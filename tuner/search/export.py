@@ -1,0 +1,157 @@
+"""The end of a search: reports, re-evaluation of the best candidates on held-out seeds, export.
+
+1. Pareto CSV + PNG from the screening trials (always, also after Ctrl-C).
+2. The best ``--final-top-k`` feasible candidates, the full cache and every paper preset are evaluated
+   on the final spec (``--final-samples`` images, held-out seeds; cached like every evaluation).
+3. The winner (feasible on the final metrics, best objective) is written as a policy file
+   (``tuner.policy_file.write_policy_file``), recorded in ``tuner_exported_policies`` and logged to
+   MLflow with the reports; a comparison table is printed.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from tuner.search import report
+from tuner.search import trials as T
+from tuner.search.objective import Objective
+
+FINAL_TIMEOUT_FACTOR = 4.0  # the final phase may take this many per-trial timeouts per item at most
+
+
+def resume_command(cfg: Any) -> str:
+    """The command that continues this study."""
+    parts = ["tuner", "search", "--model", cfg.model, "--study-name", cfg.study_name, "--storage", cfg.storage,
+             "--out", cfg.out, "--trials", str(cfg.trials), "--metric", cfg.metric]
+    if cfg.mem_target is not None:
+        parts += ["--mem-target", cfg.mem_target.text]
+    if cfg.quality_limit is not None:
+        parts += ["--fid-limit", f"{cfg.quality_limit:g}"]
+    parts += ["--space", cfg.space] if cfg.space else ["--family", cfg.family]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def evaluate_items(rt: Any, items: list[tuple[str, str, dict]], spec: dict, key: str) -> dict[str, dict]:
+    """Metrics (or ``{"error": ...}``) per item name, from the cache or the pool; plan metrics merged."""
+    results: dict[str, dict] = {}
+    pending: dict[int, tuple[str, str, dict, str, dict]] = {}
+    for i, (name, family, params) in enumerate(items):
+        try:
+            policy, plan = rt.plan(family, params)
+        except ValueError as exc:
+            results[name] = {"error": str(exc)}
+            continue
+        params = policy.params()
+        phash = T.policy_hash(family, params)
+        cached = rt.tables.cached_metrics(rt.model_hash, phash, key)
+        if cached is not None:
+            results[name] = {**plan, **cached}
+            continue
+        pending[i] = (name, family, params, phash, plan)
+        rt.pool.submit({"task_id": 10**9 + i, "family": family, "params": params, "eval": spec})
+    deadline = time.monotonic() + FINAL_TIMEOUT_FACTOR * rt.cfg.trial_timeout_s * max(1, len(pending))
+    while pending and time.monotonic() < deadline:
+        for outcome in rt.pool.poll(0.25):
+            name, family, params, phash, plan = pending.pop(outcome.task_id - 10**9)
+            if outcome.error is not None:
+                results[name] = {"error": outcome.error}
+                continue
+            metrics = {**plan, **outcome.result["metrics"]}
+            rt.tables.store_metrics(rt.model_hash, phash, key, family, params, metrics, outcome.result.get("seconds"))
+            results[name] = metrics
+    for name, *_ in pending.values():
+        results[name] = {"error": "final evaluation did not finish in time"}
+    return results
+
+
+def pick_winner(candidates: list[T.TrialRecord], final: dict[str, dict], objective: Objective):
+    """Best candidate on the final metrics: feasible first, then objective; (record, metrics, feasible)."""
+    scored = []
+    for rec in candidates:
+        m = final.get(f"trial {rec.number}", {})
+        if "error" in m:
+            continue
+        try:
+            values = objective.values(m)
+            violation = sum(max(0.0, v) for v in objective.constraints(m).values())
+        except (KeyError, ValueError):
+            continue
+        order = (values[1], values[0]) if objective.multi else (values[0],)
+        scored.append((violation > 0, violation, order, rec, m))
+    if not scored:
+        return None
+    scored.sort(key=lambda s: (s[0], s[1] if s[0] else 0.0, s[2]))
+    infeasible, _, _, rec, m = scored[0]
+    return rec, m, not infeasible
+
+
+def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> None:
+    cfg, console = rt.cfg, rt.console
+    objective = Objective.from_config(cfg)
+    out = cfg.out_dir
+    records = driver.records
+    csv_path = report.write_pareto_csv(records, objective, out / "pareto.csv")
+    png_path = report.write_pareto_png(records, objective, out / "pareto.png", title=cfg.study_name)
+    for path in (csv_path, png_path):
+        rt.tracker.log_artifact(path, "pareto")
+    if result.interrupted:
+        console.print(f"interrupted: {len(requeued)} running trial(s) marked FAIL and re-queued; "
+                      f"{len(records)} finished trials are saved in {cfg.storage}", highlight=False)
+        console.print(f"resume with: {resume_command(cfg)}", highlight=False)
+        return
+    console.print(f"search stopped: {result.stop_reason}", highlight=False)
+    candidates = T.best_records(records, cfg.final_top_k, objective.multi)
+    if not candidates:
+        console.print(f"no feasible policy found ({objective.describe()}); loosen the target or raise --trials. "
+                      f"Pareto data: {csv_path}", highlight=False)
+        return
+    items = [(f"trial {r.number}", r.family, r.params) for r in candidates]
+    items.append(("full cache", "full", {}))
+    items += [(f"preset {p.name}", p.family, p.params) for p in rt.presets]
+    console.print(f"re-evaluating {len(candidates)} candidate(s), the full cache and {len(rt.presets)} preset(s) "
+                  f"on {cfg.final_samples} held-out samples", highlight=False)
+    final = evaluate_items(rt, items, rt.final_spec, rt.final_key)
+    picked = pick_winner(candidates, final, objective)
+    if picked is None:
+        console.print("every final re-evaluation failed; nothing exported "
+                      f"({'; '.join(str(m.get('error')) for m in final.values() if 'error' in m)[:300]})",
+                      highlight=False)
+        return
+    winner, metrics, feasible = picked
+    if not feasible:
+        console.print("warning: no candidate meets the constraints on the held-out samples; exporting the "
+                      "closest one", highlight=False)
+    result.policy_path = write_winner(rt, winner, metrics)
+    entries = [("full cache", "full", final.get("full cache", {}))]
+    entries += [(p.name, p.family, final.get(f"preset {p.name}", {})) for p in rt.presets]
+    entries.append((f"winner (trial {winner.number})", winner.family, metrics))
+    result.comparison = report.comparison_rows(entries)
+    cmp_csv, cmp_md = report.write_comparison(result.comparison, out)
+    for path in (cmp_csv, cmp_md):
+        rt.tracker.log_artifact(path, "summary")
+    rt.tracker.log_metrics({f"winner.{k}": v for k, v in metrics.items()})
+    console.print(report.comparison_table(result.comparison, title=f"{cfg.study_name}: held-out comparison"))
+    console.print(f"policy written to {result.policy_path}", highlight=False)
+
+
+def write_winner(rt: Any, winner: T.TrialRecord, metrics: dict[str, float]) -> Path:
+    """Write the policy file, register it and log it; returns its path."""
+    from tuner.policy_file import write_policy_file
+    from tuner.policies.registry import make_policy
+    from tuner.search.storage import ExportRecord
+
+    cfg = rt.cfg
+    policy = make_policy(winner.family, winner.params)
+    tag = cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None else f"{cfg.metric}{cfg.quality_limit:g}"
+    path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
+    provenance = {"study": cfg.study_name, "trial": winner.number, "mlflow_run_id": rt.tracker.run_id,
+                  "storage": cfg.storage, "sampler": cfg.sampler, "seed": cfg.seed}
+    write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
+                      eval_spec=rt.final_spec, provenance=provenance, spec=rt.policy_spec)
+    rt.tables.record_export(ExportRecord(cfg.study_name, winner.number, str(path),
+                                         T.policy_hash(winner.family, policy.params()), rt.model_hash, metrics,
+                                         rt.tracker.run_id))
+    rt.tracker.log_artifact(path, "policy")
+    return path

@@ -1,0 +1,181 @@
+"""Everything a running search holds (pool, study, tables, tracker) and the order it is set up in.
+
+:func:`prepare_runtime` checks first and writes later: model name, space file, storage URL and
+MLflow URI are validated with no side effects, so bad input leaves no study, no table and no run
+behind. Only then is the output directory created, the worker pool started (model loaded once per
+worker), the study opened or resumed, stale trials recovered and presets enqueued.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.search import trials as T
+from tuner.search.config import SearchConfig
+
+
+@dataclass
+class SearchRuntime:
+    cfg: SearchConfig
+    console: Any
+    model_cfg: Any
+    space: Any
+    space_file: Path
+    pool: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    storage: Any = None
+    tables: Any = None
+    study: Any = None
+    resumed: bool = False
+    tracker: Any = None
+    session_id: str = ""
+    presets: list = field(default_factory=list)
+    policy_spec: Any = None
+    screen_spec: dict[str, Any] = field(default_factory=dict)
+    final_spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.info.get("model_hash", ""))
+
+    @property
+    def screen_key(self) -> str:
+        return T.eval_key(self.screen_spec)
+
+    @property
+    def final_key(self) -> str:
+        return T.eval_key(self.final_spec)
+
+    def plan(self, family: str, params: dict[str, Any]):
+        """``(policy, {memory_fraction, kv_bytes_per_image})`` from the planner; ValueError if invalid."""
+        from tuner.memory import memory_report
+        from tuner.policies.registry import make_policy
+
+        policy = make_policy(family, params)
+        report = memory_report(policy, self.model_cfg, dtype="fp16", cfg=True, spec=self.policy_spec)
+        return policy, {"memory_fraction": float(report.fraction),
+                        "kv_bytes_per_image": float(report.kv_bytes_per_image),
+                        "full_kv_bytes_per_image": float(report.full_kv_bytes_per_image)}
+
+    def close(self, status: str = "FINISHED") -> None:
+        for step in (lambda: self.tracker and self.tracker.finish(status),
+                     lambda: self.tables and self.session_id and self.tables.heartbeat(self.session_id, finished=True),
+                     lambda: self.pool and self.pool.close(),
+                     lambda: self.tables and self.tables.close()):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - closing must not hide the original error
+                pass
+
+
+def make_pool(cfg: SearchConfig):
+    from tuner.search.workers import InlinePool, RayPool
+
+    kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt, "vae_ckpt": cfg.vae_ckpt,
+              "dtype": cfg.dtype, "backend": cfg.backend}
+    kwargs.update(dict(cfg.evaluator_kwargs))
+    if cfg.workers == 0:
+        if "device" not in kwargs:
+            kwargs["device"] = _local_device(cfg.device)
+        return InlinePool(cfg.evaluator, kwargs)
+    return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s, device=cfg.device)
+
+
+def _local_device(name: str) -> str:
+    if name not in (None, "", "auto"):
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _calibration(info: dict[str, Any]) -> Any:
+    """The worker's calibration statistics (a plain dict) rebuilt for the driver's planner."""
+    payload = info.get("calibration")
+    if payload is None:
+        return None
+    from tuner.calibration import Calibration
+
+    return Calibration.from_dict(payload)
+
+
+def validate(cfg: SearchConfig):
+    """Side-effect-free checks; returns (model config, space, space file)."""
+    from tuner.model.config import model_config
+    from tuner.policies.base import CacheGeometry
+    from tuner.search.space import load_space, space_path_for
+    from tuner.search.storage import check_storage_url
+    from tuner.tracking import check_tracking_uri
+
+    try:
+        model_cfg = model_config(cfg.model)
+    except KeyError as exc:
+        raise UserError(f"--model: {exc.args[0]}") from None
+    space_file = Path(cfg.space) if cfg.space else space_path_for(cfg.family)
+    space = load_space(space_file, CacheGeometry.from_var_config(model_cfg.var))
+    check_storage_url(cfg.storage)
+    if cfg.tracking_enabled:
+        check_tracking_uri(cfg.mlflow_uri)
+    return model_cfg, space, space_file
+
+
+def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
+    from tuner.cli.common import writable_dir
+    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.search import study as S
+    from tuner.search.objective import Objective
+    from tuner.search.storage import TunerTables, open_optuna_storage
+    from tuner.tracking import NullTracker, open_tracker
+
+    model_cfg, space, space_file = validate(cfg)
+    rt = SearchRuntime(cfg, console, model_cfg, space, space_file, tracker=NullTracker())
+    try:
+        out = writable_dir(cfg.out)
+        rt.pool = make_pool(cfg)
+        rt.info = rt.pool.start()
+        num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
+        common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
+        rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
+        rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
+        rt.policy_spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
+
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        rt.storage = open_optuna_storage(cfg.storage)
+        rt.tables = TunerTables(cfg.storage)
+        objective = Objective.from_config(cfg)
+        identity = {**cfg.identity(), "directions": objective.names}
+        rt.study, rt.resumed = S.open_study(rt.storage, cfg.study_name, objective.directions, identity,
+                                            S.make_sampler(cfg.sampler, cfg.seed, cfg.trials))
+        if rt.study.user_attrs.get(S.A_SPACE_DIGEST) not in (None, space.digest):
+            console.print(f"note: the search space changed since this study started ({space_file})", highlight=False)
+        rt.study.set_user_attr(S.A_SPACE_DIGEST, space.digest)
+        rt.session_id = uuid.uuid4().hex
+        rt.tables.open_session(rt.session_id, cfg.study_name)
+        recovered = S.recover_stale_trials(rt.study, rt.tables.live_sessions(cfg.study_name), rt.session_id)
+        if recovered:
+            console.print(f"re-queued {len(recovered)} trial(s) left running by an earlier driver: {recovered}",
+                          highlight=False)
+        rt.presets = S.load_presets(model_cfg, rt.policy_spec.calibration) if cfg.presets else []
+        S.enqueue_presets(rt.study, space, rt.presets)
+
+        rt.tracker = open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts")
+        run_id = rt.tracker.start_study(cfg.study_name, cfg.to_dict(), space_file=str(space_file),
+                                        model_hash=rt.model_hash,
+                                        resume_run_id=rt.study.user_attrs.get(S.A_MLFLOW_RUN))
+        if run_id:
+            rt.study.set_user_attr(S.A_MLFLOW_RUN, run_id)
+        (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_hash": rt.model_hash,
+                                                      "space_digest": space.digest}, indent=2) + "\n")
+        word = "resumed" if rt.resumed else "created"
+        console.print(f"study {cfg.study_name} {word} in {cfg.storage} ({objective.describe()}); "
+                      f"{rt.pool.status()}", highlight=False)
+        return rt
+    except BaseException:
+        rt.close("FAILED")
+        raise

@@ -1,0 +1,139 @@
+"""Creating, resuming and seeding the Optuna study (the driver is its only writer).
+
+- :func:`make_sampler`: TPE (default), NSGA-II, GP or random, always seeded.
+- :func:`open_study`: create or resume by name; a study created with other settings (target, metric,
+  space, model) is refused instead of being silently mixed.
+- :func:`recover_stale_trials`: RUNNING trials of a driver that no longer runs (killed) are marked
+  FAIL and re-queued with the same parameters, so a resume loses nothing and evaluates nothing twice
+  (finished evaluations come from the cache).
+- :func:`enqueue_presets`: the paper presets first (warm start), once per study.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.search import trials as T
+
+A_IDENTITY, A_PRESETS_DONE, A_MLFLOW_RUN, A_SPACE_DIGEST = "tuner_identity", "presets_enqueued", "mlflow_run_id", \
+    "space_digest"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    params: dict[str, Any]
+
+
+def make_sampler(name: str, seed: int, n_trials: int):
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            # multivariate+group model the conditional (per-family) parameters jointly; constant_liar
+            # keeps parallel workers from all proposing the same point.
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                              n_startup_trials=min(10, max(2, n_trials // 4)))
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 4)))
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise UserError(f"--sampler {name!r} is not one of tpe, nsga2, gp, random")
+
+
+def open_study(storage: Any, name: str, directions: list[str], identity: dict[str, Any], sampler: Any):
+    """Resume ``name`` if it exists (settings must match), else create it."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+        if A_IDENTITY not in study.user_attrs:
+            study.set_user_attr(A_IDENTITY, identity)
+        return study, False
+    old = study.user_attrs.get(A_IDENTITY)
+    if old is None:
+        raise UserError(f"study {name!r} exists in this storage but was not created by tuner search; "
+                        f"pass another --study-name")
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        what = ", ".join(f"{k}={old.get(k)!r} (now {identity.get(k)!r})" for k in diff)
+        raise UserError(f"study {name!r} was created with {what}; re-run with the same settings to resume, "
+                        f"or pass a new --study-name")
+    return study, True
+
+
+def recover_stale_trials(study: Any, live_sessions: set[str], own_session: str) -> list[int]:
+    """Fail and re-queue RUNNING trials whose driver is gone; returns their numbers."""
+    from optuna.trial import TrialState
+
+    others_alive = bool(live_sessions - {own_session})
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        session = t.user_attrs.get(T.A_SESSION)
+        if session in live_sessions or (session is None and others_alive):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, T.A_INTERRUPTED, "driver gone")
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        requeue(study, t.params, t.user_attrs, t.number)
+        recovered.append(t.number)
+    return recovered
+
+
+def requeue(study: Any, params: dict[str, Any], user_attrs: dict[str, Any], number: int) -> None:
+    """Enqueue the same point again (evaluated first on the next ask)."""
+    attrs = {T.A_RETRY_OF: number}
+    for key in (T.A_FIXED, T.A_PRESET):
+        if user_attrs.get(key) is not None:
+            attrs[key] = user_attrs[key]
+    if T.A_FIXED not in attrs and user_attrs.get(T.A_FAMILY):
+        attrs[T.A_FIXED] = {"family": user_attrs[T.A_FAMILY], "params": user_attrs.get(T.A_POLICY) or {}}
+    study.enqueue_trial(dict(params), user_attrs=attrs)
+
+
+def load_presets(model_cfg: Any, calibration: Any = None) -> list[Preset]:
+    """The paper presets and baselines of :func:`tuner.presets.paper_presets`, as plain records
+    (they plan from the worker's calibration; without one it raises a UserError naming --no-presets)."""
+    from tuner.presets import paper_presets
+
+    raw = paper_presets(model_cfg, calibration)
+    items = raw.items() if isinstance(raw, dict) else ((getattr(p, "name", None), p) for p in raw)
+    out = []
+    for name, p in items:
+        if isinstance(p, tuple) and len(p) == 2:
+            family, params = p
+        elif hasattr(p, "policy"):
+            family, params = p.policy.family, p.policy.params()
+        elif callable(getattr(p, "params", None)):
+            family, params = p.family, p.params()
+        else:
+            family, params = p.family, dict(p.params)
+        out.append(Preset(str(name or family), family, dict(params)))
+    return out
+
+
+def enqueue_presets(study: Any, space: Any, presets: list[Preset]) -> tuple[list[str], list[Preset]]:
+    """Enqueue presets the space can express (once per study); return (enqueued names, the others).
+
+    Presets outside the space (other families, off-range values) are not trials: they are evaluated
+    only for the final comparison table.
+    """
+    inside, outside = [], []
+    for p in presets:
+        params = space.trial_params(p.family, p.params)
+        (inside if params is not None else outside).append((p, params))
+    if study.user_attrs.get(A_PRESETS_DONE):
+        return [], [p for p, _ in outside]
+    for p, params in inside:
+        study.enqueue_trial(params, user_attrs={T.A_PRESET: p.name,
+                                                T.A_FIXED: {"family": p.family, "params": p.params}})
+    study.set_user_attr(A_PRESETS_DONE, True)
+    return [p.name for p, _ in inside], [p for p, _ in outside]

@@ -1,0 +1,195 @@
+"""MLflow tracking of searches (design §7): experiment per model, parent run per study, child per trial.
+
+Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no fluent global run stack), so the
+driver can log trials as they finish in any order. Metric names are the evaluator's keys verbatim
+(``memory_fraction``, ``fid_vs_full``, ``psnr`` …) plus ``objective_<i>`` and ``constraint_<name>``;
+every run carries the tag ``tuner.study`` so a study's runs are one filter away:
+``mlflow.search_runs(filter_string="tags.`tuner.study` = 'NAME'")``.
+
+``--mlflow-uri none`` disables tracking (:class:`NullTracker`). mlflow is imported only here, inside
+functions.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import UserError
+
+STUDY_TAG = "tuner.study"
+MAX_PARAM_CHARS = 6000
+
+
+def git_sha() -> str | None:
+    """Commit of the checkout this package runs from, or None (not a git checkout / no commits)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast (UserError) when the tracking store cannot be reached; writes nothing."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - user-given server
+                if resp.status != 200:
+                    raise UserError(f"--mlflow-uri {uri}: /health answered HTTP {resp.status}; "
+                                    f"check the MLflow server")
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"--mlflow-uri {uri}: /health answered HTTP {exc.code}; check the MLflow server") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
+                            f"(mlflow server --host 127.0.0.1 --port 5000) or pass --mlflow-uri none") from None
+        return
+    if uri.startswith(("sqlite", "postgresql", "mysql", "mssql")):
+        from tuner.search.storage import check_storage_url
+
+        check_storage_url(uri, flag="--mlflow-uri")
+        return
+    if uri.startswith("file:") or "://" not in uri:
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise UserError(f"--mlflow-uri {uri}: MLflow's file store is disabled; use sqlite:///mlflow.db "
+                            f"or an http:// server (or set MLFLOW_ALLOW_FILE_STORE=true)")
+        return
+    # Other schemes (databricks, ...): let MLflow judge at the first call.
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            out[key] = v
+    return out
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text[:MAX_PARAM_CHARS]
+
+
+class NullTracker:
+    """Tracking disabled: every call is a no-op."""
+
+    run_id: str | None = None
+    enabled = False
+
+    def start_study(self, *args: Any, **kwargs: Any) -> str | None:
+        return None
+
+    def log_trial(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def finish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class MlflowTracker:
+    """Parent run = study, nested child runs = trials, all through one :class:`MlflowClient`."""
+
+    enabled = True
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            if exp.lifecycle_stage == "deleted":
+                raise UserError(f"--experiment {experiment!r} is deleted in {uri}; restore it or choose another name")
+            self.experiment_id = exp.experiment_id
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self.study_name = ""
+
+    def start_study(self, study_name: str, config: dict[str, Any], *, space_file: str | None = None,
+                    model_hash: str = "", resume_run_id: str | None = None) -> str:
+        """Open (or reopen, on resume) the parent run and log the resolved config and provenance."""
+        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
+
+        self.study_name = study_name
+        if resume_run_id:
+            try:
+                run = self.client.get_run(resume_run_id)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    self.client.update_run(resume_run_id, status="RUNNING")
+                    self.run_id = resume_run_id
+                    return resume_run_id
+            except MlflowException:
+                pass
+        tags = {STUDY_TAG: study_name, "tuner.role": "study", "tuner.model": str(config.get("model")),
+                "tuner.checkpoint_sha256": model_hash, "mlflow.source.git.commit": git_sha() or "none"}
+        run = self.client.create_run(self.experiment_id, run_name=study_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(f"config.{k}", _param_value(v)) for k, v in sorted(config.items()) if v is not None]
+        self.client.log_batch(self.run_id, params=params, tags=[RunTag("tuner.git_sha", git_sha() or "none")])
+        self.client.log_dict(self.run_id, config, "config.json")
+        if space_file:
+            self.client.log_artifact(self.run_id, space_file, artifact_path="search_space")
+        return self.run_id
+
+    def log_trial(self, number: int, *, params: dict[str, Any], metrics: dict[str, Any], state: str,
+                  tags: dict[str, Any] | None = None) -> str:
+        """One finished trial as a child run of the study run (params, every metric, final state)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        all_tags = {"mlflow.parentRunId": self.run_id, STUDY_TAG: self.study_name, "tuner.role": "trial",
+                    "tuner.trial": str(number), "tuner.state": state}
+        all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=all_tags)
+        self.client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in sorted(_finite(metrics).items())],
+            params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        status = "FINISHED" if state in ("COMPLETE", "INFEASIBLE") else "FAILED"
+        self.client.set_terminated(run.info.run_id, status=status)
+        return run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def open_tracker(uri: str, experiment: str, artifact_root: Path | None) -> MlflowTracker | NullTracker:
+    """The tracker for ``--mlflow-uri`` (``none`` → :class:`NullTracker`)."""
+    if uri.lower() in ("none", "off"):
+        return NullTracker()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    local = uri.startswith("sqlite") or uri.startswith("file:")
+    return MlflowTracker(uri, experiment, artifact_root if local else None)
