@@ -30,7 +30,7 @@ def load(cfg):
 
 
 def screening(cfg, log):
-    return [e for e in log if e["n"] == cfg.samples]
+    return [e for e in log if e["seed"] == cfg.seed]  # final re-evaluations use held-out seeds
 
 
 def test_search_end_to_end(tmp_path, toy_presets):

@@ -51,7 +51,7 @@ def test_killed_actor_trial_is_retried_and_search_completes(tmp_path, ray_cluste
     assert all(r.state == "COMPLETE" for r in result.records)
     log = eval_log(cfg)
     assert log and dead_pid not in {e["pid"] for e in log}
-    screened = [e for e in log if e["n"] == cfg.samples]
+    screened = [e for e in log if e["seed"] == cfg.seed]
     assert len(screened) == len({str(e["params"]) for e in screened})  # the retry ran once, elsewhere
 
 
