@@ -11,6 +11,8 @@ functions.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import subprocess
@@ -66,6 +68,19 @@ def check_tracking_uri(uri: str) -> None:
     # Other schemes (databricks, ...): let MLflow judge at the first call.
 
 
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Raise the given loggers to WARNING for the block (restored afterwards)."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -114,8 +129,9 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        with _quiet("mlflow.store.db.utils", "alembic"):  # first use of a SQLite store logs its migrations
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = artifact_root.resolve().as_uri() if artifact_root is not None else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-import tests.search.toy_policy  # noqa: F401
+from tests.search import toy_policy
 from tuner.search.cli import register
 
+toy_policy.register()
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 register(app)
 

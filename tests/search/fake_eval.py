@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-import tests.search.toy_policy  # noqa: F401  (registers the ``toy`` family in worker processes too)
+from tests.search import toy_policy
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class FakeEvaluator:
 
 
 def build(**kwargs) -> FakeEvaluator:
+    toy_policy.register()  # worker processes evaluate toy policies too
     return FakeEvaluator(**kwargs)
 
 

@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-import tests.search.toy_policy  # noqa: F401
 from tests.search.helpers import config, eval_log, toy_space
 from tuner.errors import UserError
 from tuner.search import study as study_mod
@@ -189,3 +188,20 @@ def test_studies_and_show_commands(tmp_path, toy_presets):
     assert res.exit_code == 2 and f"no study 'nope'" in res.output
     res = runner.invoke(app, ["studies", "--storage", f"sqlite:///{tmp_path / 'none.db'}"])
     assert res.exit_code == 2 and "no such database file" in res.output
+
+
+def test_a_preset_that_fits_beats_a_worse_search_result(tmp_path, monkeypatch):
+    """The winner is chosen among the best trials and the presets that fit the memory target."""
+    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
+    good = Preset("toy-w4", "toy", {"window": 4, "odd_layers_half": True, "tag": "a"})  # outside the space
+    monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: [good])
+    cfg = config(tmp_path, space=space, trials=3, mem_target="45%")
+    result = run_search(cfg, progress=False)
+    assert all(r.metrics["memory_fraction"] < 0.31 for r in result.records if r.evaluated)
+    # the preset keeps more (44% of the cache, within the target), so its fake quality is better
+    assert result.comparison[-1]["policy"] == "winner (preset toy-w4)"
+    from tuner.policy_file import load_policy_file
+
+    policy, info = load_policy_file(result.policy_path, checkpoint_sha256="fake-tiny")
+    assert policy.params()["window"] == 4 and info.provenance["preset"] == "toy-w4"
+    assert info.provenance["trial"] is None

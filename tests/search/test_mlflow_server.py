@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import tests.search.toy_policy  # noqa: F401
 from tests.search.helpers import config
 from tuner.search.driver import run_search
 

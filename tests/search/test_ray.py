@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-import tests.search.toy_policy  # noqa: F401
 from tests.search.helpers import config, eval_log, toy_space
 from tuner.search.driver import run_search
 

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 
-import tests.search.toy_policy  # noqa: F401  (registers the test family "toy")
 from tuner.errors import UserError
 from tuner.model.config import model_config
 from tuner.policies.base import CacheGeometry

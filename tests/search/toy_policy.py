@@ -1,6 +1,10 @@
 """A test-only policy family ``toy`` (keep the last ``window`` scales, optionally fewer tokens on odd
-layers), registered when this module is imported. Lets the search tests run independently of the
-real families' semantics; the shipped spaces are tested against the real families separately."""
+layers). Lets the search tests run independently of the real families' semantics; the shipped
+spaces are tested against the real families separately.
+
+Registered for the duration of each search test by ``tests/search/conftest.py`` and, in worker
+and subprocess drivers, by :func:`register` (called by the fake evaluator's factory and the CLI entry).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,4 +48,9 @@ class ToyPolicy(KVPolicy):
         return torch.arange(state.n_candidates - state.budget, state.n_candidates, device=state.positions.device)
 
 
-registry._FAMILIES.setdefault("toy", f"{__name__}:ToyPolicy")
+TARGET = f"{__name__}:ToyPolicy"
+
+
+def register() -> None:
+    """Add ``toy`` to the registry of this process (idempotent)."""
+    registry._FAMILIES.setdefault("toy", TARGET)

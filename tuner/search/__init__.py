@@ -1,0 +1,1 @@
+"""The search service (design §6): Optuna driver, Ray workers, SQL storage, MLflow tracking, export."""

@@ -31,6 +31,16 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
 
 
+def _short(value) -> str:
+    """Compact parameter values for tables (4 significant digits; lists abbreviated)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        inner = ",".join(_short(v) for v in value[:4])
+        return f"[{inner}{',…' if len(value) > 4 else ''}]"
+    return str(value)
+
+
 def _evaluator_args(items: List[str]) -> dict:
     out = {}
     for item in items:
@@ -146,11 +156,12 @@ def show_command(
         m = r.metrics
         table.add_row(str(r.number), r.family or "-", r.preset or "", f"{100 * m['memory_fraction']:.2f}%",
                       f"{m.get('kv_bytes_per_image', 0) / 2**20:.3f}", f"{m.get(objective.metric, float('nan')):.4g}",
-                      ", ".join(f"{k}={v}" for k, v in sorted(r.params.items()))[:80])
+                      ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.params.items()))[:120])
     console.print(table)
     if not front:
         console.print("no feasible evaluated trial yet")
     for e in exports:
-        console.print(f"exported policy (trial {e.trial_number}): {e.path}", highlight=False, soft_wrap=True)
+        source = f"trial {e.trial_number}" if e.trial_number is not None else "a paper preset"
+        console.print(f"exported policy ({source}): {e.path}", highlight=False, soft_wrap=True)
     if not exports:
         console.print("no policy exported yet (the search exports when it finishes)")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import UserError
 from tuner.search import trials as T
 from tuner.search.config import SearchConfig
 from tuner.search.objective import Objective
@@ -302,4 +301,4 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
         rt.close(status)
 
 
-__all__ = ["run_search", "SearchResult", "SearchDriver", "UserError"]
+__all__ = ["run_search", "SearchResult", "SearchDriver"]

@@ -3,7 +3,8 @@
 1. Pareto CSV + PNG from the screening trials (always, also after Ctrl-C).
 2. The best ``--final-top-k`` feasible candidates, the full cache and every paper preset are evaluated
    on the final spec (``--final-samples`` images, held-out seeds; cached like every evaluation).
-3. The winner (feasible on the final metrics, best objective) is written as a policy file
+3. The winner among the candidates and the presets that fit the memory target (feasible on the
+   final metrics, best objective) is written as a policy file
    (``tuner.policy_file.write_policy_file``), recorded in ``tuner_exported_policies`` and logged to
    MLflow with the reports; a comparison table is printed.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +68,46 @@ def evaluate_items(rt: Any, items: list[tuple[str, str, dict]], spec: dict, key:
     return results
 
 
-def pick_winner(candidates: list[T.TrialRecord], final: dict[str, dict], objective: Objective):
-    """Best candidate on the final metrics: feasible first, then objective; (record, metrics, feasible)."""
+@dataclass(frozen=True)
+class Candidate:
+    """A policy in the final round: one of the best trials, or a paper preset/baseline."""
+
+    label: str  # key of its final metrics ("trial 12", "preset ams")
+    family: str
+    params: dict
+    trial: int | None = None
+    preset: str | None = None
+
+    @property
+    def title(self) -> str:
+        return f"trial {self.trial}" if self.trial is not None else f"preset {self.preset}"
+
+
+def final_candidates(rt: Any, best: list[T.TrialRecord]) -> list[Candidate]:
+    """The best screened trials plus every preset whose plan meets the memory target.
+
+    Presets compete on the same held-out samples, so the exported policy is never worse there than
+    a preset that fits the target (the search starts from the state of the art and must beat it).
+    """
+    objective = Objective.from_config(rt.cfg)
+    out = [Candidate(f"trial {r.number}", r.family, r.params, trial=r.number, preset=r.preset) for r in best]
+    for p in rt.presets:
+        try:
+            _, plan = rt.plan(p.family, p.params)
+        except ValueError:
+            continue
+        violation = objective.memory_violation(plan["memory_fraction"], plan["kv_bytes_per_image"])
+        if violation is None or violation <= 0:
+            out.append(Candidate(f"preset {p.name}", p.family, p.params, preset=p.name))
+    return out
+
+
+def pick_winner(candidates: list[Candidate], final: dict[str, dict], objective: Objective):
+    """Best candidate on the final metrics: feasible first, then objective (ties: the earlier one,
+    so a search trial wins over a preset with the same numbers); (candidate, metrics, feasible)."""
     scored = []
-    for rec in candidates:
-        m = final.get(f"trial {rec.number}", {})
+    for rank, cand in enumerate(candidates):
+        m = final.get(cand.label, {})
         if "error" in m:
             continue
         try:
@@ -79,12 +116,12 @@ def pick_winner(candidates: list[T.TrialRecord], final: dict[str, dict], objecti
         except (KeyError, ValueError):
             continue
         order = (values[1], values[0]) if objective.multi else (values[0],)
-        scored.append((violation > 0, violation, order, rec, m))
+        scored.append((violation > 0, violation if violation > 0 else 0.0, order, rank, cand, m))
     if not scored:
         return None
-    scored.sort(key=lambda s: (s[0], s[1] if s[0] else 0.0, s[2]))
-    infeasible, _, _, rec, m = scored[0]
-    return rec, m, not infeasible
+    scored.sort(key=lambda s: s[:4])
+    infeasible, _, _, _, cand, m = scored[0]
+    return cand, m, not infeasible
 
 
 def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> None:
@@ -102,15 +139,16 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
         console.print(f"resume with: {resume_command(cfg)}", highlight=False)
         return
     console.print(f"search stopped: {result.stop_reason}", highlight=False)
-    candidates = T.best_records(records, cfg.final_top_k, objective.multi)
-    if not candidates:
+    best = T.best_records(records, cfg.final_top_k, objective.multi)
+    if not best:
         console.print(f"no feasible policy found ({objective.describe()}); loosen the target or raise --trials. "
                       f"Pareto data: {csv_path}", highlight=False)
         return
-    items = [(f"trial {r.number}", r.family, r.params) for r in candidates]
+    candidates = final_candidates(rt, best)
+    items = [(c.label, c.family, c.params) for c in candidates if c.trial is not None]
     items.append(("full cache", "full", {}))
     items += [(f"preset {p.name}", p.family, p.params) for p in rt.presets]
-    console.print(f"re-evaluating {len(candidates)} candidate(s), the full cache and {len(rt.presets)} preset(s) "
+    console.print(f"re-evaluating {len(best)} candidate(s), the full cache and {len(rt.presets)} preset(s) "
                   f"on {cfg.final_samples} held-out samples", highlight=False)
     final = evaluate_items(rt, items, rt.final_spec, rt.final_key)
     picked = pick_winner(candidates, final, objective)
@@ -123,10 +161,13 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
     if not feasible:
         console.print("warning: no candidate meets the constraints on the held-out samples; exporting the "
                       "closest one", highlight=False)
+    if winner.trial is None:
+        console.print(f"note: the preset {winner.preset} beat every searched policy on the held-out samples; "
+                      f"exporting it (more --trials or --samples may find better)", highlight=False)
     result.policy_path = write_winner(rt, winner, metrics)
     entries = [("full cache", "full", final.get("full cache", {}))]
     entries += [(p.name, p.family, final.get(f"preset {p.name}", {})) for p in rt.presets]
-    entries.append((f"winner (trial {winner.number})", winner.family, metrics))
+    entries.append((f"winner ({winner.title})", winner.family, metrics))
     result.comparison = report.comparison_rows(entries)
     cmp_csv, cmp_md = report.write_comparison(result.comparison, out)
     for path in (cmp_csv, cmp_md):
@@ -136,21 +177,22 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
     console.print(f"policy written to {result.policy_path}", highlight=False)
 
 
-def write_winner(rt: Any, winner: T.TrialRecord, metrics: dict[str, float]) -> Path:
+def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     """Write the policy file, register it and log it; returns its path."""
-    from tuner.policy_file import write_policy_file
     from tuner.policies.registry import make_policy
+    from tuner.policy_file import write_policy_file
     from tuner.search.storage import ExportRecord
 
     cfg = rt.cfg
     policy = make_policy(winner.family, winner.params)
     tag = cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None else f"{cfg.metric}{cfg.quality_limit:g}"
     path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
-    provenance = {"study": cfg.study_name, "trial": winner.number, "mlflow_run_id": rt.tracker.run_id,
-                  "storage": cfg.storage, "sampler": cfg.sampler, "seed": cfg.seed}
+    provenance = {"study": cfg.study_name, "trial": winner.trial, "preset": winner.preset,
+                  "mlflow_run_id": rt.tracker.run_id, "storage": cfg.storage, "sampler": cfg.sampler,
+                  "seed": cfg.seed}
     write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
                       eval_spec=rt.final_spec, provenance=provenance, spec=rt.policy_spec)
-    rt.tables.record_export(ExportRecord(cfg.study_name, winner.number, str(path),
+    rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),
                                          T.policy_hash(winner.family, policy.params()), rt.model_hash, metrics,
                                          rt.tracker.run_id))
     rt.tracker.log_artifact(path, "policy")

@@ -73,7 +73,8 @@ class SearchRuntime:
 
 
 def make_pool(cfg: SearchConfig):
-    from tuner.search.workers import InlinePool, RayPool
+    from tuner.search.ray_pool import RayPool
+    from tuner.search.workers import InlinePool
 
     kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt, "vae_ckpt": cfg.vae_ckpt,
               "dtype": cfg.dtype, "backend": cfg.backend}
