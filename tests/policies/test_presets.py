@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.policies.helpers import D30, TINY, synthetic_calibration
 from tuner.errors import UserError
@@ -40,3 +41,22 @@ def test_presets_need_calibration():
         paper_presets(model_config("d30"))
     with pytest.raises(UserError, match="recalibrate"):
         paper_presets(model_config("d16"), synthetic_calibration(D30))
+
+
+@pytest.mark.parametrize("g", [TINY, D30], ids=["tiny", "d30"])
+def test_budgets_form_of_a_baseline_plans_and_selects_the_same_tokens(g):
+    from tests.policies.helpers import simulate
+    from tuner.presets import budgets_form
+
+    spec = PolicySpec(g, "synthetic", synthetic_calibration(g))
+    presets = paper_presets(model_config("d30" if g is D30 else "tiny"), spec.calibration)
+    for name in ("window@ams", "sink_window@scalekv_10"):
+        base = presets[name]
+        form = budgets_form(base, g)
+        assert form.family == "budgets" and form.rule == ("recent" if base.family == "window" else "sink_recent")
+        assert form.plan(spec).budgets == base.plan(spec).budgets
+        kept_base, kept_form = simulate(base, spec), simulate(form, spec)
+        for layer in range(g.num_layers):
+            for s in range(g.num_scales):
+                assert torch.equal(kept_base[layer][s], kept_form[layer][s])
+    assert budgets_form(presets["ams"], g) is None and budgets_form(presets["scalekv_10"], g) is None

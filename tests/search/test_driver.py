@@ -205,3 +205,24 @@ def test_a_preset_that_fits_beats_a_worse_search_result(tmp_path, monkeypatch):
     policy, info = load_policy_file(result.policy_path, checkpoint_sha256="fake-tiny")
     assert policy.params()["window"] == 4 and info.provenance["preset"] == "toy-w4"
     assert info.provenance["trial"] is None
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_memory_target_fits_every_policy_and_baselines_warm_start_the_joint_space(tmp_path, fit):
+    """Under --mem-target each policy's budget knob fills the target (unless --no-fit); the token-cap
+    baselines are enqueued in their budgets form next to the paper presets."""
+    from tuner.search.space import space_path_for
+
+    cfg = config(tmp_path, space=str(space_path_for("all")), trials=8, mem_target="15%", fit_memory=fit)
+    result = run_search(cfg, progress=False)
+    by_preset = {r.preset: r for r in result.records if r.preset}
+    assert {"ams", "scalekv_10", "budgets:window@ams", "budgets:sink_window@ams"} <= set(by_preset)
+    assert by_preset["budgets:sink_window@ams"].params["rule"] == "sink_recent"
+    ams = by_preset["ams"]
+    if fit:
+        evaluated = [r for r in result.records if r.evaluated]
+        assert len(evaluated) == len(result.records)  # nothing is over the target any more
+        assert all(r.metrics["memory_fraction"] <= 0.15 for r in evaluated)
+        assert 0.12 < ams.metrics["memory_fraction"] <= 0.15 and ams.params["c_min"] is not None
+    else:  # the paper's AMS-KV default keeps ~39% of the tiny model's cache
+        assert ams.plan_infeasible and ams.metrics["memory_fraction"] > 0.3

@@ -91,6 +91,8 @@ def search_command(
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Images per forward pass in evaluations."),
     trial_timeout: float = typer.Option(3600.0, "--trial-timeout", help="Seconds before a worker counts as hung."),
     no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
+    no_fit: bool = typer.Option(False, "--no-fit", help="With --mem-target: do not fit each policy's budget knob "
+                                                         "(token cap, budget fraction, curve level) to the target."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No live display (one line per trial only)."),
     evaluator: str = typer.Option("tuner.quality.evaluate:build_evaluator", "--evaluator", hidden=True),
     evaluator_arg: List[str] = typer.Option([], "--evaluator-arg", hidden=True),
@@ -105,7 +107,7 @@ def search_command(
         ray_address=ray_address, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
         experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
-        trial_timeout_s=trial_timeout, presets=not no_presets, evaluator=evaluator,
+        trial_timeout_s=trial_timeout, presets=not no_presets, fit_memory=not no_fit, evaluator=evaluator,
         evaluator_kwargs=_evaluator_args(evaluator_arg))
     result = run_search(config, progress=not no_progress)
     if result.interrupted:

@@ -126,6 +126,7 @@ class SearchConfig:
     eval_batch_size: int = 32
     trial_timeout_s: float = 3600.0
     presets: bool = True
+    fit_memory: bool = True  # with a memory target only: each policy's budget knob set to fill it
     evaluator: str = DEFAULT_EVALUATOR
     evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -165,6 +166,11 @@ class SearchConfig:
 
     # -- derived facts ---------------------------------------------------------------------------------
     @property
+    def fits_to_target(self) -> bool:
+        """Policies are fitted to the memory target (quality-under-memory searches only)."""
+        return self.fit_memory and self.mem_target is not None and self.quality_limit is None
+
+    @property
     def maximize_metric(self) -> bool:
         return METRICS[self.metric]
 
@@ -195,7 +201,8 @@ class SearchConfig:
                 else f"{self.mem_target.bytes_per_image}B"
         return {"model": self.model, "metric": self.metric, "mem_target": target,
                 "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
-                "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p}
+                "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p,
+                "fit_memory": self.fits_to_target}
 
 
 def default_study_name(model: str, space_label: str, mem: MemTarget | None, limit: float | None,

@@ -32,6 +32,8 @@ def resume_command(cfg: Any) -> str:
     if cfg.quality_limit is not None:
         parts += ["--fid-limit", f"{cfg.quality_limit:g}"]
     parts += ["--space", cfg.space] if cfg.space else ["--family", cfg.family]
+    if not cfg.fit_memory:
+        parts.append("--no-fit")
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -189,7 +191,9 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
     provenance = {"study": cfg.study_name, "trial": winner.trial, "preset": winner.preset,
                   "mlflow_run_id": rt.tracker.run_id, "storage": cfg.storage, "sampler": cfg.sampler,
-                  "seed": cfg.seed}
+                  "seed": cfg.seed, "metric": cfg.metric,  # the search target: `tuner policy check` matches on it
+                  "mem_target": cfg.mem_target.text if cfg.mem_target is not None else None,
+                  "quality_limit": cfg.quality_limit}
     write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
                       eval_spec=rt.final_spec, provenance=provenance, spec=rt.policy_spec)
     rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),

@@ -51,15 +51,32 @@ class SearchRuntime:
         return T.eval_key(self.final_spec)
 
     def plan(self, family: str, params: dict[str, Any]):
-        """``(policy, {memory_fraction, kv_bytes_per_image})`` from the planner; ValueError if invalid."""
-        from tuner.memory import memory_report
+        """``(policy, {memory_fraction, kv_bytes_per_image})`` from the planner; ValueError if invalid.
+
+        Under a memory target (and no quality limit) the policy's budget knob is first fitted to the
+        target (:func:`tuner.policies.fit.fit_to_memory`); a policy that cannot fit is returned as is,
+        and the driver tells it memory-infeasible.
+        """
+        from tuner.policies.fit import fit_to_memory
         from tuner.policies.registry import make_policy
 
         policy = make_policy(family, params)
+        if self.cfg.fits_to_target:
+            fitted = fit_to_memory(policy, self.policy_spec.geometry, self._fits)
+            policy = fitted if fitted is not None else policy
+        return policy, self._memory(policy)
+
+    def _memory(self, policy) -> dict[str, float]:
+        from tuner.memory import memory_report
+
         report = memory_report(policy, self.model_cfg, dtype="fp16", cfg=True, spec=self.policy_spec)
-        return policy, {"memory_fraction": float(report.fraction),
-                        "kv_bytes_per_image": float(report.kv_bytes_per_image),
-                        "full_kv_bytes_per_image": float(report.full_kv_bytes_per_image)}
+        return {"memory_fraction": float(report.fraction),
+                "kv_bytes_per_image": float(report.kv_bytes_per_image),
+                "full_kv_bytes_per_image": float(report.full_kv_bytes_per_image)}
+
+    def _fits(self, policy) -> bool:
+        m = self._memory(policy)
+        return self.cfg.mem_target.violation(m["memory_fraction"], m["kv_bytes_per_image"]) <= 0
 
     def close(self, status: str = "FINISHED") -> None:
         for step in (lambda: self.tracker and self.tracker.finish(status),
@@ -163,7 +180,8 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
             console.print(f"re-queued {len(recovered)} trial(s) left running by an earlier driver: {recovered}",
                           highlight=False)
         rt.presets = S.load_presets(model_cfg, rt.policy_spec.calibration) if cfg.presets else []
-        S.enqueue_presets(rt.study, space, rt.presets)
+        forms = S.budgets_forms(rt.presets, rt.policy_spec.geometry, build=lambda f, p: rt.plan(f, p)[0])
+        S.enqueue_presets(rt.study, space, rt.presets, forms)
 
         rt.tracker = open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts")
         run_id = rt.tracker.start_study(cfg.study_name, cfg.to_dict(), space_file=str(space_file),

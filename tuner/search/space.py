@@ -138,7 +138,7 @@ class SearchSpace:
         fam = self.family(family)
         base: dict[str, Any] = {} if len(self.families) == 1 else {"family": family}
         for p in fam.params:
-            if p.name.startswith("_") or p.name not in policy_params:
+            if p.name.startswith("_") or policy_params.get(p.name) is None:  # helpers; conditional-off values
                 continue
             names = p.optuna_names(family)
             value = policy_params[p.name]

@@ -120,16 +120,47 @@ def load_presets(model_cfg: Any, calibration: Any = None) -> list[Preset]:
     return out
 
 
-def enqueue_presets(study: Any, space: Any, presets: list[Preset]) -> tuple[list[str], list[Preset]]:
+def budgets_forms(presets: list[Preset], geometry: Any, build: Any = None) -> list[Preset]:
+    """``budgets:<name>`` presets for the baselines that have an exact joint-family form (deduplicated).
+
+    ``build(family, params) -> policy`` makes each baseline first (default: as given); the search
+    passes its planner so that the form is taken of the baseline *fitted to the memory target* (the
+    budgets knob scales a curve, which is not the same as lowering a token cap).
+    """
+    from tuner.policies.registry import make_policy
+    from tuner.presets import budgets_form
+
+    if geometry is None:
+        return []
+    out, seen = [], set()
+    for p in presets:
+        try:
+            form = budgets_form((build or make_policy)(p.family, p.params), geometry)
+        except ValueError:
+            continue
+        if form is None or (p.family, form.rule) in seen:  # one per baseline kind: the knob is refitted anyway
+            continue
+        seen.add((p.family, form.rule))
+        out.append(Preset(f"budgets:{p.name}", form.family, form.params()))
+    return out
+
+
+def enqueue_presets(study: Any, space: Any, presets: list[Preset],
+                    extra: list[Preset] = ()) -> tuple[list[str], list[Preset]]:
     """Enqueue presets the space can express (once per study); return (enqueued names, the others).
 
     Presets outside the space (other families, off-range values) are not trials: they are evaluated
-    only for the final comparison table.
+    only for the final comparison table. ``extra`` presets are enqueued when the space can express
+    them, and dropped otherwise (see :func:`budgets_forms`).
     """
     inside, outside = [], []
     for p in presets:
         params = space.trial_params(p.family, p.params)
         (inside if params is not None else outside).append((p, params))
+    for p in extra:  # e.g. the baselines' budgets forms: enqueued when the space has them, never compared
+        params = space.trial_params(p.family, p.params)
+        if params is not None:
+            inside.append((p, params))
     if study.user_attrs.get(A_PRESETS_DONE):
         return [], [p for p, _ in outside]
     for p, params in inside:
