@@ -85,3 +85,19 @@ def test_round_trip_with_weights_only(tmp_path):
     x = torch.rand(3, 3, 32, 32)
     assert back.num_features == 16 and torch.equal(back(x), net(x))
     assert not any(p.requires_grad for p in back.parameters())
+
+
+def test_shipped_tiny_model_weights_load_with_weights_only():
+    # The built-in model's VAR and VQ-VAE files are plain tensor state dicts (no pickled code), and the
+    # loader's strict load of them reproduces the exact tensors.
+    from tuner.model.loading import ASSETS, load_model
+
+    loaded = load_model("tiny")
+    for name, module in (("var_tiny.pth", loaded.var), ("vae_tiny.pth", loaded.vae)):
+        state = torch.load(ASSETS / "tiny" / name, map_location="cpu", weights_only=True)
+        assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+        own = module.state_dict()
+        for key, value in state.items():
+            if key in own:
+                assert torch.equal(own[key].cpu(), value), key
+    assert loaded.checkpoint_sha256 and loaded.config.name == "tiny"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,33 @@ def resolve_policy(evaluator, name_or_path: str):
     return presets[name_or_path]
 
 
+@contextmanager
+def progress_bar(evaluator, total_images: int, disable: bool):
+    """A rich progress bar on stderr over the images generated (full cache, then policy).
+
+    Hooks :attr:`PolicyEvaluator.progress` for the duration of the block; transient, so nothing of it
+    stays on the terminal, and never written to stdout.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if disable:
+        yield
+        return
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task("generating", total=total_images)
+
+        def advance(phase: str, images: int) -> None:
+            prog.update(task, advance=images, description=f"generating {phase}")
+
+        evaluator.progress = advance
+        try:
+            yield
+        finally:
+            evaluator.progress = None
+
+
 @user_errors
 def evaluate(
     policy: str = typer.Option(..., "--policy", help="Policy file (JSON) or preset name (e.g. ams, scalekv_10)."),
@@ -52,13 +80,16 @@ def evaluate(
     device: str = mo.DeviceOpt,
     dtype: str = mo.DtypeOpt,
     attention_backend: str = mo.BackendOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (no progress bar: stdout stays pure JSON)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
 ) -> None:
     from tuner.quality.evaluate import EvalSpec, build_evaluator
 
     check_choice(dtype, DTYPE_NAMES, "--dtype")
     if samples <= 0:
         raise UserError(f"--samples {samples} must be positive")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size} must be positive")
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"reference batch {reference} not found; pass an existing .npz with --reference")
     ev = build_evaluator(model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt,
@@ -66,7 +97,8 @@ def evaluate(
                          inception_weights=inception_weights, reference=reference)
     pol = resolve_policy(ev, policy)
     spec = EvalSpec.balanced(ev.loaded.config.var.num_classes, samples, seed, batch_size=batch_size)
-    metrics = ev.evaluate(pol.family, pol.params(), spec)
+    with progress_bar(ev, 2 * samples, disable=as_json or no_progress):
+        metrics = ev.evaluate(pol.family, pol.params(), spec)
     if as_json:
         typer.echo(json.dumps({"model": ev.loaded.config.name, "family": pol.family, "params": pol.params(),
                                **metrics}, indent=2))

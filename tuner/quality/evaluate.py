@@ -70,6 +70,11 @@ class PolicyEvaluator:
     features: Callable[[torch.Tensor], torch.Tensor] | None = None
     reference_stats: Any = None  # tuner.quality.metrics.FeatureStats of the real/reference set
     spec_for: Callable[[Any], Any] | None = None  # policy -> PolicySpec (adds calibration)
+    #: Called after every generated batch with ``(phase, images_in_batch)``; phase is ``"full cache"``
+    #: for the reference images and ``"policy"`` otherwise (progress bars hook in here).
+    progress: Callable[[str, int], None] | None = None
+    #: How many :meth:`reference` calls were served from memory instead of regenerating the full cache.
+    reference_hits: int = 0
     _refs: dict[str, Reference] = field(default_factory=dict)
 
     @property
@@ -83,8 +88,11 @@ class PolicyEvaluator:
             return self.spec_for(policy)
         return PolicySpec(CacheGeometry.from_var_config(self.loaded.config.var), self.loaded.config.name)
 
-    def generate(self, policy, spec: EvalSpec) -> tuple[torch.Tensor, int, float]:
-        """Images ``[N, 3, H, W]`` (CPU), KV bytes allocated per image, seconds per image."""
+    def generate(self, policy, spec: EvalSpec, phase: str = "policy") -> tuple[torch.Tensor, int, float]:
+        """Images ``[N, 3, H, W]`` (CPU), KV bytes allocated per image, seconds per image.
+
+        ``phase`` only labels the :attr:`progress` callbacks.
+        """
         from tuner.model.generate import generate
 
         labels = torch.tensor(spec.labels, dtype=torch.long, device=self.device)
@@ -98,6 +106,8 @@ class PolicyEvaluator:
             seconds += time.perf_counter() - t0
             images.append(res.images.cpu())
             kv_per_image = max(kv_per_image, res.kv_bytes_allocated // len(chunk))
+            if self.progress is not None:
+                self.progress(phase, len(chunk))
         return torch.cat(images), kv_per_image, seconds / spec.samples
 
     def embed(self, images: torch.Tensor) -> torch.Tensor | None:
@@ -110,8 +120,10 @@ class PolicyEvaluator:
         """Full-cache images and features for ``spec``, computed once per evaluator."""
         from tuner.policies.full import FullPolicy
 
-        if spec.key() not in self._refs:
-            images, _, sec = self.generate(FullPolicy(), spec)
+        if spec.key() in self._refs:
+            self.reference_hits += 1
+        else:
+            images, _, sec = self.generate(FullPolicy(), spec, phase="full cache")
             self._refs[spec.key()] = Reference(images, self.embed(images), sec)
         return self._refs[spec.key()]
 
