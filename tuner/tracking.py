@@ -6,6 +6,11 @@ driver can log trials as they finish in any order. Metric names are the evaluato
 every run carries the tag ``tuner.study`` so a study's runs are one filter away:
 ``mlflow.search_runs(filter_string="tags.`tuner.study` = 'NAME'")``.
 
+When the study run ends, the feasible trials not dominated on (memory_fraction, quality metric) get the tag
+``tuner.pareto = true`` and the parent run gets the front as metrics, so two studies' fronts compare in the
+MLflow UI: ``pareto.size`` and, per front point, ``pareto.memory_fraction`` and ``pareto.<metric>`` logged at
+step = memory fraction in per mille (a line chart of ``pareto.<metric>`` over steps is the front).
+
 ``--mlflow-uri none`` disables tracking (:class:`NullTracker`). mlflow is imported only here, inside
 functions.
 """
@@ -25,6 +30,7 @@ from typing import Any
 from tuner.errors import UserError
 
 STUDY_TAG = "tuner.study"
+PARETO_TAG = "tuner.pareto"
 MAX_PARAM_CHARS = 6000
 
 
@@ -142,6 +148,7 @@ class MlflowTracker:
         self.experiment = experiment
         self.run_id: str | None = None
         self.study_name = ""
+        self.metric = "fid_vs_full"
 
     def start_study(self, study_name: str, config: dict[str, Any], *, space_file: str | None = None,
                     model_hash: str = "", resume_run_id: str | None = None) -> str:
@@ -150,6 +157,7 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         self.study_name = study_name
+        self.metric = str(config.get("metric") or self.metric)
         if resume_run_id:
             try:
                 run = self.client.get_run(resume_run_id)
@@ -199,7 +207,40 @@ class MlflowTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
+            try:
+                self.log_pareto_front()
+            except Exception as exc:  # noqa: BLE001 - a tracking extra must not fail the search
+                logging.getLogger(__name__).warning("could not log the Pareto front to MLflow: %s", exc)
             self.client.set_terminated(self.run_id, status=status)
+
+    def log_pareto_front(self) -> list[int]:
+        """Tag the study's front trials (all its child runs, resumed sessions included) and log the front on
+        the parent run; returns the front's trial numbers, by increasing memory."""
+        from mlflow.entities import Metric
+
+        from tuner.search.objective import METRICS, pareto_front
+
+        sign = -1.0 if METRICS.get(self.metric, False) else 1.0
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000)
+        points = []
+        for run in children:
+            m, tags = run.data.metrics, run.data.tags
+            feasible = tags.get("tuner.state") == "COMPLETE" and all(
+                v <= 0 for k, v in m.items() if k.startswith("constraint_"))
+            if feasible and "memory_fraction" in m and self.metric in m:
+                points.append((run, [m["memory_fraction"], sign * m[self.metric]]))
+        front = sorted(pareto_front(points), key=lambda r: r.data.metrics["memory_fraction"])
+        now = int(time.time() * 1000)
+        metrics = [Metric("pareto.size", float(len(front)), now, 0)]
+        for run in front:
+            self.client.set_tag(run.info.run_id, PARETO_TAG, "true")
+            mem = run.data.metrics["memory_fraction"]
+            step = int(round(mem * 1000))
+            metrics += [Metric("pareto.memory_fraction", mem, now, step),
+                        Metric(f"pareto.{self.metric}", run.data.metrics[self.metric], now, step)]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        return [int(run.data.tags["tuner.trial"]) for run in front]
 
 
 def open_tracker(uri: str, experiment: str, artifact_root: Path | None) -> MlflowTracker | NullTracker:

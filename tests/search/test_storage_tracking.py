@@ -116,3 +116,31 @@ def test_mlflow_parent_and_child_runs(tmp_path):
     tr2 = open_tracker(uri, "varkv-test", tmp_path / "art")
     assert tr2.start_study("st", {"model": "tiny"}, resume_run_id=run_id) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_mlflow_pareto_front_on_parent_and_tags(tmp_path):
+    """finish() tags the feasible non-dominated trials and logs the front on the parent (to compare studies)."""
+    import mlflow
+
+    from tuner.tracking import PARETO_TAG, open_tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = open_tracker(uri, "varkv-test", tmp_path / "art")
+    run_id = tr.start_study("front", {"model": "tiny", "metric": "psnr"})
+    trials = [  # (memory_fraction, psnr, state, constraint_memory)
+        (0.10, 20.0, "COMPLETE", -0.05), (0.12, 19.0, "COMPLETE", -0.03),  # 1 dominated (psnr is maximised)
+        (0.14, 25.0, "COMPLETE", -0.01), (0.09, 30.0, "COMPLETE", 0.02),   # 3 violates the constraint
+        (0.30, None, "INFEASIBLE", 0.2), (0.05, None, "FAIL", None)]
+    for i, (mem, psnr, state, c) in enumerate(trials):
+        metrics = {"memory_fraction": mem, "psnr": psnr, "constraint_memory": c}
+        tr.log_trial(i, params={}, metrics={k: v for k, v in metrics.items() if v is not None}, state=state)
+    tr.finish("FINISHED")
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name("varkv-test")
+    tagged = client.search_runs([exp.experiment_id], filter_string=f"tags.`{PARETO_TAG}` = 'true'")
+    assert sorted(r.data.tags["tuner.trial"] for r in tagged) == ["0", "2"]
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["pareto.size"] == 2
+    hist = client.get_metric_history(run_id, "pareto.psnr")
+    assert sorted((m.step, m.value) for m in hist) == [(100, 20.0), (140, 25.0)]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "pareto.memory_fraction")) == [100, 140]
