@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "tuner.cli.plan_cmd",
     "tuner.cli.policy_cmd",
     "tuner.cli.calibrate_cmd",
+    "tuner.cli.presets_cmd",
     "tuner.cli.bench_cmd",
 )
 
