@@ -65,8 +65,9 @@ def budgets_form(policy: KVPolicy, geometry: CacheGeometry) -> KVPolicy | None:
     """The joint ``budgets`` family's exact form of a token-cap baseline, or None.
 
     ``window`` / ``sink_window`` spanning every scale with a cap ``c`` keep ``min(T_s, c)`` tokens
-    after scale ``s``: the budgets curve ``c_s = min(1, c / T_s)`` with the ``recent`` /
-    ``sink_recent`` rule plans the same rows and selects the same tokens. The search enqueues these
+    after scale ``s``: the budgets cap form (curve all ones, ``max_tokens = c``, equal layer
+    weights) with the ``recent`` / ``sink_recent`` rule plans the same rows and selects the same
+    tokens. The search enqueues these
     forms so that its joint space starts from the baselines as well as from the papers' presets.
     """
     from tuner.policies.budgets import BudgetsPolicy
@@ -74,10 +75,10 @@ def budgets_form(policy: KVPolicy, geometry: CacheGeometry) -> KVPolicy | None:
     cap = getattr(policy, "max_tokens", None)
     if policy.family not in ("window", "sink_window") or cap is None or policy.window < geometry.num_scales:
         return None
-    curve = tuple(min(1.0, cap / geometry.tokens_through(s)) for s in range(geometry.num_scales - 1))
+    ones = (1.0,) * (geometry.num_scales - 1)
     if policy.family == "window":
-        return BudgetsPolicy(scale_curve=curve, rule="recent")
-    return BudgetsPolicy(scale_curve=curve, rule="sink_recent", sink_scales=policy.sink_scales)
+        return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="recent")
+    return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="sink_recent", sink_scales=policy.sink_scales)
 
 
 def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy]:

@@ -41,6 +41,9 @@ CASES: dict[str, list[dict]] = {
                     "rule": "sink_recent", "sink_scales": 2}, "curve": True},
         {"params": {"scale_curve": [0.5] * 9, "layer_weights": "ramp", "rule": "scores", "window_size": 9},
          "curve": True},
+        {"params": {"scale_curve": [1.0] * 9, "max_tokens": 12, "layer_weights": "ramp", "rule": "sink_recent",
+                    "sink_scales": 1}, "curve": True},
+        {"params": {"scale_curve": [1.0] * 9, "max_tokens": 3, "rule": "scores", "window_size": 4}, "curve": True},
     ],
 }
 

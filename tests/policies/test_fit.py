@@ -25,6 +25,8 @@ def _policies(g):
         ScaleKVPolicy(budget_fraction=0.3),
         BudgetsPolicy(scale_curve=(0.9, 0.5, 0.2, 0.6, 0.1, 0.05, 0.3, 0.2, 0.1)[: g.num_scales - 1],
                       rule="sink_recent", sink_scales=1),
+        BudgetsPolicy(scale_curve=(1.0,) * (g.num_scales - 1), max_tokens=7, rule="recent",
+                      layer_weights=tuple(0.5 + i for i in range(g.num_layers))),
     ]
 
 

@@ -33,6 +33,11 @@ class BudgetsPolicy(KVPolicy):
       ``round(w_l · c_s · T_s)`` tokens after scale ``s`` (``T_s`` = tokens of scales ``0..s``),
       clipped to what it can hold (``<= min(T_s, b[s-1] + n_s)``); the last scale keeps 0. A
       per-scale curve × per-layer multipliers: ``num_scales - 1 + num_layers`` continuous knobs.
+      With ``max_tokens`` the layer weights scale a per-layer token cap instead of the curve:
+      ``min(round(c_s · T_s), round(w_l · max_tokens))``. A layer's buffer is sized by its largest
+      budget, so at a fixed memory the cap form (curve all ones) wastes nothing: every scale keeps
+      as much as the layer's buffer holds. That is the form the shipped search space explores
+      (per-layer caps + selection rule), and ``window`` / ``sink_window`` are its uniform case.
 
     ``rule`` picks the kept tokens: ``recent`` (most recent), ``sink_recent`` (the first
     ``sink_scales`` scales, then most recent) or ``scores`` (ScaleKV's observation-window attention
@@ -42,6 +47,7 @@ class BudgetsPolicy(KVPolicy):
     table: tuple[tuple[int, ...], ...] | None = None
     scale_curve: tuple[float, ...] | None = None
     layer_weights: tuple[float, ...] | None = None
+    max_tokens: int | None = None
     rule: str = "recent"
     sink_scales: int = 0
     window_size: int = 16
@@ -53,8 +59,8 @@ class BudgetsPolicy(KVPolicy):
         if (self.table is None) == (self.scale_curve is None):
             raise ValueError("give exactly one of table or scale_curve")
         if self.table is not None:
-            if self.layer_weights is not None:
-                raise ValueError("layer_weights only applies to scale_curve, not to an explicit table")
+            if self.layer_weights is not None or self.max_tokens is not None:
+                raise ValueError("layer_weights and max_tokens only apply to scale_curve, not to an explicit table")
             try:
                 table = tuple(tuple(_int(v) for v in row) for row in self.table)
             except TypeError:
@@ -72,6 +78,7 @@ class BudgetsPolicy(KVPolicy):
                 if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
                     raise ValueError("layer_weights must be >= 0 and not all 0")
                 object.__setattr__(self, "layer_weights", weights)
+        check_int("max_tokens", self.max_tokens, 1, allow_none=True)
         if self.rule not in SELECTION_RULES:
             raise ValueError(f"rule must be one of {', '.join(SELECTION_RULES)}, got {self.rule!r}")
         check_int("sink_scales", self.sink_scales, 0)
@@ -93,7 +100,11 @@ class BudgetsPolicy(KVPolicy):
         mean = sum(weights) / len(weights)
         rows = []
         for w in weights:
-            wanted = [round_half_up(w / mean * c * g.tokens_through(s)) for s, c in enumerate(self.scale_curve)]
+            if self.max_tokens is None:
+                wanted = [round_half_up(w / mean * c * g.tokens_through(s)) for s, c in enumerate(self.scale_curve)]
+            else:
+                cap = round_half_up(w / mean * self.max_tokens)
+                wanted = [min(round_half_up(c * g.tokens_through(s)), cap) for s, c in enumerate(self.scale_curve)]
             rows.append(clip_row(g, wanted + [0]))
         return CachePlan(tuple(rows))
 

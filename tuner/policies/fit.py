@@ -6,7 +6,8 @@ Every compressing family has a knob that scales its cache without changing its *
 - ``ams``: ``c_min`` with ``c_max = c_min + round(r · c_min)``, ``r`` the policy's own ratio
   (``r = 1`` when it had no caps, the AMS-KV paper's 2:1 between demanding and efficient layers);
 - ``scalekv``: ``budget_fraction``;
-- ``budgets`` (curve form): a multiplier ``m`` on the scale curve, ``c_s' = min(1, m · c_s)``.
+- ``budgets``: its ``max_tokens`` cap when it has one, else a multiplier ``m`` on the scale curve,
+  ``c_s' = min(1, m · c_s)``.
 
 :func:`fit_to_memory` sets the knob to the largest value whose planned memory still fits. That is
 what a search under a memory target wants: a candidate judged at less memory than it is allowed
@@ -53,9 +54,11 @@ def memory_knob(policy: KVPolicy, geometry: CacheGeometry) -> MemoryKnob | None:
 
         def ams(v: float) -> KVPolicy:
             c = int(v)
-            return replace(policy, c_min=c, c_max=c + int(round(ratio * c)))
+            return replace(policy, c_min=c, c_max=c + int(round(ratio * c)))  # noqa: B023
 
         return MemoryKnob(1, t, True, ams)
+    if family == "budgets" and policy.scale_curve is not None and policy.max_tokens is not None:
+        return MemoryKnob(1, t, True, lambda v: replace(policy, max_tokens=int(v)))
     if family == "budgets" and policy.scale_curve is not None:
         positive = [c for c in policy.scale_curve if c > 0]
         if not positive:
