@@ -52,21 +52,46 @@ def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
+def _resume(workdir: Path, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+            log: list | None = None) -> int:
+    """Restore ``model`` and ``opt`` from the ``stage`` checkpoint in ``workdir``; the step it reached.
+
+    Returns 0 (and touches nothing) when the stage has no checkpoint yet. With ``log``, the saved
+    loss log replaces its contents too: only the first stage passes it, since the log on disk
+    already holds the entries of every stage that ran before the interruption.
+    """
+    if (state := _load(workdir / f"{stage}_stage.pt")) is None:
+        return 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if log is not None:
+        log[:] = json.loads((workdir / "log.json").read_text()) if (workdir / "log.json").is_file() else []
+    return int(state["step"])
+
+
+def _checkpoint(workdir: Path, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                log: list) -> None:
+    """Save the ``stage`` resume point (model, optimizer, step) and the loss log into ``workdir``."""
+    _save(workdir / f"{stage}_stage.pt", {"model": model.state_dict(), "opt": opt.state_dict(),
+                                          "step": torch.tensor(step)})
+    (workdir / "log.json").write_text(json.dumps(log))
+
+
+def _batch_generator(seed: int, n: int, batch: int, done: int) -> torch.Generator:
+    """The generator of a stage's batch indices, advanced past the ``done`` batches already trained."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(done):  # replay the batch order so a resumed run sees the same data
+        torch.randint(0, n, (batch,), generator=g)
+    return g
+
+
 def train_vae(args, images: torch.Tensor, log: list) -> torch.nn.Module:
     cfg = tiny_config()
     _, vae = build_models(cfg)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr, betas=(0.5, 0.9))
-    ckpt_path = args.workdir / "vae_stage.pt"
-    step = 0
-    if (state := _load(ckpt_path)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        log[:] = json.loads((args.workdir / "log.json").read_text()) if (args.workdir / "log.json").is_file() else []
-    g = torch.Generator().manual_seed(args.seed)
-    for _ in range(step):  # replay the batch order so a resumed run sees the same data
-        torch.randint(0, len(images), (args.vae_batch,), generator=g)
+    step = _resume(args.workdir, "vae", vae, opt, log)
+    g = _batch_generator(args.seed, len(images), args.vae_batch, step)
     with _progress() as prog:
         task = prog.add_task("VQ-VAE", total=args.vae_steps, completed=step, info="")
         while step < args.vae_steps:
@@ -91,8 +116,7 @@ def train_vae(args, images: torch.Tensor, log: list) -> torch.nn.Module:
                             "usage": float(usage)})
                 prog.update(task, completed=step, info=f"rec {float(rec_loss):.4f} usage {float(usage):.2f}")
             if step % args.save_every == 0 or step == args.vae_steps:
-                _save(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step)})
-                (args.workdir / "log.json").write_text(json.dumps(log))
+                _checkpoint(args.workdir, "vae", vae, opt, step, log)
     return vae.eval()
 
 
@@ -111,15 +135,8 @@ def train_var(args, vae, tokens: list[torch.Tensor], labels: torch.Tensor, log: 
     no_decay = [p for n, p in var.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.var_lr, betas=(0.9, 0.95))
-    ckpt_path = args.workdir / "var_stage.pt"
-    step = 0
-    if (state := _load(ckpt_path)) is not None:
-        var.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-    g = torch.Generator().manual_seed(args.seed + 1)
-    for _ in range(step):
-        torch.randint(0, len(labels), (args.var_batch,), generator=g)
+    step = _resume(args.workdir, "var", var, opt)
+    g = _batch_generator(args.seed + 1, len(labels), args.var_batch, step)
     quant = vae.quantize
     with _progress() as prog:
         task = prog.add_task("VAR", total=args.var_steps, completed=step, info="")
@@ -142,8 +159,7 @@ def train_var(args, vae, tokens: list[torch.Tensor], labels: torch.Tensor, log: 
                 log.append({"stage": "var", "step": step, "ce": float(loss)})
                 prog.update(task, completed=step, info=f"ce {float(loss):.3f}")
             if step % args.save_every == 0 or step == args.var_steps:
-                _save(ckpt_path, {"model": var.state_dict(), "opt": opt.state_dict(), "step": torch.tensor(step)})
-                (args.workdir / "log.json").write_text(json.dumps(log))
+                _checkpoint(args.workdir, "var", var, opt, step, log)
     return var.eval()
 
 

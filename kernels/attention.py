@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import int32_lens, launch_flags, row_head_span
+
 _LOG2E = 1.4426950408889634
 
 
@@ -65,11 +67,7 @@ def _kv_attention_kernel(
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
     pid_m = tl.program_id(0)
-    pid_rh = tl.program_id(1)
-    # int64 row/head offsets: large batches of long caches overflow int32 element offsets.
-    r = (pid_rh // H).to(tl.int64)
-    h = (pid_rh % H).to(tl.int64)
-    n_cache = tl.minimum(tl.load(LENS + pid_rh), C)  # LENS is contiguous [R, H]
+    r, h, n_cache = row_head_span(tl.program_id(1), H, LENS, C)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -129,16 +127,12 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         softmax_scale: float) -> torch.Tensor:
     """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked)."""
     r, h, lq, d = q.shape
-    if d > 256:
-        raise ValueError(f"the triton backend supports head_dim up to 256, got {d}; use the torch backend")
+    flags = launch_flags(q, is_interpreted())
     out = torch.empty(r, h, lq, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    interpreted = is_interpreted()
-    upcast = interpreted and q.dtype == torch.bfloat16
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages = block_config(lq, block_d, interpreted, q.element_size())
-    lens = cache_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    block_m, block_n, warps, stages = block_config(lq, flags.block_d, flags.interpreted, q.element_size())
+    lens = int32_lens(cache_lens, q.device)
     kc, vc = k_cache, v_cache
     if k_cache.shape[2] == 0:
         # A zero-capacity buffer may be a null pointer with odd strides: point at the new tokens
@@ -149,8 +143,6 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, kc, vc, lens, k_new, v_new, out,
         *q.stride(), *kc.stride(), *vc.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         h, lq, kc.shape[2], float(softmax_scale) * _LOG2E,
-        D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=upcast, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags.constexprs(),
     )
     return out

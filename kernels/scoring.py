@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._launch import int32_lens, launch_flags, row_head_span
 from kernels.attention import is_interpreted
 
 _LOG2E = 1.4426950408889634
@@ -43,9 +44,7 @@ def _window_lse_kernel(
     """Pass 1: ``LSE[rh, w] = log2 sum_n exp2(q_w·k_n·qk_scale)`` over the valid keys."""
     pid_w = tl.program_id(0)
     pid_rh = tl.program_id(1)
-    r = (pid_rh // H).to(tl.int64)
-    h = (pid_rh % H).to(tl.int64)
-    n_valid = tl.minimum(tl.load(LENS + pid_rh), N)
+    r, h, n_valid = row_head_span(pid_rh, H, LENS, N)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -83,9 +82,7 @@ def _window_mass_kernel(
     """Pass 2: ``S[rh, n] = sum_w exp2(q_w·k_n·qk_scale - LSE[rh, w])``; ``-inf`` past the valid keys."""
     pid_n = tl.program_id(0)
     pid_rh = tl.program_id(1)
-    r = (pid_rh // H).to(tl.int64)
-    h = (pid_rh % H).to(tl.int64)
-    n_valid = tl.minimum(tl.load(LENS + pid_rh), N)
+    r, h, n_valid = row_head_span(pid_rh, H, LENS, N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_valid
     offs_d = tl.arange(0, BLOCK_D)
@@ -143,24 +140,18 @@ def token_scores_triton(q_obs: torch.Tensor, keys: torch.Tensor, key_lens: torch
     """Triton implementation of :func:`kernels.token_scores` (same shapes, arguments already checked)."""
     r, h, w, d = q_obs.shape
     n = keys.shape[2]
-    if d > 256:
-        raise ValueError(f"the triton backend supports head_dim up to 256, got {d}; use the torch backend")
+    flags = launch_flags(q_obs, is_interpreted())
     scores = torch.empty(r, h, n, dtype=torch.float32, device=keys.device)
     if scores.numel() == 0:
         return scores
     if w == 0:  # an empty window puts no mass anywhere
         valid = torch.arange(n, device=keys.device) < key_lens.to(keys.device).long().unsqueeze(-1)
         return torch.zeros_like(scores).masked_fill_(~valid, float("-inf"))
-    interpreted = is_interpreted()
-    upcast = interpreted and q_obs.dtype == torch.bfloat16
-    ieee = q_obs.dtype == torch.float32
-    block_d = max(16, triton.next_power_of_2(d))
-    block_w, block_n, warps = _blocks(w, block_d, interpreted)
-    lens = key_lens.to(device=keys.device, dtype=torch.int32).contiguous()
+    block_w, block_n, warps = _blocks(w, flags.block_d, flags.interpreted)
+    lens = int32_lens(key_lens, keys.device)
     lse = torch.empty(r * h, w, dtype=torch.float32, device=keys.device)
     strides = (*q_obs.stride(), *keys.stride())
-    consts = dict(D=d, BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_N=block_n, UPCAST=upcast, IEEE=ieee,
-                  num_warps=warps)
+    consts = dict(BLOCK_W=block_w, BLOCK_N=block_n, num_warps=warps, **flags.constexprs())
     qk_scale = float(softmax_scale) * _LOG2E
     _window_lse_kernel[(triton.cdiv(w, block_w), r * h)](q_obs, keys, lens, lse, *strides, h, w, n, qk_scale,
                                                          **consts)

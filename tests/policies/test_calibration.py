@@ -9,6 +9,7 @@ import torch
 
 from tests.policies.helpers import SMALL, synthetic_calibration
 from tuner import calibration as C
+from tuner import calibration_report as R
 from tuner.errors import UserError
 
 
@@ -143,8 +144,8 @@ def test_cache_is_keyed_by_checkpoint_and_spec(tmp_path, monkeypatch):
 
 def test_markdown_and_heatmaps(tmp_path):
     cal = synthetic_calibration(SMALL, seed=0)
-    md = C.calibration_markdown(cal)
+    md = R.calibration_markdown(cal)
     assert "| layer | mean | rank |" in md and md.count("\n| 1 |") == 2
-    paths = C.plot_calibration(cal, tmp_path)
+    paths = R.plot_calibration(cal, tmp_path)
     assert [p.name for p in paths] == ["key_similarity.png", "asi_z.png", "density.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

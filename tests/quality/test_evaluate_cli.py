@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.test_cli_generate import assert_user_error
 from tuner.cli.app import build_app
 from tuner.cli.evaluate_cmd import progress_bar
 
@@ -27,15 +28,6 @@ def calibration_cache(tmp_path_factory):
 
 def run(*args):
     return runner.invoke(build_app(), ["evaluate", "--model", "tiny", "--device", "cpu", *map(str, args)])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_preset_json_run_reports_memory_and_paired_quality():

@@ -43,7 +43,7 @@ def calibrate(
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the on-disk cache."),
     device: str = mo.DeviceOpt,
 ) -> None:
-    from tuner.calibration import calibration_markdown, plot_calibration
+    from tuner.calibration_report import calibration_markdown, plot_calibration
 
     if samples <= 0:
         raise UserError(f"--samples {samples} must be positive")

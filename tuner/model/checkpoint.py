@@ -55,16 +55,30 @@ def looks_like_var(sd: dict) -> bool:
     return "class_emb.weight" in sd or any(k.startswith("blocks.") for k in sd)
 
 
+def _require_kind(sd: dict, source: str, kind: str, marker: str, other: str, looks_like_other,
+                  swap: str, fix: str) -> None:
+    """Raise a :class:`UserError` unless ``sd`` holds the ``marker`` tensor of a ``kind`` checkpoint.
+
+    The two model files are easy to swap on the command line, so that case gets its own message.
+    """
+    if marker not in sd:
+        if looks_like_other(sd):
+            raise UserError(f"{source} holds a {other} state dict, not a {kind} one; swap the files: {swap}")
+        raise UserError(f"{source} is not a {kind} checkpoint (no {marker}); pass {fix}")
+
+
+def _count_indexed(sd: dict, pattern: str) -> int:
+    """``1 + max(i)`` over the keys matching ``pattern`` (group 1 is ``i``); ``ValueError`` if none."""
+    return 1 + max(int(m.group(1)) for k in sd if (m := re.match(pattern, k)))
+
+
 def infer_var_config(sd: dict[str, torch.Tensor], source: str = "VAR checkpoint") -> tuple[VARConfig, int, int]:
     """Infer ``(VARConfig, vae_z, vocab)`` from an official-format VAR state dict."""
-    if "class_emb.weight" not in sd:
-        if looks_like_vae(sd):
-            raise UserError(f"{source} holds a VQ-VAE state dict, not a VAR one; "
-                            "swap the files: --var-ckpt takes var_d*.pth, --vae-ckpt takes vae_*.pth")
-        raise UserError(f"{source} is not a VAR checkpoint (no class_emb.weight); pass var_d<N>.pth")
+    _require_kind(sd, source, "VAR", "class_emb.weight", "VQ-VAE", looks_like_vae,
+                  "--var-ckpt takes var_d*.pth, --vae-ckpt takes vae_*.pth", "var_d<N>.pth")
     try:
         classes, c = sd["class_emb.weight"].shape
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        depth = _count_indexed(sd, r"blocks\.(\d+)\.")
         l2 = "blocks.0.attn.scale_mul_1H11" in sd
         heads = int(sd["blocks.0.attn.scale_mul_1H11"].shape[1]) if l2 else c // 64
         num_scales = sd["lvl_embed.weight"].shape[0]
@@ -94,17 +108,14 @@ def _infer_patch_nums(sd: dict, num_scales: int, seq_len: int, source: str) -> t
 
 def infer_vae_config(sd: dict[str, torch.Tensor], source: str = "VAE checkpoint") -> VAEConfig:
     """Infer a :class:`VAEConfig` from an official-format VQ-VAE state dict."""
-    if "quantize.embedding.weight" not in sd:
-        if looks_like_var(sd):
-            raise UserError(f"{source} holds a VAR state dict, not a VQ-VAE one; "
-                            "swap the files: --vae-ckpt takes vae_*.pth, --var-ckpt takes var_d*.pth")
-        raise UserError(f"{source} is not a VQ-VAE checkpoint (no quantize.embedding.weight); pass vae_*.pth")
+    _require_kind(sd, source, "VQ-VAE", "quantize.embedding.weight", "VAR", looks_like_var,
+                  "--vae-ckpt takes vae_*.pth, --var-ckpt takes var_d*.pth", "vae_*.pth")
     try:
         vocab, z = sd["quantize.embedding.weight"].shape
         ch = sd["decoder.conv_out.weight"].shape[1]
-        levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k)))
+        levels = _count_indexed(sd, r"decoder\.up\.(\d+)\.")
         ch_mult = tuple(sd[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
-        blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.0\.block\.(\d+)\.", k)))
+        blocks = _count_indexed(sd, r"decoder\.up\.0\.block\.(\d+)\.")
         n_phi = sum(1 for k in sd if re.fullmatch(r"quantize\.quant_resi\.qresi_ls\.\d+\.weight", k))
         per_scale = "quantize.quant_resi.0.weight" in sd  # share_quant_resi=0: one Phi per scale
         has_phi = n_phi or per_scale or "quantize.quant_resi.qresi.weight" in sd

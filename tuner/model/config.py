@@ -12,6 +12,22 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
+# The scale geometry lives in these functions so that VARConfig and the policies' CacheGeometry
+# (which only sees ``patch_nums``) cannot drift apart.
+def scale_lengths_of(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
+    """Tokens per scale, ``pn**2``: a ``[num_scales]`` tuple."""
+    return tuple(p * p for p in patch_nums)
+
+
+def scale_spans_of(patch_nums: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``(begin, end)`` global token positions of each scale: ``num_scales`` half-open ranges."""
+    out, cur = [], 0
+    for n in scale_lengths_of(patch_nums):
+        out.append((cur, cur + n))
+        cur += n
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Multi-scale residual VQ-VAE hyperparameters (official: ``vae_ch160v4096z32``)."""
@@ -81,7 +97,7 @@ class VARConfig:
     @property
     def scale_lengths(self) -> tuple[int, ...]:
         """Tokens per scale, ``pn**2``."""
-        return tuple(p * p for p in self.patch_nums)
+        return scale_lengths_of(self.patch_nums)
 
     @property
     def seq_len(self) -> int:
@@ -90,11 +106,8 @@ class VARConfig:
 
     @property
     def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        out, cur = [], 0
-        for n in self.scale_lengths:
-            out.append((cur, cur + n))
-            cur += n
-        return tuple(out)
+        """``(begin, end)`` token positions of each scale."""
+        return scale_spans_of(self.patch_nums)
 
 
 @dataclass(frozen=True)

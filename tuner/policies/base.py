@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from tuner.model import config as _model_config
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -41,7 +43,7 @@ class CacheGeometry:
 
     @property
     def scale_lengths(self) -> tuple[int, ...]:
-        return tuple(p * p for p in self.patch_nums)
+        return _model_config.scale_lengths_of(self.patch_nums)
 
     @property
     def seq_len(self) -> int:
@@ -50,11 +52,7 @@ class CacheGeometry:
     @property
     def scale_starts(self) -> tuple[int, ...]:
         """Global position of the first token of each scale."""
-        out, cur = [], 0
-        for n in self.scale_lengths:
-            out.append(cur)
-            cur += n
-        return tuple(out)
+        return tuple(begin for begin, _ in _model_config.scale_spans_of(self.patch_nums))
 
     def tokens_through(self, scale: int) -> int:
         """Number of tokens in scales ``0..scale`` inclusive (0 for ``scale < 0``)."""
