@@ -224,5 +224,26 @@ def test_memory_target_fits_every_policy_and_baselines_warm_start_the_joint_spac
         assert len(evaluated) == len(result.records)  # nothing is over the target any more
         assert all(r.metrics["memory_fraction"] <= 0.15 for r in evaluated)
         assert 0.12 < ams.metrics["memory_fraction"] <= 0.15 and ams.params["c_min"] is not None
+        from tuner.policy_file import load_policy_file
+
+        # the exported file is the fitted policy that was evaluated, also when a preset wins
+        _, info = load_policy_file(result.policy_path, checkpoint_sha256="fake-tiny")
+        assert info.memory["fraction"] <= 0.15
+        assert info.memory["fraction"] == pytest.approx(result.comparison[-1]["memory_fraction"])
     else:  # the paper's AMS-KV default keeps ~39% of the tiny model's cache
         assert ams.plan_infeasible and ams.metrics["memory_fraction"] > 0.3
+
+
+def test_a_winning_preset_is_exported_fitted_to_the_target(tmp_path, monkeypatch):
+    """A preset outside the space that wins the final round is written as the fitted policy that was
+    evaluated, not with the paper's own (larger) budget."""
+    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 1}\n")
+    wide = Preset("sink_window@wide", "sink_window", {"sink_scales": 2, "window": 7, "max_tokens": 150})
+    monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: [wide])
+    cfg = config(tmp_path, space=space, trials=2, mem_target="35%")
+    result = run_search(cfg, progress=False)
+    assert result.comparison[-1]["policy"] == "winner (preset sink_window@wide)"
+    from tuner.policy_file import load_policy_file
+
+    policy, info = load_policy_file(result.policy_path, checkpoint_sha256="fake-tiny")
+    assert policy.max_tokens < 150 and 0.3 < info.memory["fraction"] <= 0.35

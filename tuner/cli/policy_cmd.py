@@ -1,7 +1,8 @@
-"""``tuner policy show|validate``: read policy files, print them, check them against a model."""
+"""``tuner policy show|validate|check``: read policy files, print them, check them against a model or
+against committed reference policies (the logic of ``check`` lives in :mod:`tuner.policy_check`)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -14,6 +15,9 @@ def register(app: typer.Typer) -> None:
     sub.command("show", help="Print a policy file as a table (and a budget heatmap PNG on request).")(show)
     sub.command("validate", help="Check a policy file against a model; exit 2 with the reason if it does not fit.")(
         validate)
+    sub.command("check", help="Compare policy files with reference policies (same model and search target): "
+                              "memory must not grow and quality, re-evaluated paired on one fixed spec, must not "
+                              "drop beyond the tolerances. Exit 1 on a regression, 2 on bad input.")(check)
     app.add_typer(sub, name="policy")
 
 
@@ -47,3 +51,59 @@ def validate(path: str = typer.Argument(..., help="Policy file (JSON)."),
     policy, info = load_policy_file(path, _model(model))
     typer.echo(f"ok: {path} is a valid {policy.family} policy for {model} "
                f"({100 * info.memory['fraction']:.2f}% of the full cache)")
+
+
+@user_errors
+def check(candidates: List[str] = typer.Argument(..., help="Candidate policy files (JSON)."),
+          reference: List[str] = typer.Option(..., "--reference", help="Reference policy directory (its *.json) "
+                                              "or file; repeatable."),
+          model: Optional[str] = typer.Option(None, "--model", help="Require every file to be for this model."),
+          weights_dir: Optional[str] = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
+                                                    help="Official checkpoints (not needed for tiny)."),
+          metric: Optional[str] = typer.Option(None, "--metric", help="Quality metric to compare (default: the "
+                                               "one the reference was searched for, else fid_vs_full)."),
+          guard_metrics: str = typer.Option("psnr", "--guard-metrics", help="Comma-separated metrics that "
+                                            "must not regress either ('' for none)."),
+          samples: int = typer.Option(64, "--samples", help="Images in the paired re-evaluation."),
+          seed: int = typer.Option(424242, "--seed", help="Seed of the re-evaluation (apart from search seeds)."),
+          batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+          mem_tol: float = typer.Option(0.005, "--mem-tol", help="Allowed memory-fraction increase (absolute)."),
+          psnr_tol: float = typer.Option(0.5, "--psnr-tol", help="Allowed PSNR drop in dB."),
+          ssim_tol: float = typer.Option(0.02, "--ssim-tol", help="Allowed SSIM drop."),
+          fid_tol: float = typer.Option(0.15, "--fid-tol", help="Allowed fid_vs_full/fid/delta_fid increase, "
+                                        "relative to the reference's value ..."),
+          fid_abs_tol: float = typer.Option(1.0, "--fid-abs-tol", help="... but at least this much (absolute)."),
+          allow_new: bool = typer.Option(False, "--allow-new", help="List candidates without a reference "
+                                         "instead of failing.")) -> None:
+    from tuner.policy_check import HIGHER_IS_BETTER, Tolerances, compare, format_rows, load_entry, load_references, match
+    from tuner.quality.evaluate import build_evaluator
+
+    if metric is not None and metric not in HIGHER_IS_BETTER:
+        raise UserError(f"--metric {metric!r} is not one of {', '.join(HIGHER_IS_BETTER)}")
+    guards = tuple(g.strip() for g in guard_metrics.split(",") if g.strip())
+    if any(g not in HIGHER_IS_BETTER for g in guards):
+        raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(HIGHER_IS_BETTER)}")
+    if samples < 2 or batch_size < 1:
+        raise UserError("--samples must be at least 2 (Fréchet distance) and --batch-size positive")
+    if min(mem_tol, psnr_tol, ssim_tol, fid_tol, fid_abs_tol) < 0:
+        raise UserError("tolerances must be non-negative")
+    model_cfg = _model(model) if model else None
+    refs = load_references(reference, model_cfg)
+    pairs = match([load_entry(c, model_cfg) for c in candidates], refs, allow_new)
+    evaluators: dict = {}
+
+    def evaluator_for(name: str):
+        if name not in evaluators:
+            evaluators[name] = build_evaluator(name, weights_dir=weights_dir, backend="torch")
+        return evaluators[name]
+
+    tol = Tolerances(mem_tol, psnr_tol, ssim_tol, fid_tol, fid_abs_tol)
+    rows = compare(pairs, evaluator_for, samples, seed, batch_size, tol, metric, guards)
+    typer.echo(format_rows(rows))
+    bad = [r for r in rows if r.regressed]
+    typer.echo(f"{len(bad)} regression(s) in {len(rows)} polic{'y' if len(rows) == 1 else 'ies'} "
+               f"({samples} images, seed {seed})" if bad else
+               f"ok: {len(rows)} polic{'y' if len(rows) == 1 else 'ies'} no worse than the references "
+               f"({samples} images, seed {seed})")
+    if bad:
+        raise typer.Exit(1)

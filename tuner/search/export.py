@@ -181,12 +181,11 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
 
 def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     """Write the policy file, register it and log it; returns its path."""
-    from tuner.policies.registry import make_policy
     from tuner.policy_file import write_policy_file
     from tuner.search.storage import ExportRecord
 
     cfg = rt.cfg
-    policy = make_policy(winner.family, winner.params)
+    policy, _ = rt.plan(winner.family, winner.params)  # fitted to the target, exactly what was evaluated
     tag = cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None else f"{cfg.metric}{cfg.quality_limit:g}"
     path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
     provenance = {"study": cfg.study_name, "trial": winner.trial, "preset": winner.preset,
