@@ -77,3 +77,11 @@ def test_objective_modes_and_constraints():
 def test_pareto_front():
     pts = [("a", [0.1, 5.0]), ("b", [0.2, 3.0]), ("c", [0.3, 3.5]), ("d", [0.1, 6.0]), ("e", [0.5, 1.0])]
     assert pareto_front(pts) == ["a", "b", "e"]
+
+
+def test_final_top_k_default_depends_on_the_objective():
+    from tuner.search.config import QUALITY_LIMIT_FINAL_TOP_K, resolve_config
+
+    assert resolve_config(mem_target="15%", final_top_k=None).final_top_k == 3
+    assert resolve_config(fid_limit=20.0, final_top_k=None).final_top_k == QUALITY_LIMIT_FINAL_TOP_K
+    assert resolve_config(fid_limit=20.0, final_top_k=2).final_top_k == 2

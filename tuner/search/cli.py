@@ -70,7 +70,8 @@ def search_command(
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N evaluated trials without improvement."),
     samples: int = typer.Option(8, "--samples", help="Images per screening evaluation."),
     final_samples: int = typer.Option(32, "--final-samples", help="Images per final (held-out) re-evaluation."),
-    final_top_k: int = typer.Option(3, "--final-top-k", help="Best candidates re-evaluated before export."),
+    final_top_k: Optional[int] = typer.Option(None, "--final-top-k", help="Best candidates re-evaluated on held-out "
+                                              "seeds before export (default 3; 12 with --fid-limit alone)."),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="CPU workers (default: one per GPU, else half the cores; 0 = in-process)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a Ray cluster: auto or host:port."),

@@ -223,6 +223,9 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
+QUALITY_LIMIT_FINAL_TOP_K = 12
+
+
 def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = None,
                    out: str | None = None, storage: str | None = None, study_name: str | None = None,
                    mlflow_uri: str | None = None, experiment: str | None = None,
@@ -248,6 +251,10 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
     label = Path(space).stem if space else fields.get("family", "all")
     name = study_name or default_study_name(model, label, mem, fid_limit, fields.get("metric", "fid_vs_full"))
     out_dir = Path(out) if out else Path("runs") / name
+    if fields.get("final_top_k", 0) is None:
+        # Under a quality limit the cheapest screened trials sit at the limit and often miss it on the
+        # held-out seeds (winner's curse): re-check more of them, so a cheap one that holds is found.
+        fields["final_top_k"] = QUALITY_LIMIT_FINAL_TOP_K if fid_limit is not None and mem is None else 3
     if "evaluator_kwargs" in fields and isinstance(fields["evaluator_kwargs"], dict):
         fields["evaluator_kwargs"] = tuple(sorted(fields["evaluator_kwargs"].items()))
     try:
