@@ -205,3 +205,54 @@ def test_corrupted_config_is_rejected(corrupt, message):
     corrupt(config)
     with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(message)):
         _ray_up_checks(config)
+
+
+def test_gpus_flag_asks_the_autoscaler_and_waits_for_the_nodes(monkeypatch):
+    """`--gpus N` on an autoscaling cluster with no GPU node yet: request N one-GPU bundles, wait until
+    they exist, then start one actor per GPU; a cluster that never grows is a one-line UserError."""
+    from ray.autoscaler.sdk import request_resources  # noqa: F401 - the real API exists in the pinned Ray
+
+    from tuner.errors import UserError
+    from tuner.search import ray_pool
+    from tuner.search.ray_pool import RayPool
+
+    resources = {"CPU": 8.0}
+    requested: list = []
+
+    def fake_request(bundles):
+        requested.append(bundles)
+
+    def grow_after_two_polls(_seconds):  # the autoscaler brings the nodes up while we wait
+        grow_after_two_polls.calls += 1
+        if grow_after_two_polls.calls == 2:
+            resources["GPU"] = 3.0
+    grow_after_two_polls.calls = 0
+
+    created: list = []
+    fake = _fake_ray(resources, created)
+    sdk = types.ModuleType("ray.autoscaler.sdk")
+    sdk.request_resources = fake_request
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.autoscaler", types.ModuleType("ray.autoscaler"))
+    monkeypatch.setitem(sys.modules, "ray.autoscaler.sdk", sdk)
+    monkeypatch.setattr("time.sleep", grow_after_two_polls)
+
+    pool = RayPool("tests.nothing:factory", {"model": "d30"}, workers=None, address="auto", trial_timeout_s=60,
+                   gpus=2)
+    pool.start()
+    pool.close()
+    assert requested == [[{"GPU": 1}, {"GPU": 1}]]
+    assert len(created) == 2 and all(opts.get("num_gpus") == 1 for opts, _ in created)
+
+    resources.pop("GPU")
+    with pytest.raises(UserError, match="--gpus 4: the cluster has 0 GPU"):
+        ray_pool.wait_for_gpus(4, timeout_s=0.0)
+
+
+def test_gpus_flag_needs_a_cluster_address():
+    from tuner.errors import UserError
+    from tuner.search.config import resolve_config
+
+    with pytest.raises(UserError, match="--ray-address"):
+        resolve_config(mem_target="15%", gpus=2)
+    assert resolve_config(mem_target="15%", gpus=2, ray_address="auto").gpus == 2

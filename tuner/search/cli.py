@@ -75,6 +75,8 @@ def search_command(
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="CPU workers (default: one per GPU, else half the cores; 0 = in-process)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a Ray cluster: auto or host:port."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Ask the cluster's autoscaler for N GPUs (one worker "
+                                                            "each) and wait for them before searching."),
     storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///<out>/study.db)."),
     study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default from model and target)."),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
@@ -105,7 +107,7 @@ def search_command(
         model=model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, mem_target=mem_target,
         fid_limit=fid_limit, metric=metric, family=family, space=space, trials=trials, timeout_s=timeout,
         patience=patience, samples=samples, final_samples=final_samples, final_top_k=final_top_k, workers=workers,
-        ray_address=ray_address, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
+        ray_address=ray_address, gpus=gpus, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
         experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
         trial_timeout_s=trial_timeout, presets=not no_presets, fit_memory=not no_fit, evaluator=evaluator,

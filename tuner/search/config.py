@@ -110,6 +110,7 @@ class SearchConfig:
     final_top_k: int = 3
     workers: int | None = None  # None = one per GPU, else what fits the CPUs
     ray_address: str | None = None
+    gpus: int | None = None  # ask the cluster autoscaler for this many GPUs (one worker each) first
     storage: str = ""
     study_name: str = ""
     mlflow_uri: str = ""
@@ -140,10 +141,14 @@ class SearchConfig:
                              f"(or pass --space FILE)")
         if self.mem_target is None and self.quality_limit is None:
             raise ValueError("give --mem-target (e.g. 15%) and/or --fid-limit: the search needs a target")
+        if self.gpus is not None and self.ray_address is None:
+            raise ValueError("--gpus asks a cluster's autoscaler for GPUs: give --ray-address too (e.g. auto on the "
+                             "head node of `ray up ray_cluster.yaml`)")
         if self.quality_limit is not None and not math.isfinite(self.quality_limit):
             raise ValueError(f"--fid-limit {self.quality_limit} must be a finite number")
         checks = (("--trials", self.trials, 1), ("--samples", self.samples, 2),
                   ("--final-samples", self.final_samples, 2), ("--final-top-k", self.final_top_k, 1),
+                  ("--gpus", self.gpus if self.gpus is not None else 1, 1),
                   ("--eval-batch-size", self.eval_batch_size, 1))
         for flag, value, low in checks:
             if value < low:

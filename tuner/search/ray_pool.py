@@ -20,6 +20,7 @@ from tuner.search.workers import Outcome, default_cpu_workers
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1, no 8.8.8.8 probe
                  "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 OBJECT_STORE_BYTES = 256 * 2**20  # workers exchange small dicts only
+GPU_WAIT_S = 1800.0  # cloud GPU nodes take minutes to boot and set up
 CPU_ACTOR_CPUS = 0.5  # fractional: two whole-CPU actors on 2 cores starve every other Ray task
 READY_TIMEOUT_S = 900.0  # model load + calibration on a slow machine
 
@@ -78,13 +79,39 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
+def wait_for_gpus(wanted: int, timeout_s: float, poll_s: float = 5.0) -> int:
+    """Ask the cluster's autoscaler for ``wanted`` one-GPU bundles and wait until that many GPUs exist.
+
+    Why: the pool sizes itself from the GPUs present when it starts, and an autoscaling cluster
+    (``ray_cluster.yaml`` with ``min_workers: 0``) has none until something asks for them. The
+    request stays in force for the driver's lifetime, so the nodes are kept while the search runs.
+    Returns the GPUs present; UserError when fewer arrive within ``timeout_s``.
+    """
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * wanted)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = int(ray.cluster_resources().get("GPU", 0))
+        if have >= wanted:
+            return have
+        if time.monotonic() >= deadline:
+            raise UserError(f"--gpus {wanted}: the cluster has {have} GPU(s) after {timeout_s:.0f} s; raise the GPU "
+                            f"worker type's max_workers (ray_cluster.yaml) or your cloud quota, or ask for fewer")
+        time.sleep(poll_s)
+
+
 class RayPool:
     """One actor per GPU (``num_gpus=1``) when the cluster has GPUs, else ``workers`` CPU actors."""
 
     kind = "ray"
 
     def __init__(self, factory: str, factory_kwargs: dict[str, Any], workers: int | None,
-                 address: str | None, trial_timeout_s: float, device: str = "auto"):
+                 address: str | None, trial_timeout_s: float, device: str = "auto", gpus: int | None = None,
+                 gpu_wait_s: float = GPU_WAIT_S):
         self.factory, self.factory_kwargs = factory, dict(factory_kwargs)
         self.requested_workers, self.address = workers, address
         self.trial_timeout_s = trial_timeout_s
@@ -96,17 +123,20 @@ class RayPool:
         self.actor_options: dict[str, Any] = {}
         self.gpu = False
         self.total_restarts = 0
+        self.gpus_wanted, self.gpu_wait_s = gpus, gpu_wait_s
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
         import ray
 
         self.started_ray = start_ray(self.address)
+        if self.gpus_wanted:
+            wait_for_gpus(self.gpus_wanted, self.gpu_wait_s)
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
         self.gpu = gpus > 0
         if self.gpu:
-            n = min(gpus, self.requested_workers) if self.requested_workers else gpus
+            n = min(gpus, self.requested_workers or self.gpus_wanted or gpus)
             self.actor_options = {"num_gpus": 1, "num_cpus": CPU_ACTOR_CPUS}
             threads = None
         else:

@@ -100,7 +100,8 @@ def make_pool(cfg: SearchConfig):
         if "device" not in kwargs:
             kwargs["device"] = _local_device(cfg.device)
         return InlinePool(cfg.evaluator, kwargs)
-    return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s, device=cfg.device)
+    return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s, device=cfg.device,
+                   gpus=cfg.gpus)
 
 
 def _local_device(name: str) -> str:
