@@ -78,23 +78,17 @@ def timeline(out: Path) -> dict:
 
 
 def fitted_presets(ev, target: float) -> dict:
-    """Paper presets and baselines with their budget knob fitted to ``target`` (name -> policy)."""
-    from tuner.memory import memory_report
-    from tuner.policies.fit import fit_to_memory
-    from tuner.policies.full import FullPolicy  # noqa: F401 (registry import side effects are lazy)
-    from tuner.presets import paper_presets
+    """Paper presets and baselines with their budget knob fitted to ``target`` (label -> policy)."""
+    from tuner.memory import parse_mem_target
+    from tuner.presets import fitted_paper_presets
 
-    cfg = ev.loaded.config
-    presets = paper_presets(cfg, ev.calibration())
+    fitted = fitted_paper_presets(ev.loaded.config, ev.calibration(), parse_mem_target(f"{100 * target:g}%"))
     out = {}
     for method in BASELINE_METHODS:
         for name in (method, f"window@{method}", f"sink_window@{method}"):
-            policy = presets[name]
-            fitted = fit_to_memory(policy, ev.policy_spec(policy).geometry, lambda p: memory_report(
-                p, cfg, spec=ev.policy_spec(p)).fraction <= target)
-            label = name.split("@")[0] if "@" in name else name
-            if fitted is not None and label not in out:
-                out[label] = fitted
+            label = name.split("@")[0]
+            if fitted.get(name) is not None and label not in out:
+                out[label] = fitted[name]
     return out
 
 

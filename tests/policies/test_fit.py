@@ -67,8 +67,8 @@ def test_fitting_is_deterministic_and_idempotent():
     for policy in _policies(TINY):
         once = fit_to_memory(policy, TINY, fits)
         assert fit_to_memory(policy, TINY, fits) == once
-        assert fit_to_memory(once, TINY, fits).params() == once.params() or \
-            memory_report(fit_to_memory(once, TINY, fits), TINY, spec=spec).fraction <= 0.15
+        again = fit_to_memory(once, TINY, fits)  # refitting a fitted policy lands on the same memory
+        assert memory_report(again, TINY, spec=spec).fraction == memory_report(once, TINY, spec=spec).fraction
 
 
 def test_unfittable_and_knobless_policies():

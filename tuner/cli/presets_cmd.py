@@ -18,33 +18,15 @@ def register(app: typer.Typer) -> None:
 
 def preset_policies(loaded, calibration, mem_target: Optional[str]) -> dict:
     """``name -> policy``: :func:`tuner.presets.paper_presets`, optionally fitted to a memory target."""
-    from tuner.memory import memory_report, parse_mem_target
-    from tuner.policies.base import CacheGeometry, PolicySpec
-    from tuner.policies.fit import fit_to_memory
-    from tuner.presets import paper_presets
+    from tuner.memory import parse_mem_target
+    from tuner.presets import fitted_paper_presets, paper_presets
 
-    cfg = loaded.config
-    out = paper_presets(cfg, calibration)
     if mem_target is None:
-        return out
-    target = parse_mem_target(mem_target)  # UserError with the fix on bad input
-    geometry = CacheGeometry.from_var_config(cfg.var)
-    spec = PolicySpec(geometry, cfg.name, calibration)
-
-    def fits(policy) -> bool:
-        report = memory_report(policy, cfg, spec=spec)
-        if target.fraction is not None:
-            return report.fraction <= target.fraction
-        return report.kv_bytes_per_image <= target.bytes_per_image
-
-    fitted = {}
-    for name, policy in out.items():
-        p = fit_to_memory(policy, geometry, fits)
-        if p is None:
-            typer.echo(f"skipped {name}: it cannot be made to fit {mem_target}", err=True)
-        elif p not in fitted.values():  # baselines of different methods fit to the same policy
-            fitted[name] = p
-    return fitted
+        return paper_presets(loaded.config, calibration)
+    fitted = fitted_paper_presets(loaded.config, calibration, parse_mem_target(mem_target))
+    for name in [n for n, p in fitted.items() if p is None]:
+        typer.echo(f"skipped {name}: it cannot be made to fit {mem_target}", err=True)
+    return {n: p for n, p in fitted.items() if p is not None}
 
 
 @user_errors

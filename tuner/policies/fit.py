@@ -93,8 +93,8 @@ def fit_to_memory(policy: KVPolicy, geometry: CacheGeometry, fits: Callable[[KVP
     knob = memory_knob(policy, geometry)
     if knob is None:
         return policy if ok(policy) else None
-    best: KVPolicy | None = None
     if knob.integer:
+        best: KVPolicy | None = None
         lo, hi = int(knob.low), int(knob.high)
         while lo <= hi:
             mid = (lo + hi) // 2
@@ -105,8 +105,9 @@ def fit_to_memory(policy: KVPolicy, geometry: CacheGeometry, fits: Callable[[KVP
                 hi = mid - 1
         return best
     lo, hi = float(knob.low), float(knob.high)
-    if ok(knob.apply(hi)):
-        return knob.apply(hi)
+    top = knob.apply(hi)
+    if ok(top):
+        return top
     best_v = None
     for _ in range(BISECT_STEPS):
         mid = 0.5 * (lo + hi)
