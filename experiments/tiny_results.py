@@ -1,6 +1,6 @@
 """Policy results table: every baseline/preset family at ~10/15/25% memory vs the full-cache noise floor.
 
-    python experiments/tiny_results.py                       # tiny, 200 samples -> experiments/tiny/
+    python experiments/tiny_results.py                       # tiny, 1000 samples -> experiments/tiny/
     python experiments/tiny_results.py --samples 20 --out /tmp/r          # quick look
     python experiments/tiny_results.py --model d16 --weights-dir W --device cuda \\
         --inception-weights pt_inception-2015-12-05.pth --out experiments/d16   # an ImageNet model
@@ -10,8 +10,9 @@ target (window/sink_window: token cap; ams: c_min with c_max = 2·c_min; scalekv
 Metrics are paired with the full cache on the same labels and seeds (seed set A): ``fid_vs_full``
 (Fréchet distance of feature-net features), PSNR, SSIM; ``fid``/``delta_fid`` against the model's
 reference statistics when it has them (tiny: the procedural training distribution); and the feature
-net's class accuracy on the policy's images (tiny only). The noise floor is the full cache on a
-second seed set B against A (unpaired: same labels, other sampling noise). Writes results.md,
+net's class accuracy on the policy's images (tiny only). The noise floor is the full cache on two
+more seed sets B and C against A (unpaired: same labels, other sampling noise); its three pairwise
+Fréchet distances show how much the floor itself moves. Writes results.md,
 results.csv and results.png into ``--out``; text in an existing results.md below the ``CONCLUSION``
 marker line is kept.
 """
@@ -38,38 +39,42 @@ from tuner.quality.evaluate import EvalSpec, build_evaluator  # noqa: E402
 
 TARGETS = (0.10, 0.15, 0.25)
 FAMILIES = ("window", "sink_window", "ams", "scalekv")
-SEEDS_A, SEEDS_B = 1000, 5000
+SEEDS_A, SEEDS_B, SEEDS_C = 1000, 5000, 9000
 METRICS = ("fid_vs_full", "fid_vs_full_unpaired", "delta_fid", "psnr", "ssim", "class_acc")
-NOISE = "full cache, seed set B vs A (noise floor)"
+NOISE = "full cache, seed set {} vs A (noise floor)"
 CONCLUSION = "<!-- hand-written conclusion below: kept when the table is regenerated -->"
 
 
-def knob_policies(c: int, frac: float) -> dict:
-    """Each family with its one memory knob set: token cap ``c`` or budget fraction ``frac``."""
+def family_policies() -> dict:
+    """Each family in the shape compared here; :func:`fit` sets its one memory knob."""
     return {
-        "window": ("window", {"window": 7, "max_tokens": c}),
-        "sink_window": ("sink_window", {"sink_scales": 2, "window": 7, "max_tokens": c}),
+        "window": ("window", {"window": 7, "max_tokens": 1}),
+        "sink_window": ("sink_window", {"sink_scales": 2, "window": 7, "max_tokens": 1}),
         "ams": ("ams", {"n_condensed": 2, "window": 1, "window_demanding": 2, "theta_quantile": 0.25,
-                        "c_min": c, "c_max": 2 * c}),
-        "scalekv": ("scalekv", {"budget_fraction": frac}),
+                        "c_min": 1, "c_max": 2}),
+        "scalekv": ("scalekv", {"budget_fraction": 0.5}),
     }
 
 
 def fit(ev, name: str, target: float):
-    """``(family, params, fraction)`` with the largest knob whose memory fraction is <= target, or None."""
-    best = None
-    max_tokens = sum(p * p for p in ev.loaded.config.var.patch_nums)
-    candidates = [(0, f / 200) for f in range(1, 200)] if name == "scalekv" else [(c, 0.0) for c in range(1, max_tokens)]
-    for c, f in candidates:
-        family, params = knob_policies(c, f)[name]
-        try:
-            pol = make_policy(family, params)
-            frac = memory_report(pol, ev.loaded.config, spec=ev.policy_spec(pol)).fraction
-        except ValueError:
-            continue
-        if frac <= target + 1e-9 and (best is None or frac >= best[2]):
-            best = (family, params, frac)
-    return best
+    """``(family, params, fraction)`` with the family's knob fitted to ``target`` (tuner.policies.fit), or None.
+
+    The same fitting the search and ``tuner presets --mem-target`` use: the largest knob value whose
+    planned memory fraction is <= target (ams keeps c_max = 2·c_min).
+    """
+    from tuner.memory import as_geometry
+    from tuner.policies.fit import fit_to_memory
+
+    cfg = ev.loaded.config
+
+    def fraction(policy) -> float:
+        return memory_report(policy, cfg, spec=ev.policy_spec(policy)).fraction
+
+    family, params = family_policies()[name]
+    fitted = fit_to_memory(make_policy(family, params), as_geometry(cfg), lambda p: fraction(p) <= target + 1e-9)
+    if fitted is None:
+        return None
+    return family, {k: getattr(fitted, k) for k in params}, fraction(fitted)
 
 
 def class_accuracy(ev, images: torch.Tensor, labels) -> float:
@@ -95,22 +100,53 @@ def unpaired(ev, images: torch.Tensor, spec_b: EvalSpec) -> dict:
     return {"fid_vs_full_unpaired": frechet_distance(ev.embed(images), ref_b.features)}
 
 
-def noise_floor(ev, spec_a: EvalSpec, spec_b: EvalSpec) -> dict:
-    """The full cache on seed set B scored against seed set A, as if B were a policy."""
+def noise_floor(ev, spec_a: EvalSpec, spec_b: EvalSpec, spec_c: EvalSpec) -> list[dict]:
+    """Two noise-floor rows: the full cache on seed sets B and C, each scored against seed set A as if it
+    were a policy. Paired columns are vs full A; the unpaired column is vs full B like every policy row
+    (so for B itself it is FD(B, A)). Three independent seed sets give three other-seed Fréchet
+    distances, FD(A,B), FD(A,C), FD(B,C): the spread of the floor, not just one draw of it.
+    """
     from tuner.quality.metrics import FeatureStats, fid_from_stats, frechet_distance, psnr, ssim
 
-    a, b = ev.reference(spec_a), ev.reference(spec_b)
-    row = {"policy": NOISE, "target": "", "memory_fraction": 1.0, "psnr": psnr(b.images, a.images),
-           "ssim": ssim(b.images, a.images), "class_acc": class_accuracy(ev, b.images, spec_b.labels),
-           "class_acc_full_a": class_accuracy(ev, a.images, spec_a.labels),
-           "latency_s_per_image": b.seconds_per_image, "params": ""}
-    if a.features is not None:
-        row["fid_vs_full"] = row["fid_vs_full_unpaired"] = frechet_distance(b.features, a.features)
-        if ev.reference_stats is not None:
-            fid_a = fid_from_stats(FeatureStats.from_features(a.features), ev.reference_stats)
-            fid_b = fid_from_stats(FeatureStats.from_features(b.features), ev.reference_stats)
-            row.update(fid=fid_b, fid_full_a=fid_a, delta_fid=fid_b - fid_a)
-    return row
+    a, b, c = (ev.reference(s) for s in (spec_a, spec_b, spec_c))
+    fid = {}
+    if ev.reference_stats is not None and a.features is not None:
+        fid = {k: fid_from_stats(FeatureStats.from_features(r.features), ev.reference_stats)
+               for k, r in (("A", a), ("B", b), ("C", c))}
+    rows = []
+    for name, other, spec, vs_b in (("B", b, spec_b, a), ("C", c, spec_c, c)):
+        row = {"policy": NOISE.format(name), "target": "", "memory_fraction": 1.0,
+               "psnr": psnr(other.images, a.images), "ssim": ssim(other.images, a.images),
+               "class_acc": class_accuracy(ev, other.images, spec.labels),
+               "class_acc_full_a": class_accuracy(ev, a.images, spec_a.labels),
+               "latency_s_per_image": other.seconds_per_image, "params": ""}
+        if a.features is not None:
+            row["fid_vs_full"] = frechet_distance(other.features, a.features)
+            row["fid_vs_full_unpaired"] = frechet_distance(vs_b.features, b.features)
+        if fid:
+            row.update(fid=fid[name], fid_full_a=fid["A"], delta_fid=fid[name] - fid["A"])
+        rows.append(row)
+    return rows
+
+
+def floor_distances(rows: list[dict]) -> dict[str, float]:
+    """The other-seed Fréchet distances between full-cache sets: {"A-B": .., "A-C": .., "B-C": ..}."""
+    b, c = (r for r in rows if r["policy"].startswith("full cache"))
+    if not isinstance(b.get("fid_vs_full"), float):
+        return {}
+    return {"A-B": b["fid_vs_full"], "A-C": c["fid_vs_full"], "B-C": c["fid_vs_full_unpaired"]}
+
+
+def floor_text(rows: list[dict]) -> str:
+    d = floor_distances(rows)
+    return ", ".join(f"FD({k}) = {v:.3f}" for k, v in d.items()) if d else "not available (no features)"
+
+
+def floor_range(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """(min, max) of ``key`` over the noise-floor rows, or None when they lack it."""
+    vals = [r[key] for r in rows if r["policy"].startswith("full cache") and isinstance(r.get(key), float)]
+    vals += [0.0] if key == "delta_fid" and vals else []  # A's own delta is 0 by definition
+    return (min(vals), max(vals)) if vals else None
 
 
 def parse_args(argv):
@@ -119,7 +155,9 @@ def parse_args(argv):
     ap.add_argument("--weights-dir", default=None, help="directory with var_<model>.pth and the VQ-VAE")
     ap.add_argument("--inception-weights", default=None, help="FID Inception weights (ImageNet models)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--samples", type=int, default=200, help="images per seed set (balanced over classes)")
+    ap.add_argument("--samples", type=int, default=1000,
+                    help="images per seed set (balanced over classes); below ~1000 the Fréchet bias of two "
+                         "finite sets hides the policies' differences on tiny")
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default experiments/<model>)")
@@ -131,7 +169,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ev = build_evaluator(args.model, weights_dir=args.weights_dir, device=args.device,
@@ -139,8 +179,10 @@ def main(argv=None) -> None:
     n_cls = ev.loaded.config.var.num_classes
     spec = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_A, batch_size=args.batch_size)
     spec_b = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_B, batch_size=args.batch_size)
-    rows = [noise_floor(ev, spec, spec_b)]
-    print(rows[-1], flush=True)
+    spec_c = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_C, batch_size=args.batch_size)
+    rows = noise_floor(ev, spec, spec_b, spec_c)
+    for r in rows:
+        print(r, flush=True)
     captured = {}
     generate = ev.generate
 
@@ -184,16 +226,18 @@ def write(rows: list[dict], args, ev) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in keys})
-    cmd = "python experiments/tiny_results.py " + shlex.join(sys.argv[1:])
+    cmd = "python experiments/tiny_results.py " + shlex.join(args.argv)
     lines = [f"# {ev.loaded.config.name}: policies at ~10/15/25% memory vs the full cache", "",
              f"Command: `{cmd.strip()}`; machine: {platform.machine()} {platform.system()}, "
-             f"{torch.get_num_threads()} torch threads, device {args.device} (CPU shared with other jobs); "
+             f"{torch.get_num_threads()} torch threads, device {args.device}; "
              f"date {dt.date.today().isoformat()}; wall time {args.minutes:.1f} min. "
              f"{args.samples} images per seed set (labels cycling over the classes, batches of {args.batch_size}, "
-             f"seed set A = {SEEDS_A}+j, B = {SEEDS_B}+j). Memory fraction = planned KV bytes / full-cache KV "
-             "bytes (design §4, workspace included). Paired metrics compare each policy with the full cache on "
-             "seed set A; the noise-floor row compares the full cache on seed set B with seed set A "
-             f"(full-cache class accuracy on A: {_fmt(rows[0].get('class_acc_full_a'))}; "
+             f"seed set A = {SEEDS_A}+j, B = {SEEDS_B}+j, C = {SEEDS_C}+j). Memory fraction = planned KV bytes / "
+             "full-cache KV bytes (design §4, workspace included). Paired metrics compare each policy with the full "
+             "cache on seed set A; the unpaired column compares the policy's images (seeds A) with the full cache "
+             "on seed set B. The noise-floor rows score the full cache on seed sets B and C as if they were "
+             "policies; the three other-seed Fréchet distances (the floor's spread) are "
+             f"{floor_text(rows)} (full-cache class accuracy on A: {_fmt(rows[0].get('class_acc_full_a'))}; "
              f"fid of full A vs the reference set: {_fmt(rows[0].get('fid_full_a'), 2)}).", "",
              "| policy | target | memory | KV B/img | fid_vs_full (paired) ↓ | fid_vs_full (unpaired, vs B) ↓ "
              "| delta_fid ↓ | PSNR (dB) ↑ | SSIM ↑ | class acc ↑ | s/img | parameters |",
@@ -212,34 +256,37 @@ def write(rows: list[dict], args, ev) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per metric: quality vs memory fraction per family, the noise floor as a dashed line."""
+    """One panel per metric: quality vs memory fraction per family, the noise floor's spread as a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    floor = rows[0]
     panels = [("fid_vs_full", "fid_vs_full (paired) ↓", True),
               ("fid_vs_full_unpaired", "fid_vs_full (unpaired, vs seed set B) ↓", False),
               ("delta_fid", "delta_fid ↓", False),
               ("psnr", "PSNR vs full cache (dB) ↑", False), ("ssim", "SSIM vs full cache ↑", False)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8))
+    dists = list(floor_distances(rows).values())
+    fid_band = (min(dists), max(dists)) if dists else None
     for ax, (key, label, log) in zip(axes, panels):
         for name in FAMILIES:
-            pts = sorted((r["memory_fraction"], r[key]) for r in rows[1:]
+            pts = sorted((r["memory_fraction"], r[key]) for r in rows
                          if r["policy"] == name and isinstance(r.get(key), float) and math.isfinite(r[key]))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-        if isinstance(floor.get(key), float) and math.isfinite(floor[key]):
-            ax.axhline(floor[key], color="gray", ls="--", label="noise floor (full, seed set B vs A)")
-            if key == "delta_fid":
-                ax.axhspan(-abs(floor[key]), abs(floor[key]), color="gray", alpha=0.15)
+        band = fid_band if key.startswith("fid_vs_full") else floor_range(rows, key)
+        if band is not None and all(math.isfinite(v) for v in band):
+            ax.axhspan(band[0], band[1], color="gray", alpha=0.25,
+                       label="noise floor: full cache, other seed sets (min-max of 3)")
+            ax.axhline(band[1], color="gray", ls="--", lw=0.8)
         ax.set(xlabel="memory fraction of the full KV cache", title=label)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend below the panels, clear of the data
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
