@@ -69,11 +69,12 @@ def test_parse_size_and_targets():
     assert parse_size("40MiB") == 41_943_040
     assert parse_size("1.5 GB") == 1_500_000_000
     assert parse_size("800kB") == 800_000 and parse_size("512") == 512
-    assert parse_mem_target("15%") == ("fraction", 0.15)
+    t = parse_mem_target("15%")
+    assert (t.fraction, t.bytes_per_image, t.text) == (0.15, None, "15%")
     assert parse_mem_target("0.15").fraction == 0.15
     t = parse_mem_target("40MiB")
-    assert t == ("bytes", 41_943_040) and t.bytes_per_image == 41_943_040 and t.fraction is None
-    assert parse_mem_target("100%") == ("fraction", 1.0)
+    assert t.bytes_per_image == 41_943_040 and t.fraction is None
+    assert parse_mem_target("100%").fraction == 1.0
     for bad, match in [("0", "outside"), ("150%", "outside"), ("abc", "not a size"), ("0MiB", "positive"),
                        ("2", "more than the full cache"), ("%", "not a percentage"), ("12 parsecs", "not a size")]:
         with pytest.raises(UserError, match=match) as info:

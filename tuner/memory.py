@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from tuner.errors import UserError
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
@@ -215,22 +215,43 @@ def parse_size(text: str) -> int:
     return value
 
 
-class MemTargetSpec(NamedTuple):
-    """``(kind, value)``: ``("fraction", 0.15)`` or ``("bytes", 41943040)`` (bytes per image)."""
+@dataclass(frozen=True)
+class MemTarget:
+    """A memory target: a fraction of the full cache, or absolute KV bytes per image (exactly one).
 
-    kind: str
-    value: float | int
+    ``text`` is how the user wrote it (kept for study names and provenance). The search, preset
+    fitting and ``tuner policy check`` all read targets through this one type.
+    """
 
-    @property
-    def fraction(self) -> float | None:
-        return float(self.value) if self.kind == "fraction" else None
+    fraction: float | None = None
+    bytes_per_image: int | None = None
+    text: str = ""
 
-    @property
-    def bytes_per_image(self) -> int | None:
-        return int(self.value) if self.kind == "bytes" else None
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.bytes_per_image is None):
+            raise ValueError("a memory target is either a fraction or a byte count")
+        if self.fraction is not None and not (math.isfinite(self.fraction) and 0.0 < self.fraction <= 1.0):
+            raise ValueError(f"memory target fraction {self.fraction} must be in (0, 1]")
+        if self.bytes_per_image is not None and self.bytes_per_image <= 0:
+            raise ValueError(f"memory target {self.bytes_per_image} bytes must be positive")
+
+    def fits(self, report: MemoryReport) -> bool:
+        """Whether a plan's memory is within the target."""
+        return self.violation(report.fraction, report.kv_bytes_per_image) <= 1e-12
+
+    def violation(self, fraction: float, kv_bytes_per_image: float) -> float:
+        """Constraint value (<= 0 feasible), relative to the target so units do not matter."""
+        if self.fraction is not None:
+            return fraction / self.fraction - 1.0
+        return kv_bytes_per_image / float(self.bytes_per_image) - 1.0
+
+    def describe(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction:.4g} of the full cache"
+        return f"{self.bytes_per_image / 2**20:.4g} MiB per image"
 
 
-def parse_mem_target(text: str, flag: str = "--mem-target") -> MemTargetSpec:
+def parse_mem_target(text: str, flag: str = "--mem-target") -> MemTarget:
     """``"15%"`` or ``"0.15"`` (of the full cache) or ``"40MiB"`` (KV bytes per image).
 
     Errors are one-line ``UserError`` messages that start with ``flag`` and the text given.
@@ -253,12 +274,12 @@ def parse_mem_target(text: str, flag: str = "--mem-target") -> MemTargetSpec:
                             f"(for a size add a unit, e.g. {s}MiB)")
     else:
         try:
-            return MemTargetSpec("bytes", parse_size(s))
+            return MemTarget(bytes_per_image=parse_size(s), text=str(text).strip())
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
     if not (math.isfinite(frac) and 0 < frac <= 1):
         raise UserError(f"{where} is outside (0%, 100%]; {hint}")
-    return MemTargetSpec("fraction", frac)
+    return MemTarget(fraction=frac, text=str(text).strip())
 
 
 # ---------------------------------------------------------------------------------------- output

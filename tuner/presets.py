@@ -112,7 +112,7 @@ def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy
 def fitted_paper_presets(model_cfg: Any, calibration: Any, target: Any) -> dict[str, KVPolicy | None]:
     """:func:`paper_presets` with each budget knob fitted to ``target`` (:mod:`tuner.policies.fit`).
 
-    ``target``: a :class:`tuner.memory.MemTargetSpec` (``parse_mem_target("15%")``). Values are None
+    ``target``: a :class:`tuner.memory.MemTarget` (``parse_mem_target("15%")``). Values are None
     for presets that cannot fit; a fitted policy equal to an earlier one (the baselines of different
     methods fit to the same policy) is left out. Insertion order follows :func:`paper_presets`.
     """
@@ -123,10 +123,7 @@ def fitted_paper_presets(model_cfg: Any, calibration: Any, target: Any) -> dict[
     spec = PolicySpec(geometry, getattr(model_cfg, "name", ""), calibration)
 
     def fits(policy: KVPolicy) -> bool:
-        report = memory_report(policy, model_cfg, spec=spec)
-        if target.fraction is not None:
-            return report.fraction <= target.fraction
-        return report.kv_bytes_per_image <= target.bytes_per_image
+        return target.fits(memory_report(policy, model_cfg, spec=spec))
 
     out: dict[str, KVPolicy | None] = {}
     for name, policy in paper_presets(model_cfg, calibration).items():

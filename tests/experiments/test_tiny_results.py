@@ -57,7 +57,7 @@ def test_noise_floor_rows_give_three_other_seed_distances(results):
 
 
 def test_markdown_keeps_the_conclusion_and_plot_is_written(results):
-    tr, out, _ = results
+    _, out, _ = results
     md = (out / "results.md").read_text()
     assert "old table" not in md and md.endswith("## My reading\nkeep me\n")
     assert "FD(A-B) = " in md and "--samples 4" in md

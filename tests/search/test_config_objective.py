@@ -6,7 +6,8 @@ import math
 import pytest
 
 from tuner.errors import UserError
-from tuner.search.config import MemTarget, SearchConfig, resolve_config
+from tuner.memory import MemTarget
+from tuner.search.config import SearchConfig, resolve_config
 from tuner.search.objective import Objective, pareto_front
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.memory import MemTarget
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
@@ -24,69 +25,11 @@ DEFAULT_EVALUATOR = "tuner.quality.evaluate:build_evaluator"
 NO_TRACKING = ("none", "off")
 
 
-@dataclass(frozen=True)
-class MemTarget:
-    """A memory constraint: a fraction of the full cache, or absolute KV bytes per image."""
-
-    fraction: float | None = None
-    bytes_per_image: int | None = None
-    text: str = ""
-
-    def __post_init__(self) -> None:
-        if (self.fraction is None) == (self.bytes_per_image is None):
-            raise ValueError("a memory target is either a fraction or a byte count")
-        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"memory target fraction {self.fraction} must be in (0, 1]")
-        if self.bytes_per_image is not None and self.bytes_per_image <= 0:
-            raise ValueError(f"memory target {self.bytes_per_image} bytes must be positive")
-
-    def violation(self, fraction: float, kv_bytes_per_image: float) -> float:
-        """Constraint value (<= 0 feasible), relative to the target so units do not matter."""
-        if self.fraction is not None:
-            return fraction / self.fraction - 1.0
-        return kv_bytes_per_image / float(self.bytes_per_image) - 1.0
-
-    def describe(self) -> str:
-        if self.fraction is not None:
-            return f"{self.fraction:.4g} of the full cache"
-        return f"{self.bytes_per_image / 2**20:.4g} MiB per image"
-
-
 def parse_mem_target(text: str) -> MemTarget:
-    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`MemTarget`; one-line UserError otherwise.
+    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`tuner.memory.MemTarget`; one-line UserError otherwise."""
+    from tuner.memory import parse_mem_target as parse
 
-    Delegates the unit grammar to :func:`tuner.memory.parse_mem_target` and normalises what it returns
-    (a float fraction, an int byte count, or an object with ``fraction``/``bytes_per_image``).
-    """
-    from tuner.memory import parse_mem_target as _parse
-
-    try:
-        parsed = _parse(text)
-    except UserError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"--mem-target {text!r}: {exc}; use a percentage like 15%, a fraction like 0.15 "
-                        f"or bytes per image like 40MiB") from None
-    fraction = getattr(parsed, "fraction", None)
-    nbytes = getattr(parsed, "bytes_per_image", None)
-    if nbytes is None:
-        nbytes = getattr(parsed, "bytes", None)
-    if fraction is None and nbytes is None:
-        if isinstance(parsed, bool):
-            parsed = None
-        if isinstance(parsed, int):
-            nbytes = parsed
-        elif isinstance(parsed, float):
-            fraction = parsed
-    if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
-        raise UserError(f"--mem-target {text!r} is outside (0%, 100%]; use e.g. 15% of the full cache")
-    if nbytes is not None and int(nbytes) <= 0:
-        raise UserError(f"--mem-target {text!r} must be a positive size like 40MiB per image")
-    if fraction is None and nbytes is None:
-        raise UserError(f"--mem-target {text!r} is not a fraction or a size; use 15%, 0.15 or 40MiB")
-    if fraction is not None:
-        return MemTarget(fraction=float(fraction), text=text)
-    return MemTarget(bytes_per_image=int(nbytes), text=text)
+    return parse(text, flag="--mem-target")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.search.config import METRICS, MemTarget, SearchConfig
+from tuner.memory import MemTarget
+from tuner.search.config import METRICS, SearchConfig
 
 # The quality objective told for plan-infeasible trials before any quality exists (never better than
 # real ones); replaced by the worst quality seen so far once there is one.

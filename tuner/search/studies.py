@@ -10,7 +10,7 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.search import trials as T
-from tuner.search.config import MemTarget
+from tuner.memory import MemTarget
 from tuner.search.objective import Objective
 
 
