@@ -78,7 +78,19 @@ def test_non_checkpoint_file(tmp_path, small_ckpts):
     bad = tmp_path / "notes.pth"
     bad.write_text("hello")
     r = run("generate", "--var-ckpt", bad, "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
-    assert_user_error(r, "not a readable PyTorch checkpoint")
+    assert_user_error(r, "not a readable PyTorch checkpoint", "not a zip-format torch checkpoint")
+    assert "Weights only load failed" not in r.output  # torch's page of advice is not the user's problem
+
+
+class Payload:
+    """Stands in for anything pickled into a checkpoint besides tensors."""
+
+
+def test_checkpoint_with_pickled_objects_is_refused_by_name(tmp_path, small_ckpts):
+    bad = tmp_path / "objects.pth"
+    torch.save({"head.weight": Payload()}, bad)
+    r = run("generate", "--var-ckpt", bad, "--vae-ckpt", small_ckpts[1], "--out", tmp_path / "o")
+    assert_user_error(r, "not a readable PyTorch checkpoint", "Payload", "never unpickled")
 
 
 def test_vae_passed_as_var(tmp_path, small_ckpts):

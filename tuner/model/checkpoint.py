@@ -26,6 +26,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def load_failure_reason(path: Path, exc: Exception) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)``, without torch's page of advice.
+
+    torch wraps every refusal of the safe unpickler in a long "Weights only load failed..." text whose
+    useful part is the line after "WeightsUnpickler error:"; a file that is not a zip archive is
+    either truncated, not a checkpoint at all, or a legacy (pre-1.6) pickle.
+    """
+    import zipfile
+
+    text = str(exc)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+    glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if glob:
+        return f"it holds a pickled Python object ({glob.group(1)}), not only tensors, and is never unpickled"
+    if not zipfile.is_zipfile(path):
+        return "not a zip-format torch checkpoint: truncated, corrupt or not a checkpoint"
+    if detail:
+        return detail.group(1).splitlines()[0][:120]
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:120]
+
+
 def read_state_dict(path: str | Path, what: str, flag: str) -> dict[str, torch.Tensor]:
     """Load a plain state dict (``name -> Tensor``) from ``path``.
 
@@ -37,8 +58,7 @@ def read_state_dict(path: str | Path, what: str, flag: str) -> dict[str, torch.T
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, pickled code objects...
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{p} is not a readable PyTorch checkpoint ({reason}); "
+        raise UserError(f"{p} is not a readable PyTorch checkpoint ({load_failure_reason(p, exc)}); "
                         f"re-download or re-save it and pass it with {flag}") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...} wrappers
