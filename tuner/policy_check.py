@@ -229,5 +229,8 @@ def format_rows(rows: list[CheckRow]) -> str:
         met = ", ".join(f"{n} {c:.4g} / {v:.4g}" for n, c, v in r.values) or f"{r.metric} -"
         body.append((r.candidate, r.reference or "-", r.target, mem, met, r.verdict))
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head) - 1)]
-    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
+
+    def fmt(row: tuple) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1]
+
     return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths) + ("-" * 7,)), *map(fmt, body)])

@@ -181,7 +181,7 @@ class MlflowTracker:
     def log_trial(self, number: int, *, params: dict[str, Any], metrics: dict[str, Any], state: str,
                   tags: dict[str, Any] | None = None) -> str:
         """One finished trial as a child run of the study run (params, every metric, final state)."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         all_tags = {"mlflow.parentRunId": self.run_id, STUDY_TAG: self.study_name, "tuner.role": "trial",

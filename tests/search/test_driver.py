@@ -183,9 +183,9 @@ def test_studies_and_show_commands(tmp_path, toy_presets):
     assert cfg.study_name in res.output and "8" in res.output and str(result.policy_path) in res.output
     res = runner.invoke(app, ["show", cfg.study_name, "--storage", cfg.storage], terminal_width=250)
     assert res.exit_code == 0, res.output
-    assert "Pareto front" in res.output and f"exported policy (trial" in res.output
+    assert "Pareto front" in res.output and "exported policy (trial" in res.output
     res = runner.invoke(app, ["show", "nope", "--storage", cfg.storage])
-    assert res.exit_code == 2 and f"no study 'nope'" in res.output
+    assert res.exit_code == 2 and "no study 'nope'" in res.output
     res = runner.invoke(app, ["studies", "--storage", f"sqlite:///{tmp_path / 'none.db'}"])
     assert res.exit_code == 2 and "no such database file" in res.output
 

@@ -78,7 +78,7 @@ def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict) -> 
     fixed = body.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise doc.error(where + ("fixed",), "must be a mapping name -> value")
-    for key, value in fixed.items():
+    for key in fixed:
         check_name(key, where + ("fixed", key))
         defined[key] = True
     params = body.get("params") or {}
