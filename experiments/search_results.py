@@ -79,7 +79,7 @@ def timeline(out: Path) -> dict:
 
 def fitted_presets(ev, target: float) -> dict:
     """Paper presets and baselines with their budget knob fitted to ``target`` (label -> policy)."""
-    from tuner.memory import parse_mem_target
+    from tuner.mem_target import parse_mem_target
     from tuner.presets import fitted_paper_presets
 
     fitted = fitted_paper_presets(ev.loaded.config, ev.calibration(), parse_mem_target(f"{100 * target:g}%"))

@@ -5,8 +5,8 @@ import pytest
 
 from tests.policies.helpers import D30, SMALL
 from tuner.errors import UserError
-from tuner.memory import (GIB, format_plan_table, max_batch, memory_report, parse_mem_target, parse_size,
-                          plot_budget_heatmap)
+from tuner.mem_target import parse_mem_target, parse_size
+from tuner.memory import GIB, format_plan_table, max_batch, memory_report, plot_budget_heatmap
 from tuner.model.config import model_config
 from tuner.policies.base import CachePlan
 from tuner.policies.full import FullPolicy

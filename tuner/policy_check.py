@@ -96,7 +96,7 @@ class CheckRow:
 
 
 def _target(path: str, prov: dict) -> tuple:
-    from tuner.memory import parse_mem_target
+    from tuner.mem_target import parse_mem_target
 
     if prov.get("mem_target"):
         t = parse_mem_target(str(prov["mem_target"]), flag=f"{path}: provenance.mem_target")

@@ -112,7 +112,7 @@ def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy
 def fitted_paper_presets(model_cfg: Any, calibration: Any, target: Any) -> dict[str, KVPolicy | None]:
     """:func:`paper_presets` with each budget knob fitted to ``target`` (:mod:`tuner.policies.fit`).
 
-    ``target``: a :class:`tuner.memory.MemTarget` (``parse_mem_target("15%")``). Values are None
+    ``target``: a :class:`tuner.mem_target.MemTarget` (``parse_mem_target("15%")``). Values are None
     for presets that cannot fit; a fitted policy equal to an earlier one (the baselines of different
     methods fit to the same policy) is left out. Insertion order follows :func:`paper_presets`.
     """

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from tuner.errors import UserError
-from tuner.memory import MemTarget
+from tuner.mem_target import MemTarget
 from tuner.search.config import SearchConfig, resolve_config
 from tuner.search.objective import Objective, pareto_front
 

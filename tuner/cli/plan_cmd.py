@@ -31,7 +31,8 @@ def plan(
 ) -> None:
     from tuner.cli.common import DTYPE_NAMES, check_choice
     from tuner.cli.policy_opts import placeholder_calibration, policy_from_flags
-    from tuner.memory import format_plan_table, max_batch, memory_report, parse_size, plot_budget_heatmap
+    from tuner.mem_target import parse_size
+    from tuner.memory import format_plan_table, max_batch, memory_report, plot_budget_heatmap
     from tuner.model.config import model_config
     from tuner.policies.base import CacheGeometry, PolicySpec
 

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 def preset_policies(loaded, calibration, mem_target: Optional[str]) -> dict:
     """``name -> policy``: :func:`tuner.presets.paper_presets`, optionally fitted to a memory target."""
-    from tuner.memory import parse_mem_target
+    from tuner.mem_target import parse_mem_target
     from tuner.presets import fitted_paper_presets, paper_presets
 
     if mem_target is None:

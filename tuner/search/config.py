@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
-from tuner.memory import MemTarget
+from tuner.mem_target import MemTarget
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
@@ -26,8 +26,8 @@ NO_TRACKING = ("none", "off")
 
 
 def parse_mem_target(text: str) -> MemTarget:
-    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`tuner.memory.MemTarget`; one-line UserError otherwise."""
-    from tuner.memory import parse_mem_target as parse
+    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`tuner.mem_target.MemTarget`; one-line UserError otherwise."""
+    from tuner.mem_target import parse_mem_target as parse
 
     return parse(text, flag="--mem-target")
 

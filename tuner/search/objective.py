@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.memory import MemTarget
+from tuner.mem_target import MemTarget
 from tuner.search.config import METRICS, SearchConfig
 
 # The quality objective told for plan-infeasible trials before any quality exists (never better than

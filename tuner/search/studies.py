@@ -10,7 +10,7 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.search import trials as T
-from tuner.memory import MemTarget
+from tuner.mem_target import MemTarget
 from tuner.search.objective import Objective
 
 
