@@ -49,6 +49,8 @@ def test_committed_policies_pass_against_themselves():
     r = run("policy", "check", *sorted(POLICIES.glob("*.json")), "--reference", POLICIES, "--model", "tiny", *FAST)
     assert r.exit_code == 0, r.output
     assert r.output.count("  ok") == 3 and "REGRESSION" not in r.output, r.output
+    rows = [ln.split() for ln in r.output.splitlines() if ln.startswith(str(POLICIES / "tiny-"))]
+    assert [row[2] for row in rows] == ["10%", "15%", "25%"], r.output  # the target column, as the user wrote it
     assert r.output.strip().splitlines()[-1].startswith("ok: 3 policies"), r.output
 
 

@@ -100,7 +100,9 @@ def _target(path: str, prov: dict) -> tuple:
 
     if prov.get("mem_target"):
         t = parse_mem_target(str(prov["mem_target"]), flag=f"{path}: provenance.mem_target")
-        return ("mem", t.fraction and round(t.fraction, 9), t.bytes_per_image)
+        if t.fraction is not None:
+            return ("mem", "fraction", round(t.fraction, 9))
+        return ("mem", "bytes", t.bytes_per_image)
     if prov.get("quality_limit") is not None:
         return ("limit", str(prov.get("metric") or DEFAULT_METRIC), float(prov["quality_limit"]))
     raise UserError(f"{path} records no search target (provenance.mem_target); re-export it with "
