@@ -18,7 +18,10 @@ from tuner.search.worker_host import WorkerHost
 from tuner.search.workers import Outcome, default_cpu_workers
 
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1, no 8.8.8.8 probe
-                 "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+                 "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                 # Ray starts workers at nice 15; here they do all of the search's work, so on a shared
+                 # machine they would yield to every other job while the driver only waits for them.
+                 "RAY_worker_niceness": "0"}
 OBJECT_STORE_BYTES = 256 * 2**20  # workers exchange small dicts only
 GPU_WAIT_S = 1800.0  # cloud GPU nodes take minutes to boot and set up
 CPU_ACTOR_CPUS = 0.5  # fractional: two whole-CPU actors on 2 cores starve every other Ray task
