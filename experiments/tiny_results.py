@@ -62,19 +62,22 @@ def fit(ev, name: str, target: float):
     The same fitting the search and ``tuner presets --mem-target`` use: the largest knob value whose
     planned memory fraction is <= target (ams keeps c_max = 2·c_min).
     """
+    from tuner.mem_target import MemTarget
     from tuner.memory import as_geometry
     from tuner.policies.fit import fit_to_memory
 
-    cfg = ev.loaded.config
+    cfg, limit = ev.loaded.config, MemTarget(fraction=target)
 
-    def fraction(policy) -> float:
-        return memory_report(policy, cfg, spec=ev.policy_spec(policy)).fraction
+    def fits(policy) -> bool:
+        report = memory_report(policy, cfg, spec=ev.policy_spec(policy))
+        return limit.fits(report.fraction, report.kv_bytes_per_image)
 
     family, params = family_policies()[name]
-    fitted = fit_to_memory(make_policy(family, params), as_geometry(cfg), lambda p: fraction(p) <= target + 1e-9)
+    fitted = fit_to_memory(make_policy(family, params), as_geometry(cfg), fits)
     if fitted is None:
         return None
-    return family, {k: getattr(fitted, k) for k in params}, fraction(fitted)
+    fraction = memory_report(fitted, cfg, spec=ev.policy_spec(fitted)).fraction
+    return family, {k: getattr(fitted, k) for k in params}, fraction
 
 
 def class_accuracy(ev, images: torch.Tensor, labels) -> float:

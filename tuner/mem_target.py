@@ -9,12 +9,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from tuner.errors import UserError
-
-if TYPE_CHECKING:
-    from tuner.memory import MemoryReport
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -53,9 +49,9 @@ class MemTarget:
         if self.bytes_per_image is not None and self.bytes_per_image <= 0:
             raise ValueError(f"memory target {self.bytes_per_image} bytes must be positive")
 
-    def fits(self, report: MemoryReport) -> bool:
-        """Whether a plan's memory is within the target."""
-        return self.violation(report.fraction, report.kv_bytes_per_image) <= 1e-12
+    def fits(self, fraction: float, kv_bytes_per_image: float) -> bool:
+        """Whether a plan's memory is within the target: the same rule the search's constraint applies."""
+        return self.violation(fraction, kv_bytes_per_image) <= 0.0
 
     def violation(self, fraction: float, kv_bytes_per_image: float) -> float:
         """Constraint value (<= 0 feasible), relative to the target so units do not matter."""

@@ -123,7 +123,8 @@ def fitted_paper_presets(model_cfg: Any, calibration: Any, target: Any) -> dict[
     spec = PolicySpec(geometry, getattr(model_cfg, "name", ""), calibration)
 
     def fits(policy: KVPolicy) -> bool:
-        return target.fits(memory_report(policy, model_cfg, spec=spec))
+        report = memory_report(policy, model_cfg, spec=spec)
+        return target.fits(report.fraction, report.kv_bytes_per_image)
 
     out: dict[str, KVPolicy | None] = {}
     for name, policy in paper_presets(model_cfg, calibration).items():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
-from tuner.mem_target import MemTarget
+from tuner.mem_target import MemTarget, parse_mem_target
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
@@ -23,13 +23,6 @@ FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
 METRICS = {"fid_vs_full": False, "delta_fid": False, "fid": False, "psnr": True, "ssim": True}
 DEFAULT_EVALUATOR = "tuner.quality.evaluate:build_evaluator"
 NO_TRACKING = ("none", "off")
-
-
-def parse_mem_target(text: str) -> MemTarget:
-    """``"15%"``, ``"0.15"`` or ``"40MiB"`` → :class:`tuner.mem_target.MemTarget`; one-line UserError otherwise."""
-    from tuner.mem_target import parse_mem_target as parse
-
-    return parse(text, flag="--mem-target")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ class SearchRuntime:
 
     def _fits(self, policy) -> bool:
         m = self._memory(policy)
-        return self.cfg.mem_target.violation(m["memory_fraction"], m["kv_bytes_per_image"]) <= 0
+        return self.cfg.mem_target.fits(m["memory_fraction"], m["kv_bytes_per_image"])
 
     def close(self, status: str = "FINISHED") -> None:
         for step in (lambda: self.tracker and self.tracker.finish(status),
