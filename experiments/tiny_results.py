@@ -116,12 +116,13 @@ def noise_floor(ev, spec_a: EvalSpec, spec_b: EvalSpec, spec_c: EvalSpec) -> lis
     if ev.reference_stats is not None and a.features is not None:
         fid = {k: fid_from_stats(FeatureStats.from_features(r.features), ev.reference_stats)
                for k, r in (("A", a), ("B", b), ("C", c))}
+    acc_a = class_accuracy(ev, a.images, spec_a.labels)
     rows = []
     for name, other, spec, vs_b in (("B", b, spec_b, a), ("C", c, spec_c, c)):
         row = {"policy": NOISE.format(name), "target": "", "memory_fraction": 1.0,
                "psnr": psnr(other.images, a.images), "ssim": ssim(other.images, a.images),
                "class_acc": class_accuracy(ev, other.images, spec.labels),
-               "class_acc_full_a": class_accuracy(ev, a.images, spec_a.labels),
+               "class_acc_full_a": acc_a,
                "latency_s_per_image": other.seconds_per_image, "params": ""}
         if a.features is not None:
             row["fid_vs_full"] = frechet_distance(other.features, a.features)
