@@ -107,3 +107,127 @@ def test_refuses_another_model_and_another_checkpoint(tmp_path):
     load_policy_file(path, TINY, checkpoint_sha256=None)  # unknown hash on one side: accepted
     _, path = write(tmp_path, family="window", params={"window": 2}, checkpoint_sha256=None)
     load_policy_file(path, TINY, checkpoint_sha256="cd" * 32)
+
+
+# -- schema and size limits: every malformed field is one line naming the file and the field -----------
+
+@pytest.mark.parametrize("field", ["model", "policy", "budgets", "memory", "full", "kind", "calibration",
+                                   "metrics", "eval_spec", "provenance"])
+@pytest.mark.parametrize("bad", [[], "x", 3, 1.5, True, None, {}])
+def test_every_top_level_field_is_type_checked(tmp_path, field, bad):
+    _, path = write(tmp_path)
+    allowed = {"model": (dict,), "policy": (dict,), "budgets": (list,), "memory": (dict,), "full": (bool,),
+               "kind": (str,), "calibration": (dict, type(None)), "metrics": (dict, type(None)),
+               "eval_spec": (dict, type(None)), "provenance": (dict, type(None))}[field]
+    if isinstance(bad, allowed):
+        return  # a well-typed value: refused (or accepted) by the checks after the schema
+    edit(path, lambda d: d.__setitem__(field, bad))
+    with pytest.raises(UserError) as info:
+        load_policy_file(path, TINY)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: field '{field}' must be "), msg
+    assert "\n" not in msg and "re-export" in msg
+
+
+@pytest.mark.parametrize("memory, fragment", [([], "field 'memory' must be an object, not an array"),
+                                              ("x", "field 'memory' must be an object, not a string")])
+def test_memory_of_the_wrong_type_is_a_user_error(tmp_path, memory, fragment):
+    _, path = write(tmp_path)
+    edit(path, lambda d: d.update(memory=memory))
+    with pytest.raises(UserError, match=fragment):
+        load_policy_file(path)
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: d["model"].update(depth="6"), "field 'model.depth' must be an integer, not a string"),
+    (lambda d: d["model"].update(depth=6.0), "field 'model.depth' must be an integer, not a number"),
+    (lambda d: d["model"].pop("patch_nums"), "field 'model.patch_nums' is missing"),
+    (lambda d: d["model"]["patch_nums"].__setitem__(0, "1"), "'model.patch_nums[0]' must be an integer"),
+    (lambda d: d["model"].update(checkpoint_sha256=7), "'model.checkpoint_sha256' must be a string or null"),
+    (lambda d: d["policy"].update(family=["ams"]), "field 'policy.family' must be a string, not an array"),
+    (lambda d: d["policy"].update(params=[1]), "field 'policy.params' must be an object or null"),
+    (lambda d: d["memory"].update(fraction="0.1"), "'memory.fraction' must be a finite number, not a string"),
+    (lambda d: d["memory"].update(fraction=float("nan")),
+     "'memory.fraction' must be a finite number, not NaN"),
+    (lambda d: d["memory"].update(kv_bytes_per_image=float("inf")),
+     "'memory.kv_bytes_per_image' must be a finite number, not inf"),
+    (lambda d: d["memory"].pop("kv_bytes_per_image"), "field 'memory.kv_bytes_per_image' is missing"),
+    (lambda d: d["memory"].update(dtype=16), "field 'memory.dtype' must be a string"),
+    (lambda d: d["memory"].update(dtype="fp8"), "field 'memory.dtype' is 'fp8'; it must be one of fp16"),
+    (lambda d: d["memory"].update(capacities={}), "field 'memory.capacities' must be an array"),
+    (lambda d: d["memory"].update(fraction=0.001), "memory fraction 0.001 does not match the plan"),
+    (lambda d: d["budgets"].__setitem__(0, 5), "field 'budgets[0]' must be an array (one row per layer)"),
+    (lambda d: d["budgets"][1].__setitem__(2, 3.0), "field 'budgets[1][2]' must be an integer, not a number"),
+    (lambda d: d.update(kind="something else"), "is not a varkv-tuner policy file (kind 'something else'"),
+    (lambda d: d.update(metrics={"fid": [1]}), "field 'metrics.fid' must be a number, a string or null"),
+    (lambda d: d.update(provenance={"quality_limit": "low"}),
+     "field 'provenance.quality_limit' must be a finite number or null"),
+    (lambda d: d.pop("memory"), "is incomplete (missing: memory)"),
+])
+def test_nested_fields_are_type_checked(tmp_path, mutate, fragment):
+    _, path = write(tmp_path)
+    edit(path, mutate)
+    with pytest.raises(UserError) as info:
+        load_policy_file(path, TINY)
+    msg = str(info.value)
+    assert msg.startswith(str(path)) and fragment in msg and "\n" not in msg, msg
+
+
+@pytest.mark.timeout(20)
+def test_deep_nesting_and_oversized_files_are_refused_before_use(tmp_path):
+    from tuner.policy_schema import MAX_DEPTH, MAX_FILE_BYTES
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)  # json.loads: RecursionError
+    with pytest.raises(UserError, match=f"deep.json is nested deeper than {MAX_DEPTH} levels"):
+        load_policy_file(path)
+    _, good = write(tmp_path)
+    nested = 1
+    for _ in range(MAX_DEPTH + 1):
+        nested = [nested]
+    edit(good, lambda d: d.update(extra=nested))  # loads fine, but deeper than any policy file
+    with pytest.raises(UserError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        load_policy_file(good)
+    big = tmp_path / "big.json"
+    big.write_bytes(b"{" + b" " * MAX_FILE_BYTES + b"}")  # valid JSON, never parsed
+    with pytest.raises(UserError, match=rf"big.json is {MAX_FILE_BYTES + 2} bytes, over the 4 MiB limit"):
+        load_policy_file(big)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"schema_version": 1, "kind": "\xe9"}')
+    with pytest.raises(UserError, match="latin.json is not UTF-8 text"):
+        load_policy_file(latin)
+
+
+def test_unknown_top_level_fields_are_allowed(tmp_path):
+    policy, path = write(tmp_path)
+    edit(path, lambda d: d.update(notes={"by": "a newer tuner"}))
+    assert load_policy_file(path, TINY)[0] == policy
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case, command", [("memory-array", "show"), ("memory-array", "validate"),
+                                           ("deep", "show"), ("deep", "validate"), ("oversize", "validate")])
+def test_cli_refuses_malformed_policy_files_with_one_line(tmp_path, case, command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = write(tmp_path)
+    if case == "memory-array":
+        edit(path, lambda d: d.update(memory=[]))
+        fragment = "field 'memory' must be an object, not an array"
+    elif case == "deep":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+        fragment = "is nested deeper than"
+    else:
+        path.write_bytes(b" " * (5 << 20))
+        fragment = "over the 4 MiB limit for policy files"
+    args = [sys.executable, "-m", "tuner", "policy", command, str(path)]
+    args += ["--model", "tiny"] if command == "validate" else []
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=root, timeout=100)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), proc.stderr
+    assert fragment in lines[0], lines[0]

@@ -15,12 +15,16 @@ Layout (``schema_version`` 1)::
 Loading re-plans the policy from its family and params (with the embedded calibration) and refuses
 the file unless the result equals the stored budget table — the table is what memory was promised
 on, so a file can never silently run with other budgets.
+
+The file is user input: :mod:`tuner.policy_schema` bounds its size and nesting and type-checks every
+field above before any of it is used, each refusal one line naming the file and the field.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
 import json
+import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +32,10 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
+from tuner.policy_schema import KIND, check_policy_schema, read_policy_json
 
 SCHEMA_VERSION = 1
-KIND = "varkv-tuner policy"
 _REQUIRED = ("model", "policy", "budgets", "memory")
-
-
 @dataclass(frozen=True)
 class PolicyFileInfo:
     """Everything in a loaded policy file besides the policy object."""
@@ -128,20 +130,16 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
 
     where = str(path)
     redo = "re-export it with `tuner search` (or write it with tuner.policy_file.write_policy_file)"
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UserError(f"cannot read policy file {where}: {exc.strerror or exc}; check the path") from None
-    except ValueError as exc:
-        raise UserError(f"{where} is not valid JSON ({exc}); {redo}") from None
+    doc = read_policy_json(Path(path), where, redo)
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UserError(f"{where} is not a varkv-tuner policy file (no schema_version); {redo}")
-    if doc["schema_version"] != SCHEMA_VERSION:
+    if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:  # true/1.0 are not 1
         raise UserError(f"{where} has schema_version {doc['schema_version']!r}, this tuner reads {SCHEMA_VERSION}; "
                         f"use a matching varkv-tuner version or {redo}")
-    missing = [k for k in _REQUIRED if not isinstance(doc.get(k), (dict, list))]
+    missing = [k for k in _REQUIRED if k not in doc]
     if missing:
-        raise UserError(f"{where} is incomplete (missing or malformed: {', '.join(missing)}); {redo}")
+        raise UserError(f"{where} is incomplete (missing: {', '.join(missing)}); {redo}")
+    check_policy_schema(where, doc, redo)
     model, pol = doc["model"], doc["policy"]
     try:
         geometry = CacheGeometry(int(model["depth"]), int(model["num_heads"]), int(model["head_dim"]),
@@ -182,10 +180,13 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     if report.plan != plan:
         raise UserError(f"{where}: the budget table differs from what the {family} parameters plan (edited or "
                         f"made by another tuner version); {redo}")
-    stored = doc["memory"].get("kv_bytes_per_image")
-    if stored is not None and stored != report.kv_bytes_per_image:
+    stored = doc["memory"]["kv_bytes_per_image"]
+    if stored != report.kv_bytes_per_image:
         raise UserError(f"{where}: memory figure {stored} B/image does not match the plan "
                         f"({report.kv_bytes_per_image} B); {redo}")
+    if not math.isclose(doc["memory"]["fraction"], report.fraction, rel_tol=1e-9, abs_tol=1e-12):
+        raise UserError(f"{where}: memory fraction {doc['memory']['fraction']} does not match the plan "
+                        f"({report.fraction}); {redo}")
     info = PolicyFileInfo(where, SCHEMA_VERSION, dict(model), plan, dict(doc["memory"]), calibration,
                           doc.get("metrics"), doc.get("eval_spec"), doc.get("provenance"))
     return policy, info

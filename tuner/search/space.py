@@ -19,7 +19,9 @@ A parameter whose ``when`` is false is not suggested: the policy gets its ``defa
 else the policy's own default (expressions then read it as ``None``). Bounds and ``repeat`` may use
 the model symbols ``num_layers num_scales seq_len num_heads head_dim
 patch_nums scale_lengths last_scale_len cached_before_last`` and the functions of
-:mod:`tuner.search.expr`. Every problem is reported as ``file:line: where: what`` (UserError). Optuna
+:mod:`tuner.search.expr`. Every problem is reported as ``file:line: where: what`` (UserError), and so
+is a space over the size limits (file size, YAML nodes and nesting, no YAML aliases, expression
+cost, ``repeat``, parameter and choice counts: see :mod:`tuner.search.space_schema`). Optuna
 parameter names are ``<family>.<param>`` (``.<i>`` for repeated ones), plus ``family`` when the space
 has more than one family.
 """
@@ -131,7 +133,8 @@ class SearchSpace:
         None when the space cannot express them (family absent, value off the space).
 
         Helper parameters (``_name``) cannot be read off a policy: their values are searched
-        exhaustively (at most :data:`MAX_HELPER_COMBINATIONS` combinations) for one that round-trips.
+        exhaustively (at most :data:`MAX_HELPER_COMBINATIONS` combinations, and at most
+        :data:`MAX_HELPER_WORK` combinations × Optuna parameters) for one that round-trips.
         """
         if family not in self.family_names:
             return None
@@ -147,11 +150,11 @@ class SearchSpace:
                 return None
             base.update(zip(names, values))
         helpers = [(n, _helper_values(p)) for p in fam.params if p.name.startswith("_") for n in p.optuna_names(family)]
-        total = 1
+        total, width = 1, sum(p.repeat or 1 for p in fam.params)
         for _, vals in helpers:
             total *= len(vals)
-        if total > MAX_HELPER_COMBINATIONS:
-            return None
+            if total > MAX_HELPER_COMBINATIONS or total * width > MAX_HELPER_WORK:
+                return None
         wanted = {k: _plain(v) for k, v in policy_params.items()}
         for combo in itertools.product(*(vals for _, vals in helpers)):
             out = {**base, **{n: v for (n, _), v in zip(helpers, combo)}}
@@ -182,6 +185,7 @@ class SearchSpace:
 
 
 MAX_HELPER_COMBINATIONS = 50_000
+MAX_HELPER_WORK = 2_000_000  # each combination replays every parameter of the family once
 
 
 def _helper_values(p: ParamSpec) -> list[Any]:

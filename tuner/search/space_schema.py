@@ -2,6 +2,15 @@
 
 Turns the YAML data of one file (with its includes) into :class:`~tuner.search.space.FamilySpace`
 objects bound to a model, or raises a one-line ``file:line: where: what`` UserError.
+
+A space file is user input, so its size is bounded before it can cost anything (sized generously
+against the shipped ``search_spaces/``, which have 7 parameters per family at most, ``repeat:
+num_layers`` (at most 36 on the named models) and 4 choices per categorical): at most
+:data:`MAX_FILES` files and :data:`MAX_SPACE_BYTES` bytes with the includes (each file's own bounds
+are in :mod:`tuner.search.yaml_lines`, each expression's in :mod:`tuner.search.expr`), ``repeat``
+at most :data:`MAX_REPEAT`, at most :data:`MAX_CHOICES` choices per categorical, at most
+:data:`MAX_PARAMS` Optuna parameters (repeats counted) and :data:`MAX_TOTAL_CHOICES` categorical
+choices over the whole space, and numeric bounds within ``±MAX_BOUND``.
 """
 from __future__ import annotations
 
@@ -14,19 +23,41 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.search import expr
 from tuner.search.space import FamilySpace, ParamSpec
-from tuner.search.yaml_lines import Located, load_with_lines
+from tuner.search.yaml_lines import MAX_FILE_BYTES, Located, load_with_lines
 
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^_?[A-Za-z][A-Za-z0-9_]*$")
 _PARAM_KEYS = {"type", "low", "high", "step", "log", "choices", "when", "default", "repeat"}
 
+MAX_FILES = 32  # files loaded for one space, includes counted each time they are included
+MAX_SPACE_BYTES = MAX_FILE_BYTES  # all of them together (256 KiB)
+MAX_REPEAT = 4096  # repeat: num_layers * num_scales is at most ~500 on the named models
+MAX_CHOICES = 1000  # choices of one categorical parameter
+MAX_PARAMS = 10_000  # Optuna parameters of the whole space (a repeated parameter counts repeat times)
+MAX_TOTAL_CHOICES = 100_000  # categorical choices of the whole space (repeats counted)
+MAX_BOUND = 1e18  # |low|, |high|, |step|, repeat
 
-def load_into(path: Path, symbols: dict, known: set[str], families: dict, sources: list, digest, stack: tuple):
+
+@dataclasses.dataclass
+class _Budget:
+    """What is left of the whole space's limits while its files are loaded."""
+
+    bytes_left: int = MAX_SPACE_BYTES
+    files_left: int = MAX_FILES
+    params_left: int = MAX_PARAMS
+    choices_left: int = MAX_TOTAL_CHOICES
+
+
+def load_into(path: Path, symbols: dict, known: set[str], families: dict, sources: list, digest, stack: tuple,
+              budget: _Budget | None = None):
+    budget = budget if budget is not None else _Budget()
     if path in stack:
         raise UserError(f"{stack[-1]}: include cycle through {path.name}")
+    budget.files_left -= 1
     doc = load_with_lines(path)
+    budget.bytes_left -= len(doc.raw)
     sources.append(str(path))
-    digest.update(path.read_bytes())
+    digest.update(doc.raw)
     data = doc.data
     if not isinstance(data, dict):
         raise doc.error((), "a search space must be a mapping with 'families:' (and optionally 'include:')")
@@ -42,7 +73,15 @@ def load_into(path: Path, symbols: dict, known: set[str], families: dict, source
         target = (path.parent / name).resolve()
         if not target.is_file():
             raise doc.error(("include", i), f"included file {name} does not exist next to {path.name}")
-        load_into(target, symbols, known, families, sources, digest, stack + (path,))
+        if budget.files_left <= 0:
+            raise doc.error(("include", i), f"a space may load at most {MAX_FILES} files with its includes "
+                                            f"(a file included twice counts twice); include fewer files")
+        size = target.stat().st_size
+        if size > budget.bytes_left and size <= MAX_FILE_BYTES:
+            raise doc.error(("include", i), f"including {name} ({size} bytes) makes the space larger than "
+                                            f"{MAX_SPACE_BYTES} bytes with its includes (the limit); "
+                                            f"make the files smaller")
+        load_into(target, symbols, known, families, sources, digest, stack + (path,), budget)
     fams = data.get("families") or {}
     if not isinstance(fams, dict):
         raise doc.error(("families",), "must be a mapping of family name -> definition")
@@ -52,10 +91,10 @@ def load_into(path: Path, symbols: dict, known: set[str], families: dict, source
             raise doc.error(where, f"unknown policy family; registered families: {', '.join(sorted(known))}")
         if name in families:
             raise doc.error(where, "family defined twice (in this file and an included one)")
-        families[name] = _family(doc, where, name, body, symbols)
+        families[name] = _family(doc, where, name, body, symbols, budget)
 
 
-def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict) -> FamilySpace:
+def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict, budget: _Budget) -> FamilySpace:
     from tuner.policies.registry import policy_class
 
     if not isinstance(body, dict):
@@ -90,6 +129,7 @@ def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict) -> 
         check_name(key, w)
         specs.append(_param(doc, w, key, spec, symbols, defined))
         defined[key] = True  # a conditional parameter that is off reads as its default (or None)
+        _spend(doc, w, specs[-1], budget)
     derived = body.get("derived") or {}
     if not isinstance(derived, dict):
         raise doc.error(where + ("derived",), "must be a mapping name -> expression")
@@ -101,6 +141,19 @@ def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict) -> 
         out_derived.append((key, str(text)))
         defined[key] = True
     return FamilySpace(name, tuple(specs), tuple(out_derived), tuple(fixed.items()))
+
+
+def _spend(doc: Located, where: tuple, spec: ParamSpec, budget: _Budget) -> None:
+    """Count ``spec``'s Optuna parameters and choices against the whole space's limits."""
+    count = spec.repeat or 1
+    budget.params_left -= count
+    budget.choices_left -= count * len(spec.choices)
+    if budget.params_left < 0:
+        raise doc.error(where, f"the space has more than {MAX_PARAMS} Optuna parameters (repeats counted), "
+                               f"the limit; use fewer or smaller repeats")
+    if budget.choices_left < 0:
+        raise doc.error(where, f"the space has more than {MAX_TOTAL_CHOICES} categorical choices "
+                               f"(repeats counted), the limit; use fewer choices or repeats")
 
 
 def _check_expr(doc: Located, where: tuple, text: str, symbols: dict, defined: dict[str, bool]) -> None:
@@ -124,8 +177,15 @@ def _bound(doc: Located, where: tuple, value: Any, symbols: dict) -> float:
         except expr.ExprError as exc:
             raise doc.error(where, str(exc)) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise doc.error(where, f"evaluates to {value!r}, not a finite number")
+        raise doc.error(where, f"evaluates to {_short(value)}, not a finite number")
+    if abs(value) > MAX_BOUND:
+        raise doc.error(where, f"evaluates to {_short(value)}, over the limit of 1e18; use a smaller number")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _param(doc: Located, w: tuple, key: str, spec: Any, symbols: dict, defined: dict) -> ParamSpec:
@@ -146,12 +206,18 @@ def _param(doc: Located, w: tuple, key: str, spec: Any, symbols: dict, defined: 
         repeat = _bound(doc, w + ("repeat",), spec["repeat"], symbols)
         if int(repeat) != repeat or repeat < 1:
             raise doc.error(w + ("repeat",), f"must be a positive integer (got {repeat})")
+        if repeat > MAX_REPEAT:
+            raise doc.error(w + ("repeat",), f"repeat {int(repeat)} is over the limit of {MAX_REPEAT}; "
+                                             f"use a smaller repeat")
         repeat = int(repeat)
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices or not all(
                 isinstance(c, (str, int, float, bool)) or c is None for c in choices):
             raise doc.error(w + ("choices",) if "choices" in spec else w, "needs a non-empty list of scalar choices")
+        if len(choices) > MAX_CHOICES:
+            raise doc.error(w + ("choices",), f"{len(choices)} choices, over the limit of {MAX_CHOICES}; "
+                                              f"use fewer choices (or an int parameter)")
         for k in ("low", "high", "step", "log"):
             if k in spec:
                 raise doc.error(w + (k,), "not allowed for a categorical parameter")

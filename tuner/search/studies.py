@@ -1,6 +1,9 @@
 """Reading searches back: ``tuner studies`` (all studies in a storage) and ``tuner show STUDY``.
 
-Read-only: nothing here creates a database, a table or a study.
+Read-only: nothing here creates a database, a table or a study. Before Optuna's RDB storage is
+opened (it would create its tables in any database) the database is inspected with SQLAlchemy, and
+one without Optuna's tables (an MLflow store, another application's database) is refused; the
+storage is then opened with ``skip_table_creation``, and our ``tuner_*`` tables are only read.
 """
 from __future__ import annotations
 
@@ -26,20 +29,55 @@ class StudySummary:
     exported: str | None
 
 
+OPTUNA_TABLES = ("studies", "version_info")  # what every Optuna RDB storage has (and nothing else has)
+_MLFLOW_TABLES = {"experiments", "runs"}
+
+
+def _table_names(storage_url: str) -> set[str]:
+    """The tables of the database, read without writing anything."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tuner.search.storage import engine_kwargs
+
+    engine = sqlalchemy.create_engine(storage_url, **engine_kwargs(storage_url))
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--storage {storage_url}: cannot read the database ({reason}); pass the study.db of "
+                        f"a search, e.g. sqlite:///runs/<study>/study.db") from None
+    finally:
+        engine.dispose()
+
+
 def _open(storage_url: str):
-    from tuner.search.storage import _sqlite_path, check_storage_url
+    from tuner.search.storage import _sqlite_path, check_storage_url, engine_kwargs
 
     path = _sqlite_path(storage_url)
     if path is not None and not path.is_file():
         raise UserError(f"--storage {storage_url}: no such database file; pass the storage of a search "
                         f"(default sqlite:///runs/<study>/study.db)")
     check_storage_url(storage_url)
+    tables = _table_names(storage_url)
+    missing = [t for t in OPTUNA_TABLES if t not in tables]
+    if missing:
+        if not tables:
+            what = "it has no tables"
+        elif _MLFLOW_TABLES <= tables:
+            what = "it has no Optuna tables; it looks like an MLflow store"
+        else:
+            what = f"it has no Optuna tables ({', '.join(missing)})"
+        raise UserError(f"--storage {storage_url}: not a tuner/Optuna study database ({what}); pass the "
+                        f"study.db of a search, e.g. sqlite:///runs/<study>/study.db")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from tuner.search.storage import open_optuna_storage
-
-    return open_optuna_storage(storage_url)
+    try:  # skip_table_creation: an Optuna database missing a table is not repaired behind the user's back
+        return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs(storage_url),
+                                          skip_table_creation=True)
+    except RuntimeError as exc:  # a schema written by another Optuna version
+        raise UserError(f"--storage {storage_url}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def objective_of(study: Any) -> Objective | None:
@@ -59,24 +97,30 @@ def objective_of(study: Any) -> Objective | None:
 
 
 def _exports(storage_url: str) -> dict[str, list]:
-    from tuner.search.storage import TunerTables
+    """Exported-policy records by study, read from ``tuner_exported_policies`` (never created here:
+    :class:`~tuner.search.storage.TunerTables` would create every missing ``tuner_*`` table)."""
+    import json
 
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(storage_url)
+    from tuner.search.storage import ExportRecord, engine_kwargs
+
+    engine = sqlalchemy.create_engine(storage_url, **engine_kwargs(storage_url))
     try:
         if not sqlalchemy.inspect(engine).has_table("tuner_exported_policies"):
             return {}
+        table = sqlalchemy.Table("tuner_exported_policies", sqlalchemy.MetaData(), autoload_with=engine)
+        e = table.c
+        query = sqlalchemy.select(e.study_name, e.trial_number, e.path, e.policy_hash, e.model_hash,
+                                  e.metrics_json, e.mlflow_run_id).order_by(e.id)
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
     finally:
         engine.dispose()
-    tables = TunerTables(storage_url)
-    try:
-        out: dict[str, list] = {}
-        for rec in tables.exports():
-            out.setdefault(rec.study_name, []).append(rec)
-        return out
-    finally:
-        tables.close()
+    out: dict[str, list] = {}
+    for r in rows:
+        out.setdefault(r[0], []).append(ExportRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]))
+    return out
 
 
 def list_studies(storage_url: str) -> list[StudySummary]:
