@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 
 from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import check_fraction, check_int, round_half_up, scale_window_row, sink_recent_indices
+from tuner.policies.selection import (check_fraction, check_int, round_half_up, rule_description, scale_window_row,
+                                      sink_recent_indices)
 
 DEFAULT_THETA_QUANTILE = 0.25
 
@@ -102,3 +103,7 @@ class AMSPolicy(KVPolicy):
     def select(self, state: SelectionState):
         g = state.geometry
         return sink_recent_indices(state, g.tokens_through(min(self.n_condensed, g.num_scales) - 1))
+
+    def selection(self, geometry) -> dict:
+        return rule_description("sink_recent",
+                                sink_tokens=geometry.tokens_through(min(self.n_condensed, geometry.num_scales) - 1))

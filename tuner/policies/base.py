@@ -207,6 +207,15 @@ class KVPolicy:
         """
         raise NotImplementedError
 
+    def selection(self, geometry: CacheGeometry) -> dict[str, Any]:
+        """What :meth:`select` does, as a JSON-able description: two policies with equal plans and
+        equal descriptions keep the same tokens, so they share one evaluation (the search's cache key).
+
+        The default names the family and every parameter (never wrongly equal); families whose rule is
+        one of :data:`tuner.policies.selection.SELECTION_RULES` describe it by the rule alone.
+        """
+        return {"family": self.family, "params": self.params()}
+
     def params(self) -> dict[str, Any]:
         """Hyperparameters as a JSON-able dict (the dataclass fields)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]

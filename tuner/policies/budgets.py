@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
 from tuner.policies.selection import (SELECTION_RULES, check_int, check_pool_kernel, clip_row, round_half_up,
-                                      select_by_rule)
+                                      rule_description, select_by_rule)
 
 
 def _floats(name: str, values) -> tuple[float, ...]:
@@ -113,6 +113,11 @@ class BudgetsPolicy(KVPolicy):
         sinks = g.tokens_through(min(self.sink_scales, g.num_scales) - 1)
         return select_by_rule(state, self.rule, sink_tokens=sinks, window_size=self.window_size,
                               pool_kernel=self.pool_kernel)
+
+    def selection(self, geometry) -> dict:
+        sinks = geometry.tokens_through(min(self.sink_scales, geometry.num_scales) - 1)
+        return rule_description(self.rule, sink_tokens=sinks, window_size=self.window_size,
+                                pool_kernel=self.pool_kernel)
 
 
 def _int(value) -> int:

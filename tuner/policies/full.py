@@ -24,3 +24,6 @@ class FullPolicy(KVPolicy):
         import torch
 
         return torch.arange(state.n_candidates, device=state.positions.device)
+
+    def selection(self, geometry) -> dict:
+        return {"rule": "all"}

@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass
 
 from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import (check_fraction, check_int, check_pool_kernel, round_half_up, score_indices,
-                                      share_budget)
+from tuner.policies.selection import (check_fraction, check_int, check_pool_kernel, round_half_up, rule_description,
+                                      score_indices, share_budget)
 
 DEFAULT_DRAFTER_FRACTION = 1 / 16
 
@@ -128,3 +128,6 @@ class ScaleKVPolicy(KVPolicy):
 
     def select(self, state: SelectionState):
         return score_indices(state, self.window_size, self.pool_kernel)
+
+    def selection(self, geometry) -> dict:
+        return rule_description("scores", window_size=self.window_size, pool_kernel=self.pool_kernel)

@@ -21,6 +21,18 @@ if TYPE_CHECKING:  # pragma: no cover
 SELECTION_RULES = ("recent", "sink_recent", "scores")
 
 
+def rule_description(rule: str, *, sink_tokens: int = 0, window_size: int = 16, pool_kernel: int = 5) -> dict:
+    """The canonical description of :func:`select_by_rule`'s behaviour (``KVPolicy.selection``): only
+    the arguments the rule reads, so families that select alike describe it alike."""
+    if rule == "recent":
+        return {"rule": "recent"}
+    if rule == "sink_recent":
+        return {"rule": "sink_recent", "sink_tokens": int(sink_tokens)}
+    if rule == "scores":
+        return {"rule": "scores", "window_size": int(window_size), "pool_kernel": int(pool_kernel)}
+    raise ValueError(f"unknown selection rule {rule!r}; known: {', '.join(SELECTION_RULES)}")
+
+
 # ---------------------------------------------------------------------------------------- budgets
 def round_half_up(x: float) -> int:
     """Round to the nearest int, halves up (Python's ``round`` rounds halves to even)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import check_int, scale_window_row, sink_recent_indices
+from tuner.policies.selection import check_int, rule_description, scale_window_row, sink_recent_indices
 
 
 @dataclass(frozen=True)
@@ -36,3 +36,7 @@ class SinkWindowPolicy(KVPolicy):
     def select(self, state: SelectionState):
         sinks = state.geometry.tokens_through(min(self.sink_scales, state.geometry.num_scales) - 1)
         return sink_recent_indices(state, sinks)
+
+    def selection(self, geometry) -> dict:
+        return rule_description("sink_recent",
+                                sink_tokens=geometry.tokens_through(min(self.sink_scales, geometry.num_scales) - 1))

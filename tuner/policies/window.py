@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import check_int, recent_indices, scale_window_row
+from tuner.policies.selection import check_int, recent_indices, rule_description, scale_window_row
 
 
 @dataclass(frozen=True)
@@ -34,3 +34,6 @@ class WindowPolicy(KVPolicy):
 
     def select(self, state: SelectionState):
         return recent_indices(state)
+
+    def selection(self, geometry) -> dict:
+        return rule_description("recent")

@@ -1,7 +1,10 @@
 """Identities and records shared by the driver, the reports and ``tuner show``.
 
-- :func:`policy_hash`: the identity of a policy (family + normalised parameters), the key of the
-  evaluation cache together with the model hash and :func:`eval_key`.
+- :func:`plan_hash`: the identity of what a policy makes the engine do (its compiled plan: the token
+  budget table plus the selection rule), the key of the evaluation cache together with the model hash
+  and :func:`eval_key`. Two parameter sets (or two families) that compile to the same plan share one
+  evaluation.
+- :func:`policy_hash`: the identity of a policy's parameters (family + normalised parameters).
 - :func:`eval_spec`: the plain-dict description of an evaluation (labels, seed, sampling) sent to
   workers; screening and final (held-out) specs differ by seed and size.
 - :class:`TrialRecord`: what the driver keeps per finished trial, rebuilt from the study on resume.
@@ -27,6 +30,18 @@ def canonical_json(obj: Any) -> str:
 def policy_hash(family: str, params: dict[str, Any]) -> str:
     """Stable identity of a policy; pass parameters normalised by the policy (``policy.params()``)."""
     return hashlib.sha256(canonical_json({"family": family, "params": params}).encode()).hexdigest()[:32]
+
+
+def plan_hash(policy: Any, spec: Any) -> str:
+    """Stable identity of ``policy``'s compiled plan under ``spec`` (a PolicySpec; ValueError like ``plan``).
+
+    The engine calls a policy only through ``plan`` (the budgets) and ``select`` (described by
+    :meth:`~tuner.policies.base.KVPolicy.selection`), so equal hashes generate equal images.
+    """
+    plan = policy.plan(spec)
+    doc = {"budgets": [list(row) for row in plan.budgets], "full": plan.full,
+           "selection": policy.selection(spec.geometry)}
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()[:32]
 
 
 def eval_spec(samples: int, num_classes: int, seed: int, *, cfg: float, top_k: int, top_p: float,
@@ -61,10 +76,17 @@ class TrialRecord:
     preset: str | None = None
     cache_hit: bool = False
     error: str | None = None
+    interrupted: str | None = None  # why it was cut short ("ctrl-c", "driver gone", ...): re-queued, not counted
+    trial_params: dict[str, Any] = field(default_factory=dict)  # the sampler's parameters (Optuna's view)
 
     @property
     def evaluated(self) -> bool:
         return self.state == "COMPLETE" and not self.plan_infeasible
+
+    @property
+    def counts(self) -> bool:
+        """Counts toward ``--trials``: finished, and not cut short by an interruption (those are retried)."""
+        return self.interrupted is None
 
     @property
     def feasible(self) -> bool:
@@ -78,7 +100,8 @@ class TrialRecord:
                    values=list(t.values) if t.values is not None else None,
                    constraints={str(k): float(v) for k, v in (t.constraints or {}).items()},
                    plan_infeasible=bool(ua.get(A_PLAN_INFEASIBLE)), preset=ua.get(A_PRESET),
-                   cache_hit=bool(ua.get(A_CACHE_HIT)), error=ua.get(A_ERROR))
+                   cache_hit=bool(ua.get(A_CACHE_HIT)), error=ua.get(A_ERROR),
+                   interrupted=ua.get(A_INTERRUPTED), trial_params=dict(t.params))
 
 
 def load_records(study: Any) -> list[TrialRecord]:
