@@ -11,6 +11,12 @@ When the study run ends, the feasible trials not dominated on (memory_fraction, 
 MLflow UI: ``pareto.size`` and, per front point, ``pareto.memory_fraction`` and ``pareto.<metric>`` logged at
 step = memory fraction in per mille (a line chart of ``pareto.<metric>`` over steps is the front).
 
+Every finished trial gets exactly one child run: :meth:`MlflowTracker.backfill` logs the trials that a
+killed driver or an MLflow outage left without one (it looks the study's child runs up first), and the
+search wraps the tracker in :class:`tuner.search.tracker_guard.GuardedTracker` so an outage never stops
+or hangs it. HTTP requests are bounded (:data:`HTTP_ENV`); a SQLite store is initialised under a lock,
+so two searches starting on a fresh store do not race through its schema migrations.
+
 ``--mlflow-uri none`` disables tracking (:class:`NullTracker`). mlflow is imported only here, inside
 functions.
 """
@@ -32,6 +38,13 @@ from tuner.errors import UserError
 STUDY_TAG = "tuner.study"
 PARETO_TAG = "tuner.pareto"
 MAX_PARAM_CHARS = 6000
+# MLflow's defaults retry a failed HTTP request 7 times with exponential backoff and wait 120 s per
+# attempt: one call to a stopped server then blocks the search for minutes. These bound it to seconds;
+# the guard (tuner.search.tracker_guard) skips tracking while the server is down and fills the gap later.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+            # a "View run ... at: URL" line on stdout for every finished trial run would drown the trial lines
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def git_sha() -> str | None:
@@ -104,6 +117,47 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
+def record_payload(rec: Any) -> dict[str, Any]:
+    """``log_trial`` keyword arguments of a :class:`tuner.search.trials.TrialRecord`."""
+    tags = {"tuner.family": rec.family or "", "tuner.preset": rec.preset or "",
+            "tuner.plan_infeasible": rec.plan_infeasible, "tuner.cache_hit": rec.cache_hit}
+    if rec.error:
+        tags["tuner.error"] = rec.error[:500]
+    metrics = dict(rec.metrics)
+    metrics.update({f"objective_{i}": v for i, v in enumerate(rec.values or [])})
+    metrics.update({f"constraint_{k}": v for k, v in rec.constraints.items()})
+    params = {**rec.trial_params, **{f"policy.{k}": v for k, v in rec.params.items()}}
+    return {"params": params, "metrics": metrics, "tags": tags,
+            "state": "INFEASIBLE" if rec.plan_infeasible else rec.state}
+
+
+def needs_run(rec: Any) -> bool:
+    """Trials that get a child run: every finished one except those cut short (they are retried)."""
+    return rec.state in ("COMPLETE", "FAIL") and rec.counts
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Exclusive lock on a SQLite store's directory while MLflow creates or migrates its schema.
+
+    Two searches started together on a fresh store otherwise both run alembic's migrations and one
+    fails. The lock is an ``flock`` on the directory itself: no lock file is left behind.
+    """
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    directory = Path(path).resolve().parent
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class NullTracker:
     """Tracking disabled: every call is a no-op."""
 
@@ -115,6 +169,12 @@ class NullTracker:
 
     def log_trial(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+    def log_record(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def backfill(self, *args: Any, **kwargs: Any) -> list[int]:
+        return []
 
     def log_artifact(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -135,20 +195,34 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        with _quiet("mlflow.store.db.utils", "alembic"):  # first use of a SQLite store logs its migrations
+        # The first use of a SQLite store migrates its schema (and logs it); the experiment is created
+        # under the same lock, so a concurrent search finds it instead of failing on the unique name.
+        with _store_lock(uri), _quiet("mlflow.store.db.utils", "alembic"):
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            if exp.lifecycle_stage == "deleted":
+            if exp is None:
+                location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+                self.experiment_id = self._create_experiment(experiment, location)
+            elif exp.lifecycle_stage == "deleted":
                 raise UserError(f"--experiment {experiment!r} is deleted in {uri}; restore it or choose another name")
-            self.experiment_id = exp.experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
         self.experiment = experiment
         self.run_id: str | None = None
         self.study_name = ""
         self.metric = "fid_vs_full"
+
+    def _create_experiment(self, name: str, location: str | None) -> str:
+        """Create ``name``; a search that created it a moment earlier (another process, same server) wins."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start_study(self, study_name: str, config: dict[str, Any], *, space_file: str | None = None,
                     model_hash: str = "", resume_run_id: str | None = None) -> str:
@@ -196,6 +270,32 @@ class MlflowTracker:
         self.client.set_terminated(run.info.run_id, status=status)
         return run.info.run_id
 
+    def log_record(self, rec: Any) -> str | None:
+        """The child run of a finished :class:`~tuner.search.trials.TrialRecord` (none for retried ones)."""
+        if not needs_run(rec):
+            return None
+        return self.log_trial(rec.number, **record_payload(rec))
+
+    def logged_trials(self) -> set[int]:
+        """Trial numbers that have a child run under the study run."""
+        return {int(r.data.tags["tuner.trial"]) for r in self._child_runs()
+                if r.data.tags.get("tuner.trial", "").isdigit()}
+
+    def _child_runs(self) -> list[Any]:
+        """The study run's child runs (its trials, resumed sessions included)."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000)
+
+    def backfill(self, records: list[Any]) -> list[int]:
+        """Log every record that should have a child run and has none; returns their trial numbers."""
+        if self.run_id is None:
+            return []
+        have = self.logged_trials()
+        missing = [r for r in records if needs_run(r) and r.number not in have]
+        for rec in missing:
+            self.log_record(rec)
+        return [r.number for r in missing]
+
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
@@ -221,10 +321,8 @@ class MlflowTracker:
         from tuner.search.objective import METRICS, pareto_front
 
         sign = -1.0 if METRICS.get(self.metric, False) else 1.0
-        children = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000)
         points = []
-        for run in children:
+        for run in self._child_runs():
             m, tags = run.data.metrics, run.data.tags
             feasible = tags.get("tuner.state") == "COMPLETE" and all(
                 v <= 0 for k, v in m.items() if k.startswith("constraint_"))
@@ -248,5 +346,7 @@ def open_tracker(uri: str, experiment: str, artifact_root: Path | None) -> Mlflo
     if uri.lower() in ("none", "off"):
         return NullTracker()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in HTTP_ENV.items():
+        os.environ.setdefault(key, value)
     local = uri.startswith("sqlite") or uri.startswith("file:")
     return MlflowTracker(uri, experiment, artifact_root if local else None)

@@ -103,7 +103,8 @@ def test_ctrl_c_finishes_cleanly_with_a_resume_hint(tmp_path):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    assert f"resume with: tuner search --model tiny --study-name {cfg.study_name}" in output
+    hint = next(line for line in output.splitlines() if line.startswith("resume with: tuner search --model tiny "))
+    assert f" --study-name {cfg.study_name} " in hint and f" --storage {cfg.storage} " in hint
     import optuna
 
     trials = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage).trials

@@ -57,4 +57,13 @@ def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
     policy, info = load_policy_file(result.policy_path, model_config("tiny"), checkpoint_sha256="fake-tiny")
     assert info.provenance["study"] == cfg.study_name
     assert info.memory["fraction"] <= 0.35
-    assert {e["family"] for e in eval_log(cfg)} >= {"ams", "scalekv", "full", "window", "sink_window"}
+    assert {e["family"] for e in eval_log(cfg)} >= {"ams", "scalekv", "full", "sink_window"}
+    # window@ams compiles to the same plan as the enqueued budgets:window@ams trial (recent rule, same
+    # budgets): one evaluation serves both, and every (plan, eval spec) was evaluated once
+    rows = {row["policy"]: row for row in result.comparison}
+    from tuner.search.storage import TunerTables
+
+    log = TunerTables(cfg.storage).evaluation_log(cfg.study_name)
+    keys = [(e["policy_hash"], e["eval_key"]) for e in log]
+    assert len(keys) == len(set(keys)) == len(eval_log(cfg))
+    assert rows["window@ams"]["psnr"] == rows["window@scalekv_10"]["psnr"]

@@ -49,6 +49,7 @@ class SearchResult:
     comparison: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     evaluations: int = 0  # evaluations run by this invocation (cache misses)
+    exit_code: int = 0  # 128 + signal number when interrupted
 
 
 class SearchDriver:
@@ -89,7 +90,7 @@ class SearchDriver:
             self._fail(trial, family, params, f"invalid policy: {exc}")
             return
         params = policy.params()
-        phash = T.policy_hash(family, params)
+        phash = rt.plan_key(policy)
         trial.set_user_attr(T.A_FAMILY, family)
         trial.set_user_attr(T.A_POLICY, params)
         trial.set_user_attr(T.A_HASH, phash)
@@ -120,8 +121,8 @@ class SearchDriver:
             return
         self.evaluations += 1
         metrics = {**task.plan_metrics, **outcome.result["metrics"]}
-        self.rt.tables.store_metrics(self.rt.model_hash, task.policy_hash, self.rt.screen_key, task.family,
-                                     task.params, metrics, outcome.result.get("seconds"))
+        self.rt.store_evaluation(task.policy_hash, self.rt.screen_spec, task.family, task.params, metrics,
+                                 outcome.result.get("seconds"))
         for i, trial in enumerate(task.trials):
             self._tell(trial, task.family, task.params, metrics, cache_hit=i > 0)
 
@@ -167,21 +168,11 @@ class SearchDriver:
 
     def _record(self, trial, state, family, params, metrics, values, constraints, **flags) -> None:
         rec = T.TrialRecord(trial.number, state, family, dict(params), dict(metrics), values, dict(constraints),
-                            preset=trial.user_attrs.get(T.A_PRESET), **flags)
+                            preset=trial.user_attrs.get(T.A_PRESET), trial_params=dict(trial.params), **flags)
         self.records.append(rec)
         if rec.evaluated:
             self.since_improvement = 0 if self._improves(rec) else self.since_improvement + 1
-        tags = {"tuner.family": family or "", "tuner.preset": rec.preset or "",
-                "tuner.plan_infeasible": rec.plan_infeasible, "tuner.cache_hit": rec.cache_hit}
-        if rec.error:
-            tags["tuner.error"] = rec.error[:500]
-        tracked_metrics = dict(metrics)
-        for i, v in enumerate(values or []):
-            tracked_metrics[f"objective_{i}"] = v
-        tracked_metrics.update({f"constraint_{k}": v for k, v in constraints.items()})
-        state_tag = "INFEASIBLE" if rec.plan_infeasible else state
-        self.rt.tracker.log_trial(trial.number, params={**trial.params, **{f"policy.{k}": v for k, v in params.items()}},
-                                  metrics=tracked_metrics, state=state_tag, tags=tags)
+        self.rt.tracker.log_record(rec)
         note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible else (rec.error or ""))
         if self.view is not None:
             feasible = rec.feasible if state == "COMPLETE" and not rec.plan_infeasible else None
@@ -210,6 +201,10 @@ class SearchDriver:
     def in_flight(self) -> int:
         return sum(len(t.trials) for t in self.tasks.values())
 
+    def finished(self) -> int:
+        """Finished trials that count toward ``--trials`` (interrupted ones are retried instead)."""
+        return sum(r.counts for r in self.records)
+
     def snapshot(self, rule: StopRule, note: str = ""):
         from tuner.search.progress import Snapshot
 
@@ -220,7 +215,7 @@ class SearchDriver:
                          f"{self.cfg.metric} {b.metrics.get(self.cfg.metric, float('nan')):.4g}")
         else:
             best_text = "none yet"
-        return Snapshot(done=len(self.records), total=self.cfg.trials, running=self.in_flight(),
+        return Snapshot(done=self.finished(), total=self.cfg.trials, running=self.in_flight(),
                         evaluated=sum(r.evaluated and not r.cache_hit for r in self.records),
                         plan_infeasible=sum(r.plan_infeasible for r in self.records),
                         failed=sum(r.state == "FAIL" for r in self.records),
@@ -231,11 +226,11 @@ class SearchDriver:
     def loop(self, rule: StopRule) -> str:
         last_beat = time.monotonic()
         while True:
-            while self.rt.pool.idle > 0 and rule.can_ask(len(self.records), self.in_flight(), self.since_improvement):
+            while self.rt.pool.idle > 0 and rule.can_ask(self.finished(), self.in_flight(), self.since_improvement):
                 self.ask_one()
-            reason = rule.reason(len(self.records) + self.in_flight(), self.since_improvement)
+            reason = rule.reason(self.finished() + self.in_flight(), self.since_improvement)
             if reason is not None and not self.tasks:
-                return rule.reason(len(self.records), self.since_improvement) or reason
+                return rule.reason(self.finished(), self.since_improvement) or reason
             if rule.interrupted:
                 return "interrupted"
             for outcome in self.rt.pool.poll(POLL_S):
@@ -246,8 +241,8 @@ class SearchDriver:
             if self.view is not None:
                 self.view.update(self.snapshot(rule))
 
-    def abandon_in_flight(self) -> list[int]:
-        """Ctrl-C: fail every running trial and re-queue it for the next run of the same command."""
+    def abandon_in_flight(self, why: str = "ctrl-c") -> list[int]:
+        """Ctrl-C or SIGTERM: fail every running trial and re-queue it for the next run of the same command."""
         from optuna.trial import TrialState
 
         from tuner.search.study import requeue
@@ -256,7 +251,7 @@ class SearchDriver:
         self.rt.pool.cancel_all()
         for task in self.tasks.values():
             for trial in task.trials:
-                trial.set_user_attr(T.A_INTERRUPTED, "ctrl-c")
+                trial.set_user_attr(T.A_INTERRUPTED, why)
                 self.rt.study.tell(trial, state=TrialState.FAIL)
                 requeue(self.rt.study, trial.params, trial.user_attrs, trial.number)
                 numbers.append(trial.number)
@@ -265,7 +260,12 @@ class SearchDriver:
 
 
 def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) -> SearchResult:
-    """Run (or resume) the search described by ``cfg``; see the module docstring for the stages."""
+    """Run (or resume) the search described by ``cfg``; see the module docstring for the stages.
+
+    SIGINT and SIGTERM are handled alike from the start: the search stops asking, abandons and
+    re-queues what runs, writes its reports, prints the resume command and returns with
+    ``interrupted`` set (the CLI exits with 128 + the signal number).
+    """
     from tuner.search.export import finish_search
 
     if console is None:
@@ -274,31 +274,37 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
         from rich.console import Console
 
         console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
-    rt = prepare_runtime(cfg, console)
-    status = "FAILED"
-    try:
-        driver = SearchDriver(rt)
-        rule = StopRule(cfg.trials, cfg.timeout_s, cfg.patience)
-        if len(driver.records) >= cfg.trials:
-            console.print(f"study {cfg.study_name} already has {len(driver.records)} finished trials "
-                          f"(--trials {cfg.trials}); raise --trials to search further", highlight=False)
-        with InterruptFlag(rule), ProgressView(console, enabled=progress) as view:
-            driver.view = view
-            reason = driver.loop(rule)
-            view.update(driver.snapshot(rule, note=f"stopped: {reason}"))
-        interrupted = rule.interrupted
-        requeued = driver.abandon_in_flight() if interrupted else []
-        result = SearchResult(cfg.study_name, cfg.storage, cfg.out_dir, reason, driver.records,
-                              interrupted=interrupted, mlflow_run_id=rt.tracker.run_id,
-                              evaluations=driver.evaluations)
-        finish_search(rt, driver, result, requeued)
-        status = "KILLED" if interrupted else "FINISHED"
-        return result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        rt.close(status)
+    rule = StopRule(cfg.trials, cfg.timeout_s, cfg.patience)
+    with InterruptFlag(rule) as flag:
+        rt = prepare_runtime(cfg, console)
+        flag.install()  # ray.init replaced the SIGTERM handler
+        status = "FAILED"
+        try:
+            driver = SearchDriver(rt)
+            rt.tracker.backfill(driver.records)  # trials an earlier driver finished but could not log
+            if driver.finished() >= cfg.trials:
+                console.print(f"study {cfg.study_name} already has {driver.finished()} finished trials "
+                              f"(--trials {cfg.trials}); raise --trials to search further", highlight=False)
+            rule.started = time.monotonic()  # the timeout counts from the first trial, not the model load
+            with ProgressView(console, enabled=progress) as view:
+                driver.view = view
+                reason = driver.loop(rule)
+                view.update(driver.snapshot(rule, note=f"stopped: {reason}"))
+            interrupted = rule.interrupted
+            why = {"SIGTERM": "sigterm"}.get(rule.signal or "", "ctrl-c")
+            requeued = driver.abandon_in_flight(why) if interrupted else []
+            result = SearchResult(cfg.study_name, cfg.storage, cfg.out_dir, reason, driver.records,
+                                  interrupted=interrupted, mlflow_run_id=rt.tracker.run_id,
+                                  evaluations=driver.evaluations, exit_code=rule.exit_code if interrupted else 0)
+            finish_search(rt, driver, result, requeued)
+            rt.tracker.backfill(driver.records)
+            status = "KILLED" if interrupted else "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            rt.close(status)
 
 
 __all__ = ["run_search", "SearchResult", "SearchDriver"]

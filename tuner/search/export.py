@@ -10,63 +10,58 @@
 """
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner.search import report
+from tuner.search.command_line import resume_command
 from tuner.search import trials as T
 from tuner.search.objective import Objective
 
 FINAL_TIMEOUT_FACTOR = 4.0  # the final phase may take this many per-trial timeouts per item at most
-
-
-def resume_command(cfg: Any) -> str:
-    """The command that continues this study."""
-    parts = ["tuner", "search", "--model", cfg.model, "--study-name", cfg.study_name, "--storage", cfg.storage,
-             "--out", cfg.out, "--trials", str(cfg.trials), "--metric", cfg.metric]
-    if cfg.mem_target is not None:
-        parts += ["--mem-target", cfg.mem_target.text]
-    if cfg.quality_limit is not None:
-        parts += ["--fid-limit", f"{cfg.quality_limit:g}"]
-    parts += ["--space", cfg.space] if cfg.space else ["--family", cfg.family]
-    if not cfg.fit_memory:
-        parts.append("--no-fit")
-    return " ".join(shlex.quote(p) for p in parts)
+FINAL_TASK_BASE = 10**9  # task ids of the final round: apart from the screening loop's (counted from 0)
 
 
 def evaluate_items(rt: Any, items: list[tuple[str, str, dict]], spec: dict, key: str) -> dict[str, dict]:
-    """Metrics (or ``{"error": ...}``) per item name, from the cache or the pool; plan metrics merged."""
+    """Metrics (or ``{"error": ...}``) per item name, from the cache or the pool; plan metrics merged.
+
+    Items that compile to the same plan (e.g. two presets fitted to one policy) are evaluated once.
+    """
     results: dict[str, dict] = {}
-    pending: dict[int, tuple[str, str, dict, str, dict]] = {}
-    for i, (name, family, params) in enumerate(items):
+    waiting: dict[str, list[tuple[str, dict]]] = {}  # plan key -> [(item name, plan metrics)]
+    submitted: dict[int, tuple[str, str, dict]] = {}  # task id -> (plan key, family, params)
+    for name, family, params in items:
         try:
             policy, plan = rt.plan(family, params)
         except ValueError as exc:
             results[name] = {"error": str(exc)}
             continue
-        params = policy.params()
-        phash = T.policy_hash(family, params)
-        cached = rt.tables.cached_metrics(rt.model_hash, phash, key)
+        pkey = rt.plan_key(policy)
+        cached = rt.tables.cached_metrics(rt.model_hash, pkey, key)
         if cached is not None:
             results[name] = {**plan, **cached}
             continue
-        pending[i] = (name, family, params, phash, plan)
-        rt.pool.submit({"task_id": 10**9 + i, "family": family, "params": params, "eval": spec})
-    deadline = time.monotonic() + FINAL_TIMEOUT_FACTOR * rt.cfg.trial_timeout_s * max(1, len(pending))
-    while pending and time.monotonic() < deadline:
+        if pkey not in waiting:
+            task_id = FINAL_TASK_BASE + len(submitted)
+            submitted[task_id] = (pkey, family, policy.params())
+            rt.pool.submit({"task_id": task_id, "family": family, "params": policy.params(), "eval": spec})
+        waiting.setdefault(pkey, []).append((name, plan))
+    deadline = time.monotonic() + FINAL_TIMEOUT_FACTOR * rt.cfg.trial_timeout_s * max(1, len(submitted))
+    while waiting and time.monotonic() < deadline:
         for outcome in rt.pool.poll(0.25):
-            name, family, params, phash, plan = pending.pop(outcome.task_id - 10**9)
+            pkey, family, params = submitted[outcome.task_id]
+            names = waiting.pop(pkey)
             if outcome.error is not None:
-                results[name] = {"error": outcome.error}
+                results.update({name: {"error": outcome.error} for name, _ in names})
                 continue
-            metrics = {**plan, **outcome.result["metrics"]}
-            rt.tables.store_metrics(rt.model_hash, phash, key, family, params, metrics, outcome.result.get("seconds"))
-            results[name] = metrics
-    for name, *_ in pending.values():
-        results[name] = {"error": "final evaluation did not finish in time"}
+            measured = outcome.result["metrics"]
+            rt.store_evaluation(pkey, spec, family, params, {**names[0][1], **measured},
+                                outcome.result.get("seconds"))
+            results.update({name: {**plan, **measured} for name, plan in names})
+    for names in waiting.values():
+        results.update({name: {"error": "final evaluation did not finish in time"} for name, _ in names})
     return results
 
 
@@ -137,7 +132,7 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
         rt.tracker.log_artifact(path, "pareto")
     if result.interrupted:
         console.print(f"interrupted: {len(requeued)} running trial(s) marked FAIL and re-queued; "
-                      f"{len(records)} finished trials are saved in {cfg.storage}", highlight=False)
+                      f"{driver.finished()} finished trials are saved in {cfg.storage}", highlight=False)
         console.print(f"resume with: {resume_command(cfg)}", highlight=False)
         return
     console.print(f"search stopped: {result.stop_reason}", highlight=False)
@@ -196,7 +191,7 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
                       eval_spec=rt.final_spec, provenance=provenance, spec=rt.policy_spec)
     rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),
-                                         T.policy_hash(winner.family, policy.params()), rt.model_hash, metrics,
+                                         rt.plan_key(policy), rt.model_hash, metrics,
                                          rt.tracker.run_id))
     rt.tracker.log_artifact(path, "policy")
     return path

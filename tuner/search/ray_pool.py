@@ -17,7 +17,12 @@ from tuner.errors import UserError
 from tuner.search.worker_host import WorkerHost
 from tuner.search.workers import Outcome, default_cpu_workers
 
-LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1, no 8.8.8.8 probe
+# The local cluster's environment. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-machine mode:
+# the node IP is 127.0.0.1, so GCS, raylet, agents, workers and the driver listen on loopback only
+# (and no 8.8.8.8 probe). Ray reads it into ray_constants when `ray` is first imported, so
+# :func:`local_ray_environment` also sets the constant of an already imported Ray.
+# RAY_AUTH_MODE=disabled is safe only together with that: nothing off this machine can connect.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                  "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                  # Ray starts workers at nice 15; here they do all of the search's work, so on a shared
                  # machine they would yield to every other job while the driver only waits for them.
@@ -39,30 +44,62 @@ class _Slot:
     pids: set = field(default_factory=set)
 
 
-def _tcp_reachable(address: str, timeout: float = 5.0) -> bool:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return True  # not host:port (e.g. ray://...): let ray.init judge
+def _tcp_reachable(host: str, port: int, timeout: float = 5.0) -> bool:
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
             return True
     except OSError:
         return False
 
 
+def check_ray_address(address: str | None) -> None:
+    """Side-effect-free check of ``--ray-address``: None (local), ``auto``, ``host:port`` or
+    ``ray://host:port`` with something listening there; else a one-line UserError."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--ray-address {address}: not a cluster address; give auto (on a cluster node), "
+                        f"host:port of the head node (e.g. 10.0.0.5:6379) or ray://host:10001")
+    if not _tcp_reachable(host, int(port)):
+        raise UserError(f"--ray-address {address}: nothing listens there; start the cluster "
+                        f"(ray start --head / ray up ray_cluster.yaml) or omit --ray-address for a local one")
+
+
+def local_ray_environment() -> None:
+    """Put the local cluster's environment in place, before ``ray`` is imported where possible.
+
+    The loopback binding is forced (not ``setdefault``): a local cluster listening on every interface
+    with authentication off would let anyone who reaches this machine run code as this user.
+    """
+    import sys
+
+    for key, value in LOCAL_RAY_ENV.items():
+        if key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # imported before us (e.g. by a library): its copy was read already
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_ray(address: str | None) -> bool:
     """Start a local Ray cluster (``address`` None) or join one; True when this call connected Ray.
 
-    Local clusters get the loopback-only, no-telemetry, no-auth-token environment (stack.md §3) and a
-    small object store. ``auto`` or ``host:port`` with no cluster there is a one-line UserError.
+    Local clusters get the loopback-only, no-telemetry, no-auth-token environment
+    (:func:`local_ray_environment`) and a small object store; the dashboard is off. ``auto`` or ``host:port`` with no cluster there is a one-line UserError.
     """
+    if address is None:
+        local_ray_environment()
     import ray
 
     if ray.is_initialized():
         return False
     if address is None:
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
+        from tuner.search.ray_reaper import start_reaper
+
+        start_reaper()  # ends what Ray would leave behind if this process is killed
         kwargs: dict[str, Any] = {}
         tmp = os.environ.get("TUNER_RAY_TMPDIR")
         if tmp:
@@ -70,9 +107,7 @@ def start_ray(address: str | None) -> bool:
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  object_store_memory=OBJECT_STORE_BYTES, **kwargs)
         return True
-    if address != "auto" and not _tcp_reachable(address.removeprefix("ray://")):
-        raise UserError(f"--ray-address {address}: nothing listens there; start the cluster "
-                        f"(ray start --head / ray up ray_cluster.yaml) or omit --ray-address for a local one")
+    check_ray_address(address)
     try:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as exc:

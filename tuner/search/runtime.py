@@ -66,6 +66,18 @@ class SearchRuntime:
             policy = fitted if fitted is not None else policy
         return policy, self._memory(policy)
 
+    def plan_key(self, policy) -> str:
+        """The evaluation-cache key of ``policy``: its compiled plan (budgets + selection rule)."""
+        return T.plan_hash(policy, self.policy_spec)
+
+    def store_evaluation(self, plan_key: str, spec: dict[str, Any], family: str, params: dict[str, Any],
+                         metrics: dict[str, float], seconds: float | None) -> None:
+        """Cache one finished evaluation and append it to the evaluation log (work actually spent)."""
+        key = T.eval_key(spec)
+        self.tables.store_metrics(self.model_hash, plan_key, key, family, params, metrics, seconds)
+        self.tables.log_evaluation(self.cfg.study_name, self.session_id, self.model_hash, plan_key, key,
+                                   len(spec["labels"]), seconds)
+
     def _memory(self, policy) -> dict[str, float]:
         from tuner.memory import memory_report
 
@@ -137,6 +149,10 @@ def validate(cfg: SearchConfig):
     space_file = Path(cfg.space) if cfg.space else space_path_for(cfg.family)
     space = load_space(space_file, CacheGeometry.from_var_config(model_cfg.var))
     check_storage_url(cfg.storage)
+    if cfg.workers != 0:
+        from tuner.search.ray_pool import check_ray_address
+
+        check_ray_address(cfg.ray_address)
     if cfg.tracking_enabled:
         check_tracking_uri(cfg.mlflow_uri)
     return model_cfg, space, space_file
@@ -148,6 +164,7 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
     from tuner.search import study as S
     from tuner.search.objective import Objective
     from tuner.search.storage import TunerTables, open_optuna_storage
+    from tuner.search.tracker_guard import GuardedTracker
     from tuner.tracking import NullTracker, open_tracker
 
     model_cfg, space, space_file = validate(cfg)
@@ -184,7 +201,8 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         forms = S.budgets_forms(rt.presets, rt.policy_spec.geometry, build=lambda f, p: rt.plan(f, p)[0])
         S.enqueue_presets(rt.study, space, rt.presets, forms)
 
-        rt.tracker = open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts")
+        rt.tracker = GuardedTracker(open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts"),
+                                    warn=lambda text: console.print(text, highlight=False))
         run_id = rt.tracker.start_study(cfg.study_name, cfg.to_dict(), space_file=str(space_file),
                                         model_hash=rt.model_hash,
                                         resume_run_id=rt.study.user_attrs.get(S.A_MLFLOW_RUN))

@@ -1,7 +1,8 @@
-"""When a search stops asking for new trials: trial budget, wall-clock timeout, patience, Ctrl-C.
+"""When a search stops asking for new trials: trial budget, wall-clock timeout, patience, Ctrl-C, SIGTERM.
 
 ``--trials`` is the total number of finished trials the *study* should hold, so re-running the same
-command after an interruption continues up to it rather than starting a new budget. The timeout
+command after an interruption continues up to it rather than starting a new budget (trials cut short
+by an interruption or a killed driver are re-queued and do not count). The timeout
 and the patience apply to this invocation.
 """
 from __future__ import annotations
@@ -19,6 +20,14 @@ class StopRule:
     patience: int | None = None
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
+    signal: str | None = None  # SIGINT or SIGTERM once interrupted
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
+        import signal as _signal
+
+        return 128 + int(getattr(_signal, self.signal or "SIGINT"))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -39,24 +48,40 @@ class StopRule:
         return self.reason(finished + in_flight, since_improvement) is None
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 class InterruptFlag:
-    """First Ctrl-C sets ``rule.interrupted`` (the driver then stops cleanly); a second one raises
-    KeyboardInterrupt as usual. Installed only in the main thread (signals cannot be elsewhere)."""
+    """The first SIGINT (Ctrl-C) or SIGTERM sets ``rule.interrupted`` and ``rule.signal``: the driver
+    stops asking, abandons what runs (re-queued for a resume) and exits with 128 + the signal number;
+    a second one raises KeyboardInterrupt. Installed only in the main thread (signals cannot be
+    elsewhere). :meth:`install` is idempotent and is called again after ``ray.init``, which puts its
+    own SIGTERM handler (``sys.exit``) in place.
+    """
 
     def __init__(self, rule: StopRule):
         self.rule = rule
-        self._previous = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name)
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def __enter__(self) -> "InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.install()
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.rule.interrupted:
             raise KeyboardInterrupt
         self.rule.interrupted = True
+        self.rule.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}

@@ -6,6 +6,9 @@ Our tables (prefixed ``tuner_`` so they never collide with Optuna's):
   (model hash + policy hash + eval-spec key → metrics JSON), so identical policies are never
   evaluated twice, across trials, restarts and studies.
 - ``tuner_exported_policies``: every policy file a search wrote (study, trial, path, metrics).
+- ``tuner_evaluations``: an append-only log of every evaluation a driver received from a worker
+  (study, session, plan, eval spec, images, seconds): the work a search really spent, and the proof
+  that a resumed search evaluates nothing twice.
 - ``tuner_sessions``: one row per running driver (host, pid, heartbeat). A RUNNING trial whose
   session is gone (the driver was killed) is stale and gets re-queued on resume; a RUNNING trial of a
   live driver sharing the database is left alone.
@@ -33,6 +36,19 @@ def _sqlite_path(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    """An SQLite database file (its 16-byte header), or an empty file (SQLite makes it one)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        return False
+    return head == SQLITE_HEADER or head == b""
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
@@ -57,6 +73,10 @@ def check_storage_url(url: str, flag: str = "--storage") -> None:
                 raise UserError(f"{flag} {url}: the database file is not readable and writable")
             if path.is_dir():
                 raise UserError(f"{flag} {url} is a directory; give a database file like sqlite:///study.db")
+            if not _is_sqlite_file(path):
+                raise UserError(f"{flag} {url}: {path} is not an SQLite database (no 'SQLite format 3' header); "
+                                f"pass a new file name or a database a search wrote "
+                                f"(runs/<study>/{'mlflow' if flag == '--mlflow-uri' else 'study'}.db)")
         else:
             probe = parent
             while not probe.exists() and probe != probe.parent:
@@ -139,7 +159,19 @@ def _tables(metadata):
         Column("heartbeat", Float, nullable=False),
         Column("finished", Integer, nullable=False, default=0),
     )
-    return cache, exported, sessions
+    evaluations = Table(
+        "tuner_evaluations", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("study_name", String(512), nullable=False, index=True),
+        Column("session_id", String(64), nullable=False),
+        Column("model_hash", String(128), nullable=False),
+        Column("policy_hash", String(64), nullable=False),
+        Column("eval_key", String(64), nullable=False),
+        Column("images", Integer, nullable=False),
+        Column("seconds", Float),
+        Column("created_at", DateTime, server_default=func.now()),
+    )
+    return cache, exported, sessions, evaluations
 
 
 @dataclass
@@ -162,7 +194,7 @@ class TunerTables:
         self.url = url
         self.engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
         self.metadata = sqlalchemy.MetaData()
-        self.cache, self.exported, self.sessions = _tables(self.metadata)
+        self.cache, self.exported, self.sessions, self.evaluations = _tables(self.metadata)
         _retry_schema_race(lambda: self.metadata.create_all(self.engine))
 
     def close(self) -> None:
@@ -192,6 +224,23 @@ class TunerTables:
                 conn.execute(self.cache.insert().values(**row))
         except IntegrityError:
             pass
+
+    def log_evaluation(self, study_name: str, session_id: str, model_hash: str, policy_hash: str, eval_key: str,
+                       images: int, seconds: float | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.evaluations.insert().values(
+                study_name=study_name, session_id=session_id, model_hash=model_hash, policy_hash=policy_hash,
+                eval_key=eval_key, images=int(images), seconds=seconds))
+
+    def evaluation_log(self, study_name: str | None = None) -> list[dict[str, Any]]:
+        """Every logged evaluation (oldest first), as dicts of the table's columns."""
+        from sqlalchemy import select
+
+        query = select(self.evaluations).order_by(self.evaluations.c.id)
+        if study_name is not None:
+            query = query.where(self.evaluations.c.study_name == study_name)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def cache_size(self, model_hash: str | None = None) -> int:
         from sqlalchemy import func, select
