@@ -11,6 +11,7 @@ and the new tokens are written straight into it (no workspace).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +20,28 @@ from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, SelectionSta
 
 AttentionFn = Callable[..., torch.Tensor]
 Observer = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class AttendRecord:
+    """One attention call as the cache reports it, for audits (``KVCache(audit=...)``).
+
+    q, k_new, v_new, out: ``[rows, heads, n_s, head_dim]``. kept_positions: ``[rows, heads, length]``
+    int64 global token ids the cache says the layer held when scale ``scale`` attended (what a
+    correct cache attends to besides the current scale's own tokens).
+    """
+
+    layer: int
+    scale: int
+    q: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    kept_positions: torch.Tensor
+    out: torch.Tensor
+    softmax_scale: float
+
+
+Audit = Callable[[AttendRecord], None]
 
 
 class KVCache:
@@ -31,15 +54,17 @@ class KVCache:
     policy: called (``select``) whenever a layer keeps some but not all of its candidates.
     attention: ``kv_attention``-compatible function (see :mod:`kernels`); ``backend`` is passed on.
     observer: optional ``f(layer, scale, q, k_all, v_all, positions)`` for calibration statistics.
+    audit: optional ``f(AttendRecord)`` after every attention call (the tests' compressed-engine oracle).
     """
 
     def __init__(self, plan: CachePlan, geometry: CacheGeometry, rows: int, dtype: torch.dtype,
                  device: torch.device | str, policy: KVPolicy, attention: AttentionFn,
-                 backend: str = "torch", observer: Observer | None = None, check_selection: bool = True):
+                 backend: str = "torch", observer: Observer | None = None, check_selection: bool = True,
+                 audit: Audit | None = None):
         plan.validate(geometry)
         self.plan, self.geometry, self.policy = plan, geometry, policy
         self.rows, self.dtype, self.device = rows, dtype, torch.device(device)
-        self.attention, self.backend, self.observer = attention, backend, observer
+        self.attention, self.backend, self.observer, self.audit = attention, backend, observer, audit
         self.check_selection = check_selection
         g = geometry
         shape = (rows, g.num_heads)
@@ -106,6 +131,9 @@ class KVCache:
                              backend=self.backend, uniform_len=length)
         if self.observer is not None:
             self._observe(layer, q, kn, vn, length)
+        if self.audit is not None:
+            kept = self._positions(layer, length)[:, :, :length]
+            self.audit(AttendRecord(layer, s, q, k_new, v_new, kept, out, softmax_scale))
         if self.plan.full:
             self.lens[layer] = length + n
         else:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
-from tuner.model.cache import KVCache, Observer
+from tuner.model.cache import Audit, KVCache, Observer
 from tuner.model.sampling import guided_logits, sample_tokens
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,7 +53,7 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
              top_k: int = 900, top_p: float = 0.96, policy: KVPolicy | None = None,
              spec: PolicySpec | None = None, backend: str = "torch", dtype: torch.dtype = torch.float32,
              observer: Observer | None = None, attention: Callable | None = None,
-             check_selection: bool = True) -> GenerationResult:
+             check_selection: bool = True, audit: Audit | None = None) -> GenerationResult:
     """Generate ``B = len(labels)`` images, one forward per scale over ``2B`` rows (CFG).
 
     Parameters
@@ -65,6 +65,7 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
     policy, spec: cache policy (default ``full``) and what it plans against.
     backend: resolved attention backend (``torch`` or ``triton``), see :mod:`kernels.dispatch`.
     observer: calibration hook, called after every layer's attention.
+    audit: ``f(AttendRecord)`` after every attention call (what the cache attended to and returned).
     """
     from tuner.policies.full import FullPolicy
 
@@ -78,7 +79,8 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
     if attention is None:
         from kernels import kv_attention as attention
     cache = KVCache(plan, geometry, rows=2 * b, dtype=dtype, device=device, policy=policy,
-                    attention=attention, backend=backend, observer=observer, check_selection=check_selection)
+                    attention=attention, backend=backend, observer=observer, check_selection=check_selection,
+                    audit=audit)
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device)
