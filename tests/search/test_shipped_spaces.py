@@ -11,7 +11,7 @@ from tuner.model.config import NAMED_MODELS, model_config
 from tuner.policies.base import CacheGeometry, PolicySpec
 from tuner.policies.registry import make_policy
 from tuner.search.driver import run_search
-from tuner.search.space import SPACE_DIR, load_space
+from tuner.search.space import load_space, space_dir
 from tuner.search.study import load_presets
 
 
@@ -23,10 +23,10 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
     g = CacheGeometry.from_var_config(mc.var)
     cal = FakeEvaluator(model).calibration()
     spec = PolicySpec(g, model, cal)
-    space = load_space(SPACE_DIR / "all.yaml", g)
+    space = load_space(space_dir() / "all.yaml", g)
     assert space.family_names == ["ams", "scalekv", "budgets"]
     for name in ("ams", "scalekv", "budgets"):
-        assert load_space(SPACE_DIR / f"{name}.yaml", g).family_names == [name]
+        assert load_space(space_dir() / f"{name}.yaml", g).family_names == [name]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     fractions = {"ams": [], "scalekv": [], "budgets": []}
     for _ in range(60):

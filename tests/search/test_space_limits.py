@@ -20,12 +20,12 @@ from tuner.errors import UserError
 from tuner.model.config import NAMED_MODELS, model_config
 from tuner.policies.base import CacheGeometry
 from tuner.search import expr
-from tuner.search.space import SPACE_DIR, load_space
+from tuner.search.space import load_space, space_dir
 from tuner.search.space_schema import MAX_CHOICES, MAX_FILES, MAX_PARAMS, MAX_REPEAT, MAX_TOTAL_CHOICES
 from tuner.search.yaml_lines import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 
 TINY = CacheGeometry.from_var_config(model_config("tiny").var)
-ROOT = SPACE_DIR.parent
+ROOT = space_dir().parent
 
 
 def write(tmp_path, text, name="space.yaml"):
@@ -211,14 +211,14 @@ def test_include_fan_out_is_bounded(tmp_path):
 def test_shipped_spaces_load_unchanged(model):
     g = CacheGeometry.from_var_config(model_config(model).var)
     for name in ("all", "ams", "scalekv", "budgets"):
-        space = load_space(SPACE_DIR / f"{name}.yaml", g)
+        space = load_space(space_dir() / f"{name}.yaml", g)
         digest = hashlib.sha256()
         for source in space.sources:  # the digest (stored on studies) is still of the files' bytes
             digest.update(Path(source).read_bytes())
         assert space.digest == digest.hexdigest()[:16]
         expected = ["ams", "scalekv", "budgets"] if name == "all" else [name]
         assert space.family_names == expected
-    budgets = load_space(SPACE_DIR / "budgets.yaml", g).family("budgets")
+    budgets = load_space(space_dir() / "budgets.yaml", g).family("budgets")
     weights = next(p for p in budgets.params if p.name == "layer_weights")
     assert weights.repeat == g.num_layers
     assert dict(budgets.derived)["scale_curve"] == "(1.0,) * (num_scales - 1)"

@@ -36,11 +36,13 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.search import expr
 
-# The shipped spaces: ``search_spaces/`` of a source checkout, else ``tuner/spaces/`` of an installed
-# package (where packaging may copy them).
-_SPACE_DIRS = (Path(__file__).resolve().parent.parent.parent / "search_spaces",
-               Path(__file__).resolve().parent.parent / "spaces")
-SPACE_DIR = next((d for d in _SPACE_DIRS if d.is_dir()), _SPACE_DIRS[0])
+
+
+def space_dir() -> Path:
+    """Where the shipped spaces are: the ``search_spaces`` data package (a checkout's or the wheel's)."""
+    import search_spaces
+
+    return Path(search_spaces.__file__).resolve().parent
 
 
 def model_symbols(geometry: Any) -> dict[str, Any]:
@@ -208,7 +210,7 @@ def _plain(value: Any) -> Any:
 
 def space_path_for(family: str) -> Path:
     """The shipped space file of ``--family`` (``all`` is the union file)."""
-    path = SPACE_DIR / f"{family}.yaml"
+    path = space_dir() / f"{family}.yaml"
     if not path.is_file():
         raise UserError(f"no search space file for --family {family} ({path} is missing); pass --space FILE")
     return path
