@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.errors import UserError
+from tuner.options import SAMPLING
 from tuner.policies.base import CacheGeometry
 
 SCHEMA_VERSION = 1
@@ -42,9 +43,9 @@ class CalibrationSpec:
 
     samples: int = 16
     seed: int = 0
-    cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
+    cfg: float = SAMPLING.cfg
+    top_k: int = SAMPLING.top_k
+    top_p: float = SAMPLING.top_p
     batch_size: int = 8
     htk_fraction: float = 0.1
 

@@ -8,8 +8,10 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import BACKENDS, check_choice, resolve_backend, resolve_device, torch_dtype, user_errors
+from tuner.cli.common import torch_dtype, user_errors
 from tuner.errors import UserError
+from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLING, check_choice, resolve_backend, resolve_device
+from tuner.paths import check_writable_file, ensure_parent
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +46,7 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
     runs = []
     for i in range(warmup + repeats):
         res = generate(loaded.var, loaded.vae, labels, seed=seed + i, policy=policy, spec=spec, backend=backend,
-                       dtype=dtype, top_k=900, top_p=0.96, cfg=1.5)
+                       dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, cfg=SAMPLING.cfg)
         if i >= warmup:
             runs.append(res.scale_seconds)
     per_scale = [statistics.median(r[s] for r in runs) for s in range(len(runs[0]))]
@@ -94,8 +96,11 @@ def bench(
 ) -> None:
     if batch <= 0 or repeats <= 0 or warmup < 0:
         raise UserError("--batch and --repeats must be positive and --warmup >= 0")
-    tdtype = torch_dtype(dtype)
+    check_choice(dtype, DTYPE_NAMES, "--dtype")
     check_choice(attention_backend, BACKENDS, "--attention-backend")
+    if out is not None:
+        check_writable_file(out, "--out")  # before the benchmark, not after it
+    tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
     pol, spec = mo.load_policy_option(policy, loaded)
@@ -104,6 +109,9 @@ def bench(
                        warmup=warmup, repeats=repeats)
     text = json.dumps(result, indent=2) if as_json else format_table(result)
     typer.echo(text)
-    if out:
-        with open(out, "a") as f:
-            f.write(format_table(result) + "\n\n")
+    if out is not None:
+        try:
+            with open(ensure_parent(out, "--out"), "a") as f:
+                f.write(format_table(result) + "\n\n")
+        except OSError as exc:
+            raise UserError(f"--out {out} cannot be written ({exc.strerror or exc}); pass a writable file") from None

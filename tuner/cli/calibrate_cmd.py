@@ -6,8 +6,10 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import resolve_device, user_errors, writable_dir
+from tuner.cli.common import user_errors
 from tuner.errors import UserError
+from tuner.options import check_seed, resolve_device
+from tuner.paths import check_writable_dir, writable_dir
 
 
 def register(app: typer.Typer) -> None:
@@ -47,9 +49,11 @@ def calibrate(
 
     if samples <= 0:
         raise UserError(f"--samples {samples} must be positive")
-    out_dir = writable_dir(out)
+    check_seed(seed)
+    check_writable_dir(out, "--out")
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, resolve_device(device))
     cal = calibration_for(loaded, samples, seed, recompute)
+    out_dir = writable_dir(out)  # only now: bad input leaves no directory behind
     cal.save(out_dir / "calibration.json")
     (out_dir / "calibration.md").write_text(calibration_markdown(cal))
     pngs = plot_calibration(cal, out_dir)

@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import DTYPE_NAMES, check_choice, resolve_device, user_errors
+from tuner.cli.common import user_errors
 from tuner.errors import UserError
+from tuner.model.weights_check import check_weights
+from tuner.options import BACKENDS, DTYPE_NAMES, check_choice, check_seed, resolve_device
 
 
 def register(app: typer.Typer) -> None:
@@ -29,11 +31,36 @@ def resolve_policy(evaluator, name_or_path: str):
     from tuner.policies.full import FullPolicy
     from tuner.presets import paper_presets
 
+    if name_or_path == "full":  # needs no calibration
+        return FullPolicy()
     presets = {"full": FullPolicy(), **paper_presets(evaluator.loaded.config, evaluator.calibration())}
     if name_or_path not in presets:
         raise UserError(f"unknown policy {name_or_path!r}: not a file and not a preset "
                         f"({', '.join(presets)})")
     return presets[name_or_path]
+
+
+def preset_names() -> list[str]:
+    """Names :func:`resolve_policy` accepts besides files, known without calibrating the model."""
+    from tuner.cli.policy_opts import placeholder_calibration
+    from tuner.model.config import model_config
+    from tuner.presets import paper_presets
+
+    cfg = model_config("tiny")  # the names are the same for every model; placeholder statistics suffice
+    return ["full", *paper_presets(cfg, placeholder_calibration(cfg))]
+
+
+def check_policy_name(name_or_path: str) -> None:
+    """Before the model is loaded: a policy file must be a readable, well-formed policy file (whether it
+    fits the model is checked once the model is loaded) and a preset name must exist."""
+    if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
+        from tuner.policy_file import load_policy_file
+
+        load_policy_file(name_or_path)
+        return
+    names = preset_names()
+    if name_or_path not in names:
+        raise UserError(f"unknown policy {name_or_path!r}: not a file and not a preset ({', '.join(names)})")
 
 
 @contextmanager
@@ -83,17 +110,26 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (no progress bar: stdout stays pure JSON)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
 ) -> None:
-    from tuner.quality.evaluate import EvalSpec, build_evaluator
-
     check_choice(dtype, DTYPE_NAMES, "--dtype")
-    if samples <= 0:
-        raise UserError(f"--samples {samples} must be positive")
+    check_choice(attention_backend, BACKENDS, "--attention-backend")
+    if samples < 2:
+        raise UserError(f"--samples {samples} must be a positive count of at least 2 (the Fréchet distance "
+                        f"needs two images)")
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size} must be positive")
+    check_seed(seed)
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"reference batch {reference} not found; pass an existing .npz with --reference")
+    if inception_weights is not None and not Path(inception_weights).is_file():
+        raise UserError(f"Inception weights {inception_weights} not found; pass the pt_inception-2015-12-05 file "
+                        f"with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
+    check_policy_name(policy)
+    check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=False)
+    dev = resolve_device(device)
+    from tuner.quality.evaluate import EvalSpec, build_evaluator
+
     ev = build_evaluator(model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt,
-                         device=resolve_device(device), dtype=dtype, backend=attention_backend,
+                         device=dev, dtype=dtype, backend=attention_backend,
                          inception_weights=inception_weights, reference=reference)
     pol = resolve_policy(ev, policy)
     spec = EvalSpec.balanced(ev.loaded.config.var.num_classes, samples, seed, batch_size=batch_size)

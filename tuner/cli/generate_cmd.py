@@ -6,8 +6,20 @@ from typing import Optional
 import typer
 
 from tuner.cli import model_opts as mo
-from tuner.cli.common import BACKENDS, check_choice, parse_int_list, resolve_backend, resolve_device, torch_dtype, user_errors, writable_dir
+from tuner.cli.common import torch_dtype, user_errors
 from tuner.errors import UserError
+from tuner.options import (
+    BACKENDS,
+    DTYPE_NAMES,
+    SAMPLING,
+    check_choice,
+    check_sampling,
+    check_seed,
+    parse_int_list,
+    resolve_backend,
+    resolve_device,
+)
+from tuner.paths import check_writable_dir, writable_dir
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"
 
@@ -26,9 +38,9 @@ def generate(
     classes: Optional[str] = typer.Option(
         None, "--classes", help="Comma-separated class ids (default: 8 ImageNet demo classes, or every class of a smaller model)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance strength (ramped over scales)."),
-    top_k: int = typer.Option(900, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps all)."),
-    top_p: float = typer.Option(0.96, "--top-p", help="Nucleus filtering mass in [0, 1] (0 = off)."),
+    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over scales)."),
+    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps all)."),
+    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Nucleus filtering mass in [0, 1] (0 = off)."),
     policy: Optional[str] = mo.PolicyOpt,
     out: str = typer.Option("samples", "--out", help="Output directory."),
     device: str = mo.DeviceOpt,
@@ -37,28 +49,37 @@ def generate(
     attention_backend: str = mo.BackendOpt,
     upscale: int = typer.Option(0, "--png-upscale", help="Nearest-neighbour PNG upscale (0 = 8x for tiny, else 1)."),
 ) -> None:
+    # Every check first (cheap ones before torch is even imported); the output directory is made
+    # only once all of them passed, so bad input leaves nothing behind.
+    check_sampling(cfg, top_k, top_p)
+    check_seed(seed)
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size} must be positive")
+    if upscale < 0:
+        raise UserError(f"--png-upscale {upscale} must be >= 1 (or 0: 8x for tiny, else 1)")
+    check_choice(dtype, DTYPE_NAMES, "--dtype")
+    check_choice(attention_backend, BACKENDS, "--attention-backend")
+    check_writable_dir(out, "--out")
+    requested = parse_int_list(classes, "--classes") if classes is not None else None
+
     import torch
     from rich.progress import Progress
 
     from tuner.images import make_grid, save_png, save_samples
     from tuner.model.generate import generate as run
 
-    mo.check_sampling(cfg, top_k, top_p)
-    if batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size} must be positive")
     tdtype = torch_dtype(dtype)
-    check_choice(attention_backend, BACKENDS, "--attention-backend")
     dev = resolve_device(device)
-    out_dir = writable_dir(out)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
     n_cls = loaded.config.var.num_classes
-    default_classes = DEMO_CLASSES if n_cls == 1000 else ",".join(map(str, range(n_cls)))
-    labels = parse_int_list(classes if classes is not None else default_classes, "--classes")
+    labels = requested if requested is not None else (
+        parse_int_list(DEMO_CLASSES, "--classes") if n_cls == 1000 else list(range(n_cls)))
     bad = [c for c in labels if not 0 <= c < n_cls]
     if bad:
         raise UserError(f"--classes {bad[0]} is outside [0, {n_cls}) for model {loaded.config.name}")
     pol, spec = mo.load_policy_option(policy, loaded)
     backend = resolve_backend(attention_backend, dev)
+    out_dir = writable_dir(out)
 
     label_t = torch.tensor(labels, dtype=torch.long, device=dev)
     chunks = list(torch.split(label_t, batch_size))

@@ -5,8 +5,6 @@ from typing import Optional
 
 import typer
 
-from tuner.errors import UserError
-
 ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36.")
 VarCkptOpt = typer.Option(None, "--var-ckpt", help="Path of an official-format VAR state dict (var_d*.pth).")
 VaeCkptOpt = typer.Option(None, "--vae-ckpt", help="Path of the VQ-VAE state dict (vae_ch160v4096z32.pth).")
@@ -42,12 +40,3 @@ def load_policy_option(path: Optional[str], loaded):
     policy, info = load_policy_file(path, loaded.config, checkpoint_sha256=loaded.checkpoint_sha256)
     spec = PolicySpec(geometry, loaded.config.name, getattr(info, "calibration", None))
     return policy, spec
-
-
-def check_sampling(cfg: float, top_k: int, top_p: float) -> None:
-    if cfg < 0:
-        raise UserError(f"--cfg {cfg} is negative; guidance must be >= 0 (1.5 is the FID setting)")
-    if top_k < 0:
-        raise UserError(f"--top-k {top_k} is negative; use 0 to disable top-k filtering")
-    if not 0.0 <= top_p <= 1.0:
-        raise UserError(f"--top-p {top_p} is outside [0, 1]; use 0 to disable nucleus filtering")

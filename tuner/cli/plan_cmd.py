@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -29,20 +30,35 @@ def plan(
     heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    from tuner.cli.common import DTYPE_NAMES, check_choice
     from tuner.cli.policy_opts import placeholder_calibration, policy_from_flags
     from tuner.mem_target import parse_size
     from tuner.memory import format_plan_table, max_batch, memory_report, plot_budget_heatmap
     from tuner.model.config import model_config
+    from tuner.options import DTYPE_NAMES, check_choice
+    from tuner.paths import IMAGE_SUFFIXES, check_writable_file, ensure_parent
     from tuner.policies.base import CacheGeometry, PolicySpec
 
     check_choice(dtype, DTYPE_NAMES, "--dtype")
+    if heatmap is not None:
+        check_writable_file(heatmap, "--heatmap", IMAGE_SUFFIXES)
+    gpu_bytes = None
+    if gpu_mem is not None:
+        try:
+            gpu_bytes = parse_size(gpu_mem)
+        except UserError as exc:
+            raise UserError(f"--gpu-mem {exc}") from None
     try:
         cfg = model_config(model)
     except KeyError as exc:
         raise UserError(f"{exc.args[0]}; pass --model with one of them") from None
     if (policy is None) == (family is None):
         raise UserError("pass exactly one of --policy FILE or --family NAME [--param k=v ...]")
+    if calibration is not None and not Path(calibration).is_file():
+        raise UserError(f"--calibration {calibration}: no such file; pass the calibration.json that `tuner calibrate` "
+                        f"wrote (or leave it out to plan with placeholder layer roles)")
+    if policy is not None and (param or calibration):
+        raise UserError("--param and --calibration go with --family; a policy file holds its own parameters and "
+                        "calibration (drop them, or plan --family NAME instead)")
     geometry = CacheGeometry.from_var_config(cfg.var)
     note = ""
     if policy is not None:
@@ -67,9 +83,9 @@ def plan(
         report = memory_report(pol, cfg, dtype=dtype, spec=PolicySpec(geometry, cfg.name, cal))
     except ValueError as exc:
         raise UserError(f"policy does not fit {cfg.name}: {exc}") from None
-    estimate = max_batch(report, cfg, parse_size(gpu_mem), dtype) if gpu_mem else None
-    if heatmap:
-        plot_budget_heatmap(report.plan, heatmap, title=f"{cfg.name} {pol.family}")
+    estimate = max_batch(report, cfg, gpu_bytes, dtype) if gpu_bytes is not None else None
+    if heatmap is not None:
+        plot_budget_heatmap(report.plan, ensure_parent(heatmap, "--heatmap"), title=f"{cfg.name} {pol.family}")
     if as_json:
         out = {"model": cfg.name, "family": pol.family, "params": pol.params(), "dtype": dtype,
                "kv_bytes_per_image": report.kv_bytes_per_image,

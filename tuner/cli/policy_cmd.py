@@ -34,12 +34,16 @@ def _model(name: str):
 def show(path: str = typer.Argument(..., help="Policy file (JSON)."),
          heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here.")) -> None:
     from tuner.memory import plot_budget_heatmap
+    from tuner.paths import IMAGE_SUFFIXES, check_writable_file, ensure_parent
     from tuner.policy_file import describe_policy_file, load_policy_file
 
+    if heatmap is not None:
+        check_writable_file(heatmap, "--heatmap", IMAGE_SUFFIXES)
     policy, info = load_policy_file(path)
+    if heatmap is not None:
+        plot_budget_heatmap(info.plan, ensure_parent(heatmap, "--heatmap"), title=f"{policy.family}")
     typer.echo(describe_policy_file(policy, info))
-    if heatmap:
-        plot_budget_heatmap(info.plan, heatmap, title=f"{policy.family}")
+    if heatmap is not None:
         typer.echo(f"heatmap: {heatmap}")
 
 
@@ -75,7 +79,19 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
           fid_abs_tol: float = typer.Option(1.0, "--fid-abs-tol", help="... but at least this much (absolute)."),
           allow_new: bool = typer.Option(False, "--allow-new", help="List candidates without a reference "
                                          "instead of failing.")) -> None:
-    from tuner.policy_check import HIGHER_IS_BETTER, Tolerances, compare, format_rows, load_entry, load_references, match
+    import math
+
+    from tuner.model.weights_check import check_weights
+    from tuner.options import check_seed
+    from tuner.policy_check import (
+        HIGHER_IS_BETTER,
+        Tolerances,
+        compare,
+        format_rows,
+        load_entry,
+        load_references,
+        match,
+    )
     from tuner.quality.evaluate import build_evaluator
 
     if metric is not None and metric not in HIGHER_IS_BETTER:
@@ -85,11 +101,18 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
         raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(HIGHER_IS_BETTER)}")
     if samples < 2 or batch_size < 1:
         raise UserError("--samples must be at least 2 (Fréchet distance) and --batch-size positive")
-    if min(mem_tol, psnr_tol, ssim_tol, fid_tol, fid_abs_tol) < 0:
-        raise UserError("tolerances must be non-negative")
+    tolerances = {"--mem-tol": mem_tol, "--psnr-tol": psnr_tol, "--ssim-tol": ssim_tol, "--fid-tol": fid_tol,
+                  "--fid-abs-tol": fid_abs_tol}
+    for flag, value in tolerances.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"tolerances must be non-negative finite numbers: {flag} {value}")
+    check_seed(seed)
     model_cfg = _model(model) if model else None
     refs = load_references(reference, model_cfg)
     pairs = match([load_entry(c, model_cfg) for c in candidates], refs, allow_new)
+    for name in sorted({cand.model for cand, ref in pairs if ref is not None}):
+        # before any evaluation: the weights of every model to re-evaluate are there
+        check_weights(name, None, None, weights_dir, random_weights_flag=False, ckpt_flags=False)
     evaluators: dict = {}
 
     def evaluator_for(name: str):

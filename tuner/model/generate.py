@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
-from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
 from tuner.model.cache import Audit, KVCache, Observer
 from tuner.model.sampling import guided_logits, sample_tokens
+from tuner.options import SAMPLING
+from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -49,8 +50,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: float = 1.5,
-             top_k: int = 900, top_p: float = 0.96, policy: KVPolicy | None = None,
+def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: float = SAMPLING.cfg,
+             top_k: int = SAMPLING.top_k, top_p: float = SAMPLING.top_p, policy: KVPolicy | None = None,
              spec: PolicySpec | None = None, backend: str = "torch", dtype: torch.dtype = torch.float32,
              observer: Observer | None = None, attention: Callable | None = None,
              check_selection: bool = True, audit: Audit | None = None) -> GenerationResult:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from tuner.errors import UserError
+from tuner.options import SAMPLING
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class EvalSpec:
 
     labels: tuple[int, ...]
     seed: int = 0
-    cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
+    cfg: float = SAMPLING.cfg
+    top_k: int = SAMPLING.top_k
+    top_p: float = SAMPLING.top_p
     batch_size: int = 32
 
     def __post_init__(self) -> None:

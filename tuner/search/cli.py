@@ -11,6 +11,7 @@ import typer
 
 from tuner.cli.common import user_errors
 from tuner.errors import UserError
+from tuner.options import SAMPLING
 
 
 def register(app: typer.Typer) -> None:
@@ -88,9 +89,9 @@ def search_command(
     device: str = typer.Option("auto", "--device", help="Evaluation device: auto, cpu, cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="Evaluation dtype: fp32, fp16, bf16."),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto, torch or triton."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance of the evaluation."),
-    top_k: int = typer.Option(900, "--top-k", help="Top-k sampling of the evaluation."),
-    top_p: float = typer.Option(0.96, "--top-p", help="Top-p sampling of the evaluation."),
+    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance of the evaluation."),
+    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k sampling of the evaluation."),
+    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Top-p sampling of the evaluation."),
     eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Images per forward pass in evaluations."),
     trial_timeout: float = typer.Option(3600.0, "--trial-timeout", help="Seconds before a worker counts as hung."),
     no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
@@ -114,7 +115,7 @@ def search_command(
         evaluator_kwargs=_evaluator_args(evaluator_arg))
     result = run_search(config, progress=not no_progress)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_code)
 
 
 @user_errors

@@ -16,6 +16,7 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.mem_target import MemTarget, parse_mem_target
+from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLER_SEED_MAX, SAMPLING, sampling_problem, seed_problem
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
@@ -57,9 +58,9 @@ class SearchConfig:
     device: str = "auto"
     dtype: str = "fp32"
     backend: str = "auto"
-    cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
+    cfg: float = SAMPLING.cfg
+    top_k: int = SAMPLING.top_k
+    top_p: float = SAMPLING.top_p
     eval_batch_size: int = 32
     trial_timeout_s: float = 3600.0
     presets: bool = True
@@ -80,8 +81,14 @@ class SearchConfig:
         if self.gpus is not None and self.ray_address is None:
             raise ValueError("--gpus asks a cluster's autoscaler for GPUs: give --ray-address too (e.g. auto on the "
                              "head node of `ray up ray_cluster.yaml`)")
-        if self.quality_limit is not None and not math.isfinite(self.quality_limit):
-            raise ValueError(f"--fid-limit {self.quality_limit} must be a finite number")
+        if self.quality_limit is not None:
+            problem = quality_limit_problem(self.metric, self.quality_limit)
+            if problem:
+                raise ValueError(problem)
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--attention-backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         checks = (("--trials", self.trials, 1), ("--samples", self.samples, 2),
                   ("--final-samples", self.final_samples, 2), ("--final-top-k", self.final_top_k, 1),
                   ("--gpus", self.gpus if self.gpus is not None else 1, 1),
@@ -97,8 +104,9 @@ class SearchConfig:
             raise ValueError(f"--patience {self.patience} must be at least 1")
         if self.trial_timeout_s <= 0:
             raise ValueError("the per-trial timeout must be positive")
-        if self.cfg < 0 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
-            raise ValueError("sampling settings out of range: --cfg >= 0, --top-k >= 0, --top-p in [0, 1]")
+        problem = sampling_problem(self.cfg, self.top_k, self.top_p) or seed_problem(self.seed, SAMPLER_SEED_MAX)
+        if problem:
+            raise ValueError(problem)
         if ":" not in self.evaluator:
             raise ValueError(f"evaluator factory {self.evaluator!r} must look like 'package.module:function'")
         for name in ("storage", "study_name", "out", "mlflow_uri", "experiment"):
@@ -144,6 +152,40 @@ class SearchConfig:
                 "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
                 "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p,
                 "fit_memory": self.fits_to_target}
+
+
+def quality_limit_problem(metric: str, limit: float) -> str | None:
+    """Why ``--fid-limit`` can never be met on ``metric``, or None.
+
+    Fréchet distances (``fid_vs_full``, ``fid``) are >= 0, so a negative limit excludes every policy;
+    ``delta_fid`` (policy FID minus the full cache's) may be negative. ``ssim`` <= 1 and a limit of
+    at most 0 admits everything, and PSNR is positive for 8-bit images.
+    """
+    if not math.isfinite(limit):
+        return f"--fid-limit {limit} must be a finite number"
+    if metric in ("fid_vs_full", "fid") and limit < 0:
+        return (f"--fid-limit {limit} can never be met: {metric} is a distance (>= 0, lower is better); "
+                f"give a limit >= 0, e.g. --fid-limit 2")
+    if metric == "ssim" and not 0 < limit <= 1:
+        return f"--fid-limit {limit} is not an SSIM limit; SSIM is at most 1: give one in (0, 1], e.g. 0.9"
+    if metric == "psnr" and limit <= 0:
+        return f"--fid-limit {limit} is not a PSNR limit; give a positive number of dB, e.g. 30"
+    return None
+
+
+def check_search_device(device: str, ray_address: str | None, workers: int | None = None) -> None:
+    """``--device`` must name a torch device; where the evaluations run on this machine (no
+    ``--ray-address``: a local cluster, or ``--workers 0``: in the driver) it must exist here. A remote
+    cluster's devices cannot be seen from the driver: only the spelling is checked."""
+    from tuner.options import check_device_name, resolve_device
+
+    if device in (None, "", "auto"):
+        return
+    if ray_address is not None and workers != 0:
+        check_device_name(device)
+        return
+    where = "--workers N with " if workers == 0 else ""
+    resolve_device(device, hint=f"use --device cpu (or auto), or {where}--ray-address of a cluster with GPUs")
 
 
 def default_study_name(model: str, space_label: str, mem: MemTarget | None, limit: float | None,
@@ -199,10 +241,12 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
     if "evaluator_kwargs" in fields and isinstance(fields["evaluator_kwargs"], dict):
         fields["evaluator_kwargs"] = tuple(sorted(fields["evaluator_kwargs"].items()))
     try:
-        return SearchConfig(
+        config = SearchConfig(
             mem_target=mem, quality_limit=fid_limit, study_name=name, out=str(out_dir.resolve()),
             storage=storage or sqlite_url(out_dir / "study.db"),
             mlflow_uri=mlflow_uri or sqlite_url(out_dir / "mlflow.db"),
             experiment=experiment or f"varkv-{model}", **fields)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    check_search_device(config.device, config.ray_address, config.workers)
+    return config

@@ -1,9 +1,10 @@
 """Everything a running search holds (pool, study, tables, tracker) and the order it is set up in.
 
-:func:`prepare_runtime` checks first and writes later: model name, space file, storage URL and
-MLflow URI are validated with no side effects, so bad input leaves no study, no table and no run
-behind. Only then is the output directory created, the worker pool started (model loaded once per
-worker), the study opened or resumed, stale trials recovered and presets enqueued.
+:func:`prepare_runtime` checks first and writes later: model name, output path, space file,
+storage URL, cluster address, MLflow URI and weights are validated with no side effects
+(:func:`validate`), so bad input leaves no study, no table, no run and no directory behind. Only then
+is the worker pool started (model loaded once per worker), the output and database directories
+created, the study opened or resumed, stale trials recovered and presets enqueued.
 """
 from __future__ import annotations
 
@@ -135,9 +136,12 @@ def _calibration(info: dict[str, Any]) -> Any:
 
 
 def validate(cfg: SearchConfig):
-    """Side-effect-free checks; returns (model config, space, space file)."""
+    """Side-effect-free checks of everything checkable before the pool starts; returns (model config,
+    space, space file). Nothing is created: the output and database directories are made later."""
     from tuner.model.config import model_config
+    from tuner.paths import check_writable_dir
     from tuner.policies.base import CacheGeometry
+    from tuner.search.config import DEFAULT_EVALUATOR
     from tuner.search.space import load_space, space_path_for
     from tuner.search.storage import check_storage_url
     from tuner.tracking import check_tracking_uri
@@ -146,20 +150,43 @@ def validate(cfg: SearchConfig):
         model_cfg = model_config(cfg.model)
     except KeyError as exc:
         raise UserError(f"--model: {exc.args[0]}") from None
+    check_writable_dir(cfg.out, "--out")
     space_file = Path(cfg.space) if cfg.space else space_path_for(cfg.family)
-    space = load_space(space_file, CacheGeometry.from_var_config(model_cfg.var))
+    try:
+        space = load_space(space_file, CacheGeometry.from_var_config(model_cfg.var))
+    except UserError as exc:  # the loader names the file and line; the flag is named here
+        raise UserError(f"--space {exc}" if cfg.space else str(exc)) from None
     check_storage_url(cfg.storage)
+    local = cfg.ray_address is None or cfg.workers == 0
     if cfg.workers != 0:
         from tuner.search.ray_pool import check_ray_address
 
         check_ray_address(cfg.ray_address)
     if cfg.tracking_enabled:
         check_tracking_uri(cfg.mlflow_uri)
+    if cfg.evaluator == DEFAULT_EVALUATOR and local:
+        # the workers load the weights only after Ray started; a remote cluster's nodes hold their own
+        from tuner.model.weights_check import check_weights
+
+        check_weights(cfg.model, cfg.var_ckpt, cfg.vae_ckpt, cfg.weights_dir, random_weights_flag=False)
     return model_cfg, space, space_file
 
 
+def make_directories(cfg: SearchConfig) -> Path:
+    """The output directory and the SQLite databases' directories, once every check passed."""
+    from tuner.paths import writable_dir
+    from tuner.search.storage import _sqlite_path
+
+    out = writable_dir(cfg.out)
+    urls = [(cfg.storage, "--storage")] + ([(cfg.mlflow_uri, "--mlflow-uri")] if cfg.tracking_enabled else [])
+    for url, flag in urls:
+        path = _sqlite_path(url)
+        if path is not None:
+            writable_dir(path.parent, flag)
+    return out
+
+
 def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
-    from tuner.cli.common import writable_dir
     from tuner.policies.base import CacheGeometry, PolicySpec
     from tuner.search import study as S
     from tuner.search.objective import Objective
@@ -170,9 +197,9 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
     model_cfg, space, space_file = validate(cfg)
     rt = SearchRuntime(cfg, console, model_cfg, space, space_file, tracker=NullTracker())
     try:
-        out = writable_dir(cfg.out)
         rt.pool = make_pool(cfg)
         rt.info = rt.pool.start()
+        out = make_directories(cfg)  # after the pool: a worker that cannot start leaves nothing behind
         num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
         common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
         rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
