@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.errors import UserError
+from tuner.quality.metric_info import METRICS
 
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "fid_vs_full": False, "delta_fid": False, "fid": False}
 DEFAULT_METRIC = "fid_vs_full"  # what `tuner search` optimises unless --metric says otherwise
 
 
@@ -116,9 +116,9 @@ def load_entry(path: str | Path, model_cfg: Any = None) -> Entry:
     policy, info = load_policy_file(path, model_cfg)
     prov = info.provenance or {}
     metric = prov.get("metric")
-    if metric is not None and metric not in HIGHER_IS_BETTER:
+    if metric is not None and metric not in METRICS:
         raise UserError(f"{path}: unknown search metric {metric!r} in provenance; pass --metric "
-                        f"({', '.join(HIGHER_IS_BETTER)})")
+                        f"({', '.join(METRICS)})")
     return Entry(str(path), policy, info, _target(str(path), prov), metric)
 
 
@@ -214,7 +214,7 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
             problems.append(f"memory {100 * cand_mem:.2f}% > {100 * ref_mem:.2f}% + {100 * tol.memory:g} pts")
         for n in names:
             vc, vr, allowed = mc[n], mr[n], tol.allowed(n, mr[n])
-            worse = 0.0 if vc == vr else vr - vc if HIGHER_IS_BETTER[n] else vc - vr  # inf == inf: PSNR of full
+            worse = 0.0 if vc == vr else vr - vc if METRICS[n].higher_is_better else vc - vr  # inf == inf: PSNR of full
             if not worse <= allowed:  # also catches NaN
                 problems.append(f"{n} {vc:.4g} vs {vr:.4g} (worse by {worse:.3g} > {allowed:.3g})")
         rows.append(CheckRow(cand.path, ref.path, cand.describe_target(), name, cand_mem, ref_mem,

@@ -25,7 +25,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
 from tuner.policy_schema import KIND, check_policy_schema, read_policy_json
+from tuner.provenance import git_sha
 
 SCHEMA_VERSION = 1
 _REQUIRED = ("model", "policy", "budgets", "memory")
@@ -53,15 +53,6 @@ class PolicyFileInfo:
     @property
     def checkpoint_sha256(self) -> str | None:
         return self.model.get("checkpoint_sha256")
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _plain(obj: Any) -> Any:
@@ -96,7 +87,7 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *, che
     spec = PolicySpec(geometry, model_cfg.name, calibration)
     report = memory_report(policy, geometry, dtype=dtype, cfg=True, spec=spec)
     prov = {"study": None, "trial": None, "mlflow_run_id": None, "tuner_version": __version__,
-            "git_sha": _git_sha(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "git_sha": git_sha(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     prov.update(provenance or {})
     doc = {
         "schema_version": SCHEMA_VERSION, "kind": KIND,

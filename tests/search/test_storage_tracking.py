@@ -70,7 +70,7 @@ def test_storage_url_checks_write_nothing(tmp_path):
 
 
 def test_tracking_uri_checks(tmp_path):
-    from tuner.tracking import check_tracking_uri
+    from tuner.search.tracking import check_tracking_uri
 
     with pytest.raises(UserError, match=r"--mlflow-uri http://127.0.0.1:1 is unreachable"):
         check_tracking_uri("http://127.0.0.1:1")
@@ -83,7 +83,7 @@ def test_tracking_uri_checks(tmp_path):
 def test_mlflow_parent_and_child_runs(tmp_path):
     import mlflow
 
-    from tuner.tracking import STUDY_TAG, open_tracker
+    from tuner.search.tracking import STUDY_TAG, open_tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = open_tracker(uri, "varkv-test", tmp_path / "art")
@@ -122,7 +122,7 @@ def test_mlflow_pareto_front_on_parent_and_tags(tmp_path):
     """finish() tags the feasible non-dominated trials and logs the front on the parent (to compare studies)."""
     import mlflow
 
-    from tuner.tracking import PARETO_TAG, open_tracker
+    from tuner.search.tracking import PARETO_TAG, open_tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = open_tracker(uri, "varkv-test", tmp_path / "art")

@@ -60,7 +60,7 @@ def test_a_failed_finish_says_how_to_fill_the_gap():
 
 @pytest.fixture
 def tracker(tmp_path):
-    from tuner.tracking import MlflowTracker
+    from tuner.search.tracking import MlflowTracker
 
     t = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path / "art")
     t.start_study("s", {"metric": "psnr"})

@@ -84,7 +84,6 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
     from tuner.model.weights_check import check_weights
     from tuner.options import check_seed
     from tuner.policy_check import (
-        HIGHER_IS_BETTER,
         Tolerances,
         compare,
         format_rows,
@@ -93,12 +92,13 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
         match,
     )
     from tuner.quality.evaluate import build_evaluator
+    from tuner.quality.metric_info import METRICS
 
-    if metric is not None and metric not in HIGHER_IS_BETTER:
-        raise UserError(f"--metric {metric!r} is not one of {', '.join(HIGHER_IS_BETTER)}")
+    if metric is not None and metric not in METRICS:
+        raise UserError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     guards = tuple(g.strip() for g in guard_metrics.split(",") if g.strip())
-    if any(g not in HIGHER_IS_BETTER for g in guards):
-        raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(HIGHER_IS_BETTER)}")
+    if any(g not in METRICS for g in guards):
+        raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(METRICS)}")
     if samples < 2 or batch_size < 1:
         raise UserError("--samples must be at least 2 (Fréchet distance) and --batch-size positive")
     tolerances = {"--mem-tol": mem_tol, "--psnr-tol": psnr_tol, "--ssim-tol": ssim_tol, "--fid-tol": fid_tol,

@@ -8,24 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tuner.geometry import scale_lengths_of
+
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-
-
-# The scale geometry lives in these functions so that VARConfig and the policies' CacheGeometry
-# (which only sees ``patch_nums``) cannot drift apart.
-def scale_lengths_of(patch_nums: tuple[int, ...]) -> tuple[int, ...]:
-    """Tokens per scale, ``pn**2``: a ``[num_scales]`` tuple."""
-    return tuple(p * p for p in patch_nums)
-
-
-def scale_spans_of(patch_nums: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """``(begin, end)`` global token positions of each scale: ``num_scales`` half-open ranges."""
-    out, cur = [], 0
-    for n in scale_lengths_of(patch_nums):
-        out.append((cur, cur + n))
-        cur += n
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -104,10 +90,6 @@ class VARConfig:
         """Total tokens L over all scales (680 at 256px)."""
         return sum(self.scale_lengths)
 
-    @property
-    def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        """``(begin, end)`` token positions of each scale."""
-        return scale_spans_of(self.patch_nums)
 
 
 @dataclass(frozen=True)

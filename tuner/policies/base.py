@@ -15,55 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from tuner.model import config as _model_config
+from tuner.geometry import CacheGeometry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-@dataclass(frozen=True)
-class CacheGeometry:
-    """Shape facts of a model's KV cache: layers × heads × head_dim over the scale schedule."""
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    patch_nums: tuple[int, ...]
-
-    @classmethod
-    def from_var_config(cls, cfg: Any) -> "CacheGeometry":
-        """Build from a :class:`tuner.model.config.VARConfig`."""
-        return cls(cfg.depth, cfg.num_heads, cfg.head_dim, tuple(cfg.patch_nums))
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def scale_lengths(self) -> tuple[int, ...]:
-        return _model_config.scale_lengths_of(self.patch_nums)
-
-    @property
-    def seq_len(self) -> int:
-        return sum(self.scale_lengths)
-
-    @property
-    def scale_starts(self) -> tuple[int, ...]:
-        """Global position of the first token of each scale."""
-        return tuple(begin for begin, _ in _model_config.scale_spans_of(self.patch_nums))
-
-    def tokens_through(self, scale: int) -> int:
-        """Number of tokens in scales ``0..scale`` inclusive (0 for ``scale < 0``)."""
-        return sum(self.scale_lengths[: scale + 1]) if scale >= 0 else 0
-
-    def scale_of(self, position: int) -> int:
-        """Scale index of a global token position."""
-        for s, start in enumerate(self.scale_starts):
-            if position < start + self.scale_lengths[s]:
-                return s
-        raise ValueError(f"position {position} is outside the sequence of {self.seq_len} tokens")
 
 
 @dataclass(frozen=True)
@@ -186,11 +143,36 @@ class SelectionState:
         return torch.cat((self.v_old, self.v_new), dim=2)
 
 
+@dataclass(frozen=True)
+class MemoryKnob:
+    """A policy's one budget knob: ``apply(v)`` is the policy with the knob at ``v`` in ``[low, high]``
+    (integers when ``integer``). Planned memory must be non-decreasing in ``v`` and the policy's
+    *shape* (windows, rules, roles) unchanged: :func:`tuner.policies.fit.fit_to_memory` bisects it.
+    """
+
+    low: float
+    high: float
+    integer: bool
+    apply: Callable[[float], "KVPolicy"]
+
+    @classmethod
+    def tokens(cls, geometry: CacheGeometry, apply: Callable[[float], "KVPolicy"]) -> "MemoryKnob":
+        """An integer per-layer token knob from 1 to :func:`cached_before_last` (what any layer can hold)."""
+        return cls(1, cached_before_last(geometry), True, apply)
+
+
+def cached_before_last(geometry: CacheGeometry) -> int:
+    """Tokens of every scale but the last (at least 1): the most a layer's buffer ever needs."""
+    return max(1, geometry.tokens_through(geometry.num_scales - 2))
+
+
 class KVPolicy:
     """Base class of all policy families (subclasses are frozen dataclasses).
 
     Subclasses set ``family`` and implement :meth:`plan` and :meth:`select`, validate their fields
-    in ``__post_init__`` (``ValueError``), and are registered in :mod:`tuner.policies.registry`.
+    in ``__post_init__`` (``ValueError``), and are registered once with
+    :func:`tuner.policies.registry.register`. Optional: :meth:`memory_knob` (without it the family
+    is never fitted to a memory target) and :meth:`conformance_cases` (the tests' matrix).
     """
 
     family: ClassVar[str] = ""
@@ -219,6 +201,22 @@ class KVPolicy:
     def params(self) -> dict[str, Any]:
         """Hyperparameters as a JSON-able dict (the dataclass fields)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def memory_knob(self, geometry: CacheGeometry) -> MemoryKnob | None:
+        """The knob that scales this policy's cache on a model of ``geometry``, or None: not fittable
+        (the policy is then taken as it is under a memory target, e.g. ``full`` or an explicit table)."""
+        return None
+
+    @classmethod
+    def conformance_cases(cls, geometry: CacheGeometry) -> list[dict[str, Any]]:
+        """Example parameters every family must pass (tests/policies), easy → aggressive, for ``geometry``.
+
+        Each case is ``{"params": {...}}`` plus optional flags: ``keeps_all`` (every layer keeps every
+        token: images bit-identical to the full cache), ``calibrated`` (plans from calibration
+        statistics; the tests give synthetic ones) and ``curve`` (params hold per-scale or per-layer
+        lists sized to ``geometry``). The number of cases must not depend on the geometry.
+        """
+        return []
 
 
 def _jsonable(value: Any) -> Any:

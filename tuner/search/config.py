@@ -16,12 +16,11 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.mem_target import MemTarget, parse_mem_target
+from tuner.quality.metric_info import METRICS
 from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLER_SEED_MAX, SAMPLING, sampling_problem, seed_problem
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-FAMILY_CHOICES = ("ams", "scalekv", "budgets", "all")
-# metric name -> True when larger is better (the objective then uses the negated value).
-METRICS = {"fid_vs_full": False, "delta_fid": False, "fid": False, "psnr": True, "ssim": True}
+# --family choices are derived from the policy registry and the space files: tuner.search.space.family_choices()
 DEFAULT_EVALUATOR = "tuner.quality.evaluate:build_evaluator"
 NO_TRACKING = ("none", "off")
 
@@ -73,9 +72,12 @@ class SearchConfig:
             raise ValueError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
-        if self.space is None and self.family not in FAMILY_CHOICES:
-            raise ValueError(f"--family {self.family!r} is not one of {', '.join(FAMILY_CHOICES)} "
-                             f"(or pass --space FILE)")
+        if self.space is None:
+            from tuner.search.space import family_choices  # light: the registry imports no policy module
+
+            choices = family_choices()
+            if self.family not in choices:
+                raise ValueError(f"--family {self.family!r} is not one of {', '.join(choices)} (or pass --space FILE)")
         if self.mem_target is None and self.quality_limit is None:
             raise ValueError("give --mem-target (e.g. 15%) and/or --fid-limit: the search needs a target")
         if self.gpus is not None and self.ray_address is None:

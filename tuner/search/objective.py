@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.mem_target import MemTarget
-from tuner.search.config import METRICS, SearchConfig
+from tuner.quality.metric_info import METRICS
+from tuner.search.config import SearchConfig
 
-# The quality objective told for plan-infeasible trials before any quality exists (never better than
-# real ones); replaced by the worst quality seen so far once there is one.
-_WORST_QUALITY = {"fid_vs_full": 100.0, "fid": 100.0, "delta_fid": 100.0, "psnr": 0.0, "ssim": 0.0}
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Objective:
 
     @property
     def maximize(self) -> bool:
-        return METRICS[self.metric]
+        return METRICS[self.metric].higher_is_better
 
     @property
     def multi(self) -> bool:
@@ -90,8 +88,9 @@ class Objective:
 
     def placeholder_values(self, fraction: float, worst_quality: float | None) -> list[float]:
         """Values told for a trial rejected by the planner (memory over target, never evaluated)."""
-        quality = worst_quality if worst_quality is not None else (
-            -_WORST_QUALITY[self.metric] if self.maximize else _WORST_QUALITY[self.metric])
+        # before any quality exists: the metric's worst value (never better than a real one)
+        worst = METRICS[self.metric].worst
+        quality = worst_quality if worst_quality is not None else (-worst if self.maximize else worst)
         if self.multi:
             return [fraction, quality]
         return [quality] if self.mem is not None else [fraction]

@@ -13,11 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tuner.quality.metric_info import TABLE_COLUMNS as TABLE_METRICS
 from tuner.search.objective import Objective, pareto_front
 from tuner.search.trials import TrialRecord
 
-TABLE_METRICS = ("memory_fraction", "kv_bytes_per_image", "fid_vs_full", "delta_fid", "psnr", "ssim",
-                 "latency_s_per_image")
 
 
 def front_records(records: list[TrialRecord], objective: Objective) -> list[TrialRecord]:

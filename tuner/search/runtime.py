@@ -144,7 +144,7 @@ def validate(cfg: SearchConfig):
     from tuner.search.config import DEFAULT_EVALUATOR
     from tuner.search.space import load_space, space_path_for
     from tuner.search.storage import check_storage_url
-    from tuner.tracking import check_tracking_uri
+    from tuner.search.tracking import check_tracking_uri
 
     try:
         model_cfg = model_config(cfg.model)
@@ -192,7 +192,7 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
     from tuner.search.objective import Objective
     from tuner.search.storage import TunerTables, open_optuna_storage
     from tuner.search.tracker_guard import GuardedTracker
-    from tuner.tracking import NullTracker, open_tracker
+    from tuner.search.tracking import NullTracker, open_tracker
 
     model_cfg, space, space_file = validate(cfg)
     rt = SearchRuntime(cfg, console, model_cfg, space, space_file, tracker=NullTracker())

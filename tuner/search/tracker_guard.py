@@ -25,7 +25,7 @@ def _reason(exc: BaseException) -> str:
 
 
 class GuardedTracker:
-    """Same interface as :class:`tuner.tracking.MlflowTracker`; never raises, never blocks for long."""
+    """Same interface as :class:`tuner.search.tracking.MlflowTracker`; never raises, never blocks for long."""
 
     def __init__(self, inner: Any, warn: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
         self.inner, self.warn, self.clock = inner, warn, clock

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.provenance import git_sha
 
 STUDY_TAG = "tuner.study"
 PARETO_TAG = "tuner.pareto"
@@ -45,17 +45,6 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
             # a "View run ... at: URL" line on stdout for every finished trial run would drown the trial lines
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-
-
-def git_sha() -> str | None:
-    """Commit of the checkout this package runs from, or None (not a git checkout / no commits)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -318,9 +307,10 @@ class MlflowTracker:
         the parent run; returns the front's trial numbers, by increasing memory."""
         from mlflow.entities import Metric
 
-        from tuner.search.objective import METRICS, pareto_front
+        from tuner.quality.metric_info import METRICS
+        from tuner.search.objective import pareto_front
 
-        sign = -1.0 if METRICS.get(self.metric, False) else 1.0
+        sign = -1.0 if self.metric in METRICS and METRICS[self.metric].higher_is_better else 1.0
         points = []
         for run in self._child_runs():
             m, tags = run.data.metrics, run.data.tags
