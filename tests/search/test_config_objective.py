@@ -60,17 +60,17 @@ def test_config_requires_resolution():
 
 def test_objective_modes_and_constraints():
     m = {"memory_fraction": 0.2, "kv_bytes_per_image": 100.0, "fid_vs_full": 4.0, "psnr": 25.0}
-    mem_only = Objective("fid_vs_full", MemTarget(fraction=0.25), None)
+    target = MemTarget(fraction=0.25)
+    over = target.violation(m["memory_fraction"], m["kv_bytes_per_image"])  # the planner's figure
+    mem_only = Objective("fid_vs_full", target, None)
     assert mem_only.directions == ["minimize"] and mem_only.values(m) == [4.0]
-    assert mem_only.constraints(m) == {"memory": pytest.approx(0.2 / 0.25 - 1)}
-    assert mem_only.feasible(m)
+    assert mem_only.constraints(m, over) == {"memory": pytest.approx(0.2 / 0.25 - 1)}
     limit_only = Objective("fid_vs_full", None, 3.0)
     assert limit_only.values(m) == [0.2]
-    assert limit_only.constraints(m) == {"quality": pytest.approx((4.0 - 3.0) / 3.0)}
-    assert not limit_only.feasible(m)
-    both = Objective("psnr", MemTarget(fraction=0.25), 24.0)
+    assert limit_only.constraints(m, None) == {"quality": pytest.approx((4.0 - 3.0) / 3.0)}
+    both = Objective("psnr", target, 24.0)
     assert both.multi and both.values(m) == [0.2, -25.0]
-    assert both.constraints(m) == {"memory": pytest.approx(-0.2), "quality": pytest.approx(-1 / 24)}
+    assert both.constraints(m, over) == {"memory": pytest.approx(-0.2), "quality": pytest.approx(-1 / 24)}
     assert both.placeholder_values(0.9, None) == [0.9, -0.0]
     assert Objective("psnr", MemTarget(fraction=0.3), None).quality({"psnr": math.inf}) == -1e3
 

@@ -1,5 +1,5 @@
-"""The search driver (design §6): ask → plan → (cache | infeasible | evaluate) → tell, the only writer
-of study state.
+"""The search driver: ask → plan (:mod:`tuner.search.planner`) → (infeasible | cache | evaluate, through
+:mod:`tuner.search.evaluations`) → tell; the only writer of study state (docs/design.md, "Search").
 
 ``run_search(cfg)`` validates everything that can be validated without side effects (space file,
 model, storage and MLflow reachability) before it writes anything, starts the evaluation pool
@@ -27,17 +27,6 @@ POLL_S = 0.25
 
 
 @dataclass
-class _Task:
-    """One evaluation in flight; several trials may wait on it (same policy asked twice)."""
-
-    policy_hash: str
-    family: str
-    params: dict[str, Any]
-    plan_metrics: dict[str, float]
-    trials: list[Any] = field(default_factory=list)
-
-
-@dataclass
 class SearchResult:
     study_name: str
     storage: str
@@ -53,20 +42,22 @@ class SearchResult:
 
 
 class SearchDriver:
+    """The ask/tell loop over the runtime's planner and evaluation service."""
+
     def __init__(self, rt: SearchRuntime):
         self.rt = rt
         self.cfg: SearchConfig = rt.cfg
-        self.objective = Objective.from_config(rt.cfg)
+        self.objective: Objective = rt.objective
         self.records: list[T.TrialRecord] = T.load_records(rt.study)
-        self.tasks: dict[int, _Task] = {}
-        self.by_hash: dict[str, int] = {}
-        self.next_task = 0
-        self.evaluations = 0
         self.since_improvement = 0
         self.front: list[T.TrialRecord] = []  # feasible evaluated trials, non-dominated (single: the best)
         for rec in self.records:
             self._improves(rec)
         self.view: ProgressView | None = None
+
+    @property
+    def evaluations(self) -> int:
+        return self.rt.evals.evaluations
 
     # -- asking -------------------------------------------------------------------------------------------
     def ask_one(self) -> None:
@@ -85,53 +76,36 @@ class SearchDriver:
         if fixed:
             family, params = fixed["family"], dict(fixed["params"])
         try:
-            policy, plan_metrics = rt.plan(family, params)
+            planned = rt.planner.plan(family, params)
         except ValueError as exc:  # a combination the policy rejects: not evaluable
             self._fail(trial, family, params, f"invalid policy: {exc}")
             return
-        params = policy.params()
-        phash = rt.plan_key(policy)
         trial.set_user_attr(T.A_FAMILY, family)
-        trial.set_user_attr(T.A_POLICY, params)
-        trial.set_user_attr(T.A_HASH, phash)
-        violation = self.objective.memory_violation(plan_metrics["memory_fraction"],
-                                                    plan_metrics["kv_bytes_per_image"])
-        if violation is not None and violation > 0:
-            self._tell_plan_infeasible(trial, family, params, plan_metrics, violation)
+        trial.set_user_attr(T.A_POLICY, planned.params)
+        trial.set_user_attr(T.A_HASH, planned.key)
+        if not planned.fits:
+            self._tell_plan_infeasible(trial, planned)
             return
-        cached = rt.tables.cached_metrics(rt.model_hash, phash, rt.screen_key)
+        cached = rt.evals.request(planned, rt.screen_spec, trial)
         if cached is not None:
-            self._tell(trial, family, params, {**plan_metrics, **cached}, cache_hit=True)
-            return
-        if phash in self.by_hash:
-            self.tasks[self.by_hash[phash]].trials.append(trial)
-            return
-        task_id, self.next_task = self.next_task, self.next_task + 1
-        self.tasks[task_id] = _Task(phash, family, params, plan_metrics, [trial])
-        self.by_hash[phash] = task_id
-        rt.pool.submit({"task_id": task_id, "family": family, "params": params, "eval": rt.screen_spec})
+            self._tell(trial, planned, cached, cache_hit=True)
 
     # -- telling ---------------------------------------------------------------------------------------------
-    def complete(self, outcome: Any) -> None:
-        task = self.tasks.pop(outcome.task_id)
-        del self.by_hash[task.policy_hash]
-        if outcome.error is not None:
-            for trial in task.trials:
-                self._fail(trial, task.family, task.params, outcome.error)
-            return
-        self.evaluations += 1
-        metrics = {**task.plan_metrics, **outcome.result["metrics"]}
-        self.rt.store_evaluation(task.policy_hash, self.rt.screen_spec, task.family, task.params, metrics,
-                                 outcome.result.get("seconds"))
-        for i, trial in enumerate(task.trials):
-            self._tell(trial, task.family, task.params, metrics, cache_hit=i > 0)
+    def complete(self, done: Any) -> None:
+        """A finished screening evaluation: tell every trial that waited for it."""
+        for i, trial in enumerate(done.waiters):
+            if done.error is not None:
+                self._fail(trial, done.planned.family, done.planned.params, done.error)
+            else:
+                self._tell(trial, done.planned, done.metrics, cache_hit=i > 0)
 
-    def _tell(self, trial: Any, family: str, params: dict, metrics: dict[str, float], cache_hit: bool) -> None:
+    def _tell(self, trial: Any, planned: Any, metrics: dict[str, float], cache_hit: bool) -> None:
         import math
 
+        family, params = planned.family, planned.params
         try:
             values = self.objective.values(metrics)
-            constraints = self.objective.constraints(metrics)
+            constraints = self.objective.constraints(metrics, planned.violation)
         except (KeyError, ValueError) as exc:
             self._fail(trial, family, params, f"unusable metrics: {exc}")
             return
@@ -146,18 +120,19 @@ class SearchDriver:
         self.rt.study.tell(trial, values)
         self._record(trial, "COMPLETE", family, params, metrics, values, constraints, cache_hit=cache_hit)
 
-    def _tell_plan_infeasible(self, trial, family, params, plan_metrics, violation) -> None:
+    def _tell_plan_infeasible(self, trial: Any, planned: Any) -> None:
         worst = max((r.values[-1] for r in self.records if r.evaluated and r.values), default=None)
-        values = self.objective.placeholder_values(plan_metrics["memory_fraction"], worst)
-        constraints = {"memory": violation}
+        values = self.objective.placeholder_values(planned.memory["memory_fraction"], worst)
+        constraints = {"memory": planned.violation}
         if self.objective.limit is not None:
             constraints["quality"] = 1.0  # never measured; counted as violated
         for name, value in constraints.items():
             trial.set_constraint(name, value)
         trial.set_user_attr(T.A_PLAN_INFEASIBLE, True)
-        trial.set_user_attr(T.A_METRICS, plan_metrics)
+        trial.set_user_attr(T.A_METRICS, planned.memory)
         self.rt.study.tell(trial, values)
-        self._record(trial, "COMPLETE", family, params, plan_metrics, values, constraints, plan_infeasible=True)
+        self._record(trial, "COMPLETE", planned.family, planned.params, planned.memory, values, constraints,
+                     plan_infeasible=True)
 
     def _fail(self, trial: Any, family: str, params: dict, error: str) -> None:
         from optuna.trial import TrialState
@@ -199,7 +174,7 @@ class SearchDriver:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def in_flight(self) -> int:
-        return sum(len(t.trials) for t in self.tasks.values())
+        return self.rt.evals.waiting
 
     def finished(self) -> int:
         """Finished trials that count toward ``--trials`` (interrupted ones are retried instead)."""
@@ -229,12 +204,12 @@ class SearchDriver:
             while self.rt.pool.idle > 0 and rule.can_ask(self.finished(), self.in_flight(), self.since_improvement):
                 self.ask_one()
             reason = rule.reason(self.finished() + self.in_flight(), self.since_improvement)
-            if reason is not None and not self.tasks:
+            if reason is not None and not self.in_flight():
                 return rule.reason(self.finished(), self.since_improvement) or reason
             if rule.interrupted:
                 return "interrupted"
-            for outcome in self.rt.pool.poll(POLL_S):
-                self.complete(outcome)
+            for done in self.rt.evals.poll(POLL_S):
+                self.complete(done)
             if time.monotonic() - last_beat > HEARTBEAT_S:
                 self.rt.tables.heartbeat(self.rt.session_id)
                 last_beat = time.monotonic()
@@ -248,14 +223,11 @@ class SearchDriver:
         from tuner.search.study import requeue
 
         numbers = []
-        self.rt.pool.cancel_all()
-        for task in self.tasks.values():
-            for trial in task.trials:
-                trial.set_user_attr(T.A_INTERRUPTED, why)
-                self.rt.study.tell(trial, state=TrialState.FAIL)
-                requeue(self.rt.study, trial.params, trial.user_attrs, trial.number)
-                numbers.append(trial.number)
-        self.tasks, self.by_hash = {}, {}
+        for trial in self.rt.evals.cancel_all():
+            trial.set_user_attr(T.A_INTERRUPTED, why)
+            self.rt.study.tell(trial, state=TrialState.FAIL)
+            requeue(self.rt.study, trial.params, trial.user_attrs, trial.number)
+            numbers.append(trial.number)
         return numbers
 
 

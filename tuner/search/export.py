@@ -19,49 +19,34 @@ from tuner.search import report
 from tuner.search.command_line import resume_command
 from tuner.search import trials as T
 from tuner.search.objective import Objective
+from tuner.search.planner import Planned
 
 FINAL_TIMEOUT_FACTOR = 4.0  # the final phase may take this many per-trial timeouts per item at most
-FINAL_TASK_BASE = 10**9  # task ids of the final round: apart from the screening loop's (counted from 0)
 
 
-def evaluate_items(rt: Any, items: list[tuple[str, str, dict]], spec: dict, key: str) -> dict[str, dict]:
-    """Metrics (or ``{"error": ...}``) per item name, from the cache or the pool; plan metrics merged.
-
-    Items that compile to the same plan (e.g. two presets fitted to one policy) are evaluated once.
-    """
+def evaluate_items(rt: Any, items: list[tuple[str, str, dict]], spec: dict) -> dict[str, dict]:
+    """Metrics (or ``{"error": ...}``) per item name on ``spec``, plan memory merged, through the
+    evaluation service (cache first; items that compile to one plan are evaluated once)."""
     results: dict[str, dict] = {}
-    waiting: dict[str, list[tuple[str, dict]]] = {}  # plan key -> [(item name, plan metrics)]
-    submitted: dict[int, tuple[str, str, dict]] = {}  # task id -> (plan key, family, params)
+    pending = 0
     for name, family, params in items:
         try:
-            policy, plan = rt.plan(family, params)
+            planned = rt.planner.plan(family, params)
         except ValueError as exc:
             results[name] = {"error": str(exc)}
             continue
-        pkey = rt.plan_key(policy)
-        cached = rt.tables.cached_metrics(rt.model_hash, pkey, key)
-        if cached is not None:
-            results[name] = {**plan, **cached}
-            continue
-        if pkey not in waiting:
-            task_id = FINAL_TASK_BASE + len(submitted)
-            submitted[task_id] = (pkey, family, policy.params())
-            rt.pool.submit({"task_id": task_id, "family": family, "params": policy.params(), "eval": spec})
-        waiting.setdefault(pkey, []).append((name, plan))
-    deadline = time.monotonic() + FINAL_TIMEOUT_FACTOR * rt.cfg.trial_timeout_s * max(1, len(submitted))
-    while waiting and time.monotonic() < deadline:
-        for outcome in rt.pool.poll(0.25):
-            pkey, family, params = submitted[outcome.task_id]
-            names = waiting.pop(pkey)
-            if outcome.error is not None:
-                results.update({name: {"error": outcome.error} for name, _ in names})
-                continue
-            measured = outcome.result["metrics"]
-            rt.store_evaluation(pkey, spec, family, params, {**names[0][1], **measured},
-                                outcome.result.get("seconds"))
-            results.update({name: {**plan, **measured} for name, plan in names})
-    for names in waiting.values():
-        results.update({name: {"error": "final evaluation did not finish in time"} for name, _ in names})
+        metrics = rt.evals.request(planned, spec, name)
+        if metrics is not None:
+            results[name] = metrics
+        else:
+            pending += 1
+    deadline = time.monotonic() + FINAL_TIMEOUT_FACTOR * rt.cfg.trial_timeout_s * max(1, pending)
+    while rt.evals.waiting and time.monotonic() < deadline:
+        for done in rt.evals.poll(0.25):
+            outcome = {"error": done.error} if done.error is not None else done.metrics
+            results.update({name: dict(outcome) for name in done.waiters})
+    for name in rt.evals.cancel_all():
+        results[name] = {"error": "final evaluation did not finish in time"}
     return results
 
 
@@ -70,10 +55,13 @@ class Candidate:
     """A policy in the final round: one of the best trials, or a paper preset/baseline."""
 
     label: str  # key of its final metrics ("trial 12", "preset ams")
-    family: str
-    params: dict
+    planned: Planned
     trial: int | None = None
     preset: str | None = None
+
+    @property
+    def family(self) -> str:
+        return self.planned.family
 
     @property
     def title(self) -> str:
@@ -86,16 +74,15 @@ def final_candidates(rt: Any, best: list[T.TrialRecord]) -> list[Candidate]:
     Presets compete on the same held-out samples, so the exported policy is never worse there than
     a preset that fits the target (the search starts from the state of the art and must beat it).
     """
-    objective = Objective.from_config(rt.cfg)
-    out = [Candidate(f"trial {r.number}", r.family, r.params, trial=r.number, preset=r.preset) for r in best]
+    out = [Candidate(f"trial {r.number}", rt.planner.plan(r.family, r.params), trial=r.number, preset=r.preset)
+           for r in best]
     for p in rt.presets:
         try:
-            _, plan = rt.plan(p.family, p.params)
+            planned = rt.planner.plan(p.family, p.params)
         except ValueError:
             continue
-        violation = objective.memory_violation(plan["memory_fraction"], plan["kv_bytes_per_image"])
-        if violation is None or violation <= 0:
-            out.append(Candidate(f"preset {p.name}", p.family, p.params, preset=p.name))
+        if planned.fits:
+            out.append(Candidate(f"preset {p.name}", planned, preset=p.name))
     return out
 
 
@@ -109,7 +96,7 @@ def pick_winner(candidates: list[Candidate], final: dict[str, dict], objective: 
             continue
         try:
             values = objective.values(m)
-            violation = sum(max(0.0, v) for v in objective.constraints(m).values())
+            violation = sum(max(0.0, v) for v in objective.constraints(m, cand.planned.violation).values())
         except (KeyError, ValueError):
             continue
         order = (values[1], values[0]) if objective.multi else (values[0],)
@@ -123,7 +110,7 @@ def pick_winner(candidates: list[Candidate], final: dict[str, dict], objective: 
 
 def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> None:
     cfg, console = rt.cfg, rt.console
-    objective = Objective.from_config(cfg)
+    objective = rt.objective
     out = cfg.out_dir
     records = driver.records
     csv_path = report.write_pareto_csv(records, objective, out / "pareto.csv")
@@ -142,12 +129,12 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
                       f"Pareto data: {csv_path}", highlight=False)
         return
     candidates = final_candidates(rt, best)
-    items = [(c.label, c.family, c.params) for c in candidates if c.trial is not None]
+    items = [(c.label, c.planned.family, c.planned.params) for c in candidates if c.trial is not None]
     items.append(("full cache", "full", {}))
     items += [(f"preset {p.name}", p.family, p.params) for p in rt.presets]
     console.print(f"re-evaluating {len(best)} candidate(s), the full cache and {len(rt.presets)} preset(s) "
                   f"on {cfg.final_samples} held-out samples", highlight=False)
-    final = evaluate_items(rt, items, rt.final_spec, rt.final_key)
+    final = evaluate_items(rt, items, rt.final_spec)
     picked = pick_winner(candidates, final, objective)
     if picked is None:
         console.print("every final re-evaluation failed; nothing exported "
@@ -180,7 +167,7 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     from tuner.search.storage import ExportRecord
 
     cfg = rt.cfg
-    policy, _ = rt.plan(winner.family, winner.params)  # fitted to the target, exactly what was evaluated
+    policy = winner.planned.policy  # fitted to the target, exactly what was evaluated
     tag = cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None else f"{cfg.metric}{cfg.quality_limit:g}"
     path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
     provenance = {"study": cfg.study_name, "trial": winner.trial, "preset": winner.preset,
@@ -189,9 +176,9 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
                   "mem_target": cfg.mem_target.text if cfg.mem_target is not None else None,
                   "quality_limit": cfg.quality_limit}
     write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
-                      eval_spec=rt.final_spec, provenance=provenance, spec=rt.policy_spec)
+                      eval_spec=rt.final_spec, provenance=provenance, spec=rt.planner.spec)
     rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),
-                                         rt.plan_key(policy), rt.model_hash, metrics,
+                                         winner.planned.key, rt.model_hash, metrics,
                                          rt.tracker.run_id))
     rt.tracker.log_artifact(path, "policy")
     return path

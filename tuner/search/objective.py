@@ -6,7 +6,8 @@
 
 Quality metrics where larger is better (``psnr``, ``ssim``) enter negated, so every objective is
 minimised and ``--fid-limit`` means "at least Y" for them. Constraint values follow Optuna's
-convention (<= 0 feasible) and are relative, so memory and quality violations are comparable.
+convention (<= 0 feasible) and are relative, so memory and quality violations are comparable. The
+memory violation itself is the planner's (:mod:`tuner.search.planner`): the objective only places it.
 """
 from __future__ import annotations
 
@@ -64,27 +65,21 @@ class Objective:
             return [mem, self.quality(metrics)]
         return [self.quality(metrics)] if self.mem is not None else [mem]
 
-    def memory_violation(self, fraction: float, kv_bytes_per_image: float) -> float | None:
-        return None if self.mem is None else self.mem.violation(fraction, kv_bytes_per_image)
-
     def quality_violation(self, metrics: dict[str, float]) -> float | None:
         if self.limit is None:
             return None
         target = -self.limit if self.maximize else self.limit
         return (self.quality(metrics) - target) / max(abs(self.limit), 1.0)
 
-    def constraints(self, metrics: dict[str, float]) -> dict[str, float]:
+    def constraints(self, metrics: dict[str, float], memory_violation: float | None) -> dict[str, float]:
+        """Optuna constraint values (<= 0 feasible); the memory one comes from the planner."""
         out = {}
-        mem = self.memory_violation(float(metrics["memory_fraction"]), float(metrics.get("kv_bytes_per_image", 0)))
-        if mem is not None:
-            out["memory"] = mem
+        if memory_violation is not None:
+            out["memory"] = memory_violation
         quality = self.quality_violation(metrics)
         if quality is not None:
             out["quality"] = quality
         return out
-
-    def feasible(self, metrics: dict[str, float]) -> bool:
-        return all(v <= 0 for v in self.constraints(metrics).values())
 
     def placeholder_values(self, fraction: float, worst_quality: float | None) -> list[float]:
         """Values told for a trial rejected by the planner (memory over target, never evaluated)."""

@@ -14,82 +14,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from tuner.errors import UserError
 from tuner.search import trials as T
 from tuner.search.config import SearchConfig
 
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+    from optuna.storages import RDBStorage
+    from rich.console import Console
+
+    from tuner.model.config import ModelConfig
+    from tuner.search.evaluations import EvaluationService
+    from tuner.search.objective import Objective
+    from tuner.search.planner import Planner
+    from tuner.search.ray_pool import RayPool
+    from tuner.search.space import SearchSpace
+    from tuner.search.storage import TunerTables
+    from tuner.search.study import Preset
+    from tuner.search.tracker_guard import GuardedTracker
+    from tuner.search.tracking import NullTracker
+    from tuner.search.workers import InlinePool
+
 
 @dataclass
 class SearchRuntime:
+    """What a running search holds; built by :func:`prepare_runtime`, closed by :meth:`close`."""
+
     cfg: SearchConfig
-    console: Any
-    model_cfg: Any
-    space: Any
+    console: "Console"
+    model_cfg: "ModelConfig"
+    space: "SearchSpace"
     space_file: Path
-    pool: Any = None
-    info: dict[str, Any] = field(default_factory=dict)
-    storage: Any = None
-    tables: Any = None
-    study: Any = None
+    objective: "Objective"
+    tracker: "GuardedTracker | NullTracker"
+    pool: "InlinePool | RayPool | None" = None
+    info: dict[str, Any] = field(default_factory=dict)  # the workers' model description
+    storage: "RDBStorage | None" = None
+    tables: "TunerTables | None" = None
+    study: "optuna.Study | None" = None
     resumed: bool = False
-    tracker: Any = None
     session_id: str = ""
-    presets: list = field(default_factory=list)
-    policy_spec: Any = None
+    presets: list["Preset"] = field(default_factory=list)
+    planner: "Planner | None" = None
+    evals: "EvaluationService | None" = None
     screen_spec: dict[str, Any] = field(default_factory=dict)
     final_spec: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_hash(self) -> str:
         return str(self.info.get("model_hash", ""))
-
-    @property
-    def screen_key(self) -> str:
-        return T.eval_key(self.screen_spec)
-
-    @property
-    def final_key(self) -> str:
-        return T.eval_key(self.final_spec)
-
-    def plan(self, family: str, params: dict[str, Any]):
-        """``(policy, {memory_fraction, kv_bytes_per_image})`` from the planner; ValueError if invalid.
-
-        Under a memory target (and no quality limit) the policy's budget knob is first fitted to the
-        target (:func:`tuner.policies.fit.fit_to_memory`); a policy that cannot fit is returned as is,
-        and the driver tells it memory-infeasible.
-        """
-        from tuner.policies.fit import fit_to_memory
-        from tuner.policies.registry import make_policy
-
-        policy = make_policy(family, params)
-        if self.cfg.fits_to_target:
-            fitted = fit_to_memory(policy, self.policy_spec.geometry, self._fits)
-            policy = fitted if fitted is not None else policy
-        return policy, self._memory(policy)
-
-    def plan_key(self, policy) -> str:
-        """The evaluation-cache key of ``policy``: its compiled plan (budgets + selection rule)."""
-        return T.plan_hash(policy, self.policy_spec)
-
-    def store_evaluation(self, plan_key: str, spec: dict[str, Any], family: str, params: dict[str, Any],
-                         metrics: dict[str, float], seconds: float | None) -> None:
-        """Cache one finished evaluation and append it to the evaluation log (work actually spent)."""
-        key = T.eval_key(spec)
-        self.tables.store_metrics(self.model_hash, plan_key, key, family, params, metrics, seconds)
-        self.tables.log_evaluation(self.cfg.study_name, self.session_id, self.model_hash, plan_key, key,
-                                   len(spec["labels"]), seconds)
-
-    def _memory(self, policy) -> dict[str, float]:
-        from tuner.memory import memory_report
-
-        report = memory_report(policy, self.model_cfg, dtype="fp16", cfg=True, spec=self.policy_spec)
-        return {"memory_fraction": float(report.fraction),
-                "kv_bytes_per_image": float(report.kv_bytes_per_image),
-                "full_kv_bytes_per_image": float(report.full_kv_bytes_per_image)}
-
-    def _fits(self, policy) -> bool:
-        m = self._memory(policy)
-        return self.cfg.mem_target.fits(m["memory_fraction"], m["kv_bytes_per_image"])
 
     def close(self, status: str = "FINISHED") -> None:
         for step in (lambda: self.tracker and self.tracker.finish(status),
@@ -189,13 +164,16 @@ def make_directories(cfg: SearchConfig) -> Path:
 def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
     from tuner.policies.base import CacheGeometry, PolicySpec
     from tuner.search import study as S
+    from tuner.search.evaluations import EvaluationService
     from tuner.search.objective import Objective
+    from tuner.search.planner import Planner
     from tuner.search.storage import TunerTables, open_optuna_storage
     from tuner.search.tracker_guard import GuardedTracker
     from tuner.search.tracking import NullTracker, open_tracker
 
     model_cfg, space, space_file = validate(cfg)
-    rt = SearchRuntime(cfg, console, model_cfg, space, space_file, tracker=NullTracker())
+    objective = Objective.from_config(cfg)  # the one objective of this run
+    rt = SearchRuntime(cfg, console, model_cfg, space, space_file, objective, tracker=NullTracker())
     try:
         rt.pool = make_pool(cfg)
         rt.info = rt.pool.start()
@@ -204,14 +182,14 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
         rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
         rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
-        rt.policy_spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
+        spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
+        rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
 
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         rt.storage = open_optuna_storage(cfg.storage)
         rt.tables = TunerTables(cfg.storage)
-        objective = Objective.from_config(cfg)
         identity = {**cfg.identity(), "directions": objective.names}
         rt.study, rt.resumed = S.open_study(rt.storage, cfg.study_name, objective.directions, identity,
                                             S.make_sampler(cfg.sampler, cfg.seed, cfg.trials))
@@ -224,8 +202,9 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         if recovered:
             console.print(f"re-queued {len(recovered)} trial(s) left running by an earlier driver: {recovered}",
                           highlight=False)
-        rt.presets = S.load_presets(model_cfg, rt.policy_spec.calibration) if cfg.presets else []
-        forms = S.budgets_forms(rt.presets, rt.policy_spec.geometry, build=lambda f, p: rt.plan(f, p)[0])
+        rt.evals = EvaluationService(rt.tables, rt.pool, rt.model_hash, cfg.study_name, rt.session_id)
+        rt.presets = S.load_presets(model_cfg, spec.calibration) if cfg.presets else []
+        forms = S.budgets_forms(rt.presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
         S.enqueue_presets(rt.study, space, rt.presets, forms)
 
         rt.tracker = GuardedTracker(open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts"),

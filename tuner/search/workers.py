@@ -34,24 +34,27 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def _sigint_aborts():
-    """While evaluating in the driver process, Ctrl-C also aborts the evaluation (after the driver's
-    own handler has recorded the interrupt), so the search stops at once instead of after it."""
+def _signals_abort():
+    """While evaluating in the driver process, Ctrl-C or SIGTERM also aborts the evaluation (after the
+    driver's own handler has recorded the interrupt), so the search stops at once instead of after it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
-        if callable(previous):
-            previous(signum, frame)
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def default_cpu_workers() -> int:
@@ -91,9 +94,9 @@ class InlinePool:
             return []
         request = self.queue[0]
         try:
-            with _sigint_aborts():
+            with _signals_abort():
                 res = self.host.evaluate(request)
-        except KeyboardInterrupt:  # Ctrl-C: the request stays queued; the driver re-queues its trial
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the request stays queued; the driver re-queues its trial
             return []
         self.queue.pop(0)
         return [Outcome(request, result=res if "error" not in res else None, error=res.get("error"))]
