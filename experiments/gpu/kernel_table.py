@@ -1,0 +1,118 @@
+"""The kernel step: which ``python -m kernels.bench`` runs to make, and their CSVs as one table with the targets.
+
+A run is ``MODEL:DTYPE:BATCHES`` (``d30:bf16:16,64``), one ``kernels.bench`` process each, so a run
+that hits its time limit loses only itself; ``quick:DTYPE`` is ``kernels.bench --quick`` (the dry
+run's toy shapes). The storage format of the cache is its compute dtype (no quantized format
+exists yet), so "every storage format" is fp16 and bf16.
+
+Targets (issue 20, H100-class, d30, batch 64): the compressed-cache Triton kernel's attention time
+over one forward's scales (one layer) at 15% cache <= 0.35x the full-cache SDPA time, at 100% <= 1.1x.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+FRACTIONS = (1.0, 0.5, 0.25, 0.15, 0.10)
+TARGETS = {0.15: 0.35, 1.0: 1.1}  # cache fraction -> largest allowed triton / sdpa_full ratio
+BIG_SCALE = 64  # scales with at least this many queries carry the time; their worst ratio is shown too
+
+
+@dataclass(frozen=True)
+class KernelRun:
+    model: str  # d16 ... d30, or "quick"
+    dtype: str
+    batches: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}-{self.dtype}" + (f"-b{'-'.join(map(str, self.batches))}" if self.batches else "")
+
+    def command(self, python: str, out: Path, fractions=FRACTIONS, device: str = "cuda") -> list[str]:
+        cmd = [python, "-m", "kernels.bench", "--device", device, "--dtype", self.dtype, "--out", str(out)]
+        if self.model == "quick":
+            return cmd + ["--quick", "--reps", "1"]
+        return cmd + ["--models", self.model, "--batches", ",".join(map(str, self.batches)),
+                      "--fractions", ",".join(f"{f:g}" for f in fractions)]
+
+
+def parse_runs(text: str) -> list[KernelRun]:
+    """``"d30:bf16:16,64;d16:fp16:64;quick:bf16"`` -> runs (ValueError with the expected form)."""
+    runs = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        bits = part.split(":")
+        if bits[0] == "quick" and len(bits) == 2:
+            runs.append(KernelRun("quick", bits[1]))
+            continue
+        if len(bits) != 3 or not bits[2]:
+            raise ValueError(f"kernel run {part!r}: expected MODEL:DTYPE:BATCHES (d30:bf16:16,64) or quick:DTYPE")
+        runs.append(KernelRun(bits[0], bits[1], tuple(int(b) for b in bits[2].split(","))))
+    if not runs:
+        raise ValueError("no kernel runs given")
+    return runs
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    """kernels.bench's CSV with numbers as numbers."""
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("batch", "rows", "heads", "head_dim", "scale", "lq", "cache_len", "full_len"):
+            r[k] = int(r[k])
+        for k in ("fraction", "ms", "gb_per_s", "tflop_per_s"):
+            r[k] = float(r[k])
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (model, dtype, batch, fraction): kernels.bench's summary plus the worst big-scale ratio."""
+    from kernels.bench import summarize as bench_summarize
+
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        part = [r for r in rows if r["dtype"] == dtype]
+        for s in bench_summarize(part):
+            per_scale = {}
+            for r in part:
+                if (r["model"], r["batch"], r["fraction"]) == (s["model"], s["batch"], s["fraction"]) \
+                        and r["lq"] >= BIG_SCALE:
+                    per_scale.setdefault(r["scale"], {})[r["provider"]] = r["ms"]
+            ratios = [p[s["compressed"]] / p["sdpa_full"] for p in per_scale.values()
+                      if s["compressed"] in p and p.get("sdpa_full")]
+            out.append(dict(s, dtype=dtype, worst_big_scale=max(ratios) if ratios else float("nan")))
+    return sorted(out, key=lambda s: (s["model"], s["dtype"], s["batch"], -s["fraction"]))
+
+
+def target_rows(summary: list[dict], model: str, batch: int) -> list[dict]:
+    """The targets at ``model``/``batch`` for every dtype measured: measured ratio, limit, met (None: not measured)."""
+    out = []
+    for dtype in sorted({s["dtype"] for s in summary}) or ["-"]:
+        for fraction, limit in sorted(TARGETS.items()):
+            hit = [s for s in summary if (s["model"], s["batch"], s["dtype"]) == (model, batch, dtype)
+                   and abs(s["fraction"] - fraction) < 1e-9 and s["compressed"] == "triton"]
+            ratio = hit[0]["ratio"] if hit else None
+            out.append(dict(what=f"kernel {model} batch {batch} {dtype}, {100 * fraction:g}% cache: triton / "
+                                 f"full-cache SDPA <= {limit}", measured=ratio, limit=limit,
+                            met=None if ratio is None else ratio <= limit))
+    return out
+
+
+def _num(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"  # NaN: no scale that large (the quick shapes)
+
+
+def markdown(summary: list[dict]) -> str:
+    """The kernel table (ms are sums over one forward's scales, one layer)."""
+    providers = [p for p in ("sdpa_full", "torch", "triton") if any(p in s["ms"] for s in summary)]
+    lines = ["| model | dtype | batch | cache % | " + " | ".join(f"{p} ms" for p in providers)
+             + f" | triton / sdpa_full | worst scale (>= {BIG_SCALE} queries) | GB/s | TFLOP/s | target |",
+             "|---|---|---|---|" + "---|" * len(providers) + "---|---|---|---|---|"]
+    for s in summary:
+        cells = " | ".join(f"{s['ms'][p]:.4g}" if p in s["ms"] else "-" for p in providers)
+        limit = next((v for f, v in TARGETS.items() if abs(f - s["fraction"]) < 1e-9), None)
+        target = "" if limit is None else f"<= {limit}: {'met' if s['ratio'] <= limit else 'MISSED'}"
+        lines.append(f"| {s['model']} | {s['dtype']} | {s['batch']} | {100 * s['fraction']:g} | {cells} | "
+                     f"{s['ratio']:.3f} | {_num(s['worst_big_scale'])} | {s['gb_per_s']:.4g} | "
+                     f"{s['tflop_per_s']:.4g} | {target} |")
+    return "\n".join(lines) + "\n"
