@@ -66,8 +66,8 @@ def _kv_attention_kernel(
         H, LQ, C, qk_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
-    pid_m = tl.program_id(0)
-    r, h, n_cache = row_head_span(tl.program_id(1), H, LENS, C)
+    pid_m = tl.program_id(1)
+    r, h, n_cache = row_head_span(tl.program_id(0), H, LENS, C)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -138,7 +138,7 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         # A zero-capacity buffer may be a null pointer with odd strides: point at the new tokens
         # instead and read nothing from them.
         kc, vc, lens = k_new, v_new, torch.zeros_like(lens)
-    grid = (triton.cdiv(lq, block_m), r * h)
+    grid = (r * h, triton.cdiv(lq, block_m))  # (row, head) pairs on axis 0: see kernels/_launch.py
     _kv_attention_kernel[grid](
         q, kc, vc, lens, k_new, v_new, out,
         *q.stride(), *kc.stride(), *vc.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),

@@ -42,8 +42,8 @@ def _window_lse_kernel(
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
     """Pass 1: ``LSE[rh, w] = log2 sum_n exp2(q_w·k_n·qk_scale)`` over the valid keys."""
-    pid_w = tl.program_id(0)
-    pid_rh = tl.program_id(1)
+    pid_w = tl.program_id(1)
+    pid_rh = tl.program_id(0)
     r, h, n_valid = row_head_span(pid_rh, H, LENS, N)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -80,8 +80,8 @@ def _window_mass_kernel(
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
     """Pass 2: ``S[rh, n] = sum_w exp2(q_w·k_n·qk_scale - LSE[rh, w])``; ``-inf`` past the valid keys."""
-    pid_n = tl.program_id(0)
-    pid_rh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_rh = tl.program_id(0)
     r, h, n_valid = row_head_span(pid_rh, H, LENS, N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_valid
@@ -114,8 +114,8 @@ def _window_mass_kernel(
 @triton.jit
 def _valid_max_pool_kernel(S, OUT, LENS, N, POOL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Stride-1, same-padded max-pool of width ``POOL`` over the valid prefix of each ``S`` row."""
-    pid_n = tl.program_id(0)
-    pid_rh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_rh = tl.program_id(0)
     n_valid = tl.minimum(tl.load(LENS + pid_rh), N)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -153,13 +153,13 @@ def token_scores_triton(q_obs: torch.Tensor, keys: torch.Tensor, key_lens: torch
     strides = (*q_obs.stride(), *keys.stride())
     consts = dict(BLOCK_W=block_w, BLOCK_N=block_n, num_warps=warps, **flags.constexprs())
     qk_scale = float(softmax_scale) * _LOG2E
-    _window_lse_kernel[(triton.cdiv(w, block_w), r * h)](q_obs, keys, lens, lse, *strides, h, w, n, qk_scale,
+    _window_lse_kernel[(r * h, triton.cdiv(w, block_w))](q_obs, keys, lens, lse, *strides, h, w, n, qk_scale,
                                                          **consts)
-    _window_mass_kernel[(triton.cdiv(n, block_n), r * h)](q_obs, keys, lens, lse, scores, *strides, h, w, n,
+    _window_mass_kernel[(r * h, triton.cdiv(n, block_n))](q_obs, keys, lens, lse, scores, *strides, h, w, n,
                                                           qk_scale, **consts)
     if pool_kernel > 1:
         pooled = torch.empty_like(scores)
-        _valid_max_pool_kernel[(triton.cdiv(n, block_n), r * h)](scores, pooled, lens, n, POOL=pool_kernel,
+        _valid_max_pool_kernel[(r * h, triton.cdiv(n, block_n))](scores, pooled, lens, n, POOL=pool_kernel,
                                                                  BLOCK_N=block_n, num_warps=warps)
         scores = pooled
     return scores

@@ -43,6 +43,9 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
 
     n_cls = loaded.config.var.num_classes
     labels = torch.arange(batch, device=device) % n_cls
+    cuda = str(device).startswith("cuda")
+    if cuda:  # peak memory of the timed runs alone (weights included, earlier runs' peaks not)
+        torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for i in range(warmup + repeats):
         res = generate(loaded.var, loaded.vae, labels, seed=seed + i, policy=policy, spec=spec, backend=backend,
@@ -63,6 +66,7 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
         "kv_bytes_planned": report.kv_bytes_per_image * batch,
         "kv_bytes_per_image": report.kv_bytes_per_image,
         "memory_fraction": report.fraction,
+        "peak_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
     }
 
 
@@ -74,6 +78,8 @@ def format_table(r: dict) -> str:
     lines += ["", f"total {r['total_ms']:.1f} ms, {r['images_per_s']:.2f} images/s, "
               f"KV cache {r['kv_bytes_allocated']:,} B allocated (planned {r['kv_bytes_planned']:,} B; "
               f"{r['kv_bytes_per_image']:,} B per image, {100 * r['memory_fraction']:.1f}% of full)"]
+    if r.get("peak_bytes") is not None:
+        lines.append(f"peak GPU memory {r['peak_bytes']:,} B (torch.cuda.max_memory_allocated)")
     return "\n".join(lines)
 
 
