@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.policies.cases import CASES, case_ids, concrete_params
+from tests.policies.cases import build, case_ids
 from tests.policies.helpers import synthetic_calibration
 from tuner.errors import UserError
 from tuner.memory import memory_report
@@ -28,8 +28,7 @@ def write(tmp_path, family="ams", params=None, **kw):
 
 @pytest.mark.parametrize("family,index", case_ids())
 def test_round_trip_every_family(tmp_path, family, index):
-    case = CASES[family][index]
-    policy = make_policy(family, concrete_params(case, G.num_layers, G.num_scales))
+    policy, _ = build(family, index, G)
     path = write_policy_file(tmp_path / "p.json", policy, TINY, spec=PolicySpec(G, "tiny", CAL),
                              metrics={"fid_vs_full": 1.5}, provenance={"study": "s1", "trial": 7})
     loaded, info = load_policy_file(path, TINY, checkpoint_sha256=None)

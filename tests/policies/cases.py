@@ -1,63 +1,41 @@
-"""The policy matrix every family must pass (kvpress-style data table): easy → aggressive params.
+"""The policy matrix every family must pass (kvpress-style data table), read from the registry.
 
-``calibrated``: the case plans with (synthetic) calibration statistics. ``keeps_all``: every layer
-keeps every token (its images must be bit-identical to the full cache).
+Each family keeps its own cases (:meth:`tuner.policies.base.KVPolicy.conformance_cases`, easy →
+aggressive params for a geometry), so a newly registered family joins the matrix by itself. A case
+is ``{"params": {...}}`` plus the flags ``calibrated`` (plans with synthetic calibration statistics),
+``keeps_all`` (every layer keeps every token: images bit-identical to the full cache) and ``curve``
+(params hold lists sized to the geometry).
 """
 from __future__ import annotations
 
-CASES: dict[str, list[dict]] = {
-    "full": [{"params": {}, "keeps_all": True}],
-    "window": [
-        {"params": {"window": 99}, "keeps_all": True},
-        {"params": {"window": 2}},
-        {"params": {"window": 1, "max_tokens": 7}},
-        {"params": {"window": 1, "max_tokens": 1}},
-    ],
-    "sink_window": [
-        {"params": {"sink_scales": 99, "window": 1}, "keeps_all": True},
-        {"params": {"sink_scales": 2, "window": 2}},
-        {"params": {"sink_scales": 1, "window": 99, "max_tokens": 9}},
-        {"params": {"sink_scales": 3, "window": 1, "max_tokens": 2}},
-    ],
-    "ams": [
-        {"params": {"window": 99, "window_demanding": 99}, "keeps_all": True},
-        {"params": {}, "calibrated": True},
-        {"params": {"n_condensed": 1, "window": 1, "window_demanding": 3, "theta": -0.7}, "calibrated": True},
-        {"params": {"n_condensed": 2, "window": 0, "window_demanding": 1, "theta_quantile": 0.5, "c_min": 4,
-                    "c_max": 12}, "calibrated": True},
-    ],
-    "scalekv": [
-        {"params": {"budget_fraction": 1.0}, "keeps_all": True, "calibrated": True},
-        {"params": {"budget_fraction": 0.3}, "calibrated": True},
-        {"params": {"budget_fraction": 0.2, "n_drafters": 3, "window_size": 4}, "calibrated": True},
-        {"params": {"budget_fraction": 0.05, "drafter_fraction": 0.5, "drafter_budget": 0.5, "pool_kernel": 0},
-         "calibrated": True},
-        {"params": {"budget_fraction": 0.1, "n_drafters": 0}},
-    ],
-    "budgets": [
-        {"params": {"scale_curve": [1.0] * 9}, "keeps_all": True, "curve": True},
-        {"params": {"scale_curve": [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2], "rule": "recent"}, "curve": True},
-        {"params": {"scale_curve": [1.0, 1.0, 0.5, 0.3, 0.2, 0.2, 0.1, 0.1, 0.1], "layer_weights": "ramp",
-                    "rule": "sink_recent", "sink_scales": 2}, "curve": True},
-        {"params": {"scale_curve": [0.5] * 9, "layer_weights": "ramp", "rule": "scores", "window_size": 9},
-         "curve": True},
-        {"params": {"scale_curve": [1.0] * 9, "max_tokens": 12, "layer_weights": "ramp", "rule": "sink_recent",
-                    "sink_scales": 1}, "curve": True},
-        {"params": {"scale_curve": [1.0] * 9, "max_tokens": 3, "rule": "scores", "window_size": 4}, "curve": True},
-    ],
-}
+from tests.policies.helpers import TINY
+from tuner.policies.base import CacheGeometry, KVPolicy
+from tuner.policies.registry import family_names, make_policy, policy_class
+
+FLAGS = ("keeps_all", "calibrated", "curve")
 
 
-def concrete_params(case: dict, num_layers: int, num_scales: int) -> dict:
-    """Fit shape-dependent params (curves, layer weights) to a geometry."""
-    params = dict(case["params"])
-    if "scale_curve" in params:
-        curve = list(params["scale_curve"])
-        params["scale_curve"] = (curve + [curve[-1]] * num_scales)[:num_scales - 1]
-    if params.get("layer_weights") == "ramp":
-        params["layer_weights"] = [0.5 + i for i in range(num_layers)]
-    return params
+def cases(family: str, geometry: CacheGeometry) -> list[dict]:
+    """The family's cases for ``geometry`` (each checked to hold only ``params`` and known flags)."""
+    out = policy_class(family).conformance_cases(geometry)
+    for i, case in enumerate(out):
+        unknown = set(case) - {"params", *FLAGS}
+        assert "params" in case and not unknown, f"{family} case {i}: unknown keys {sorted(unknown)}"
+    return out
 
 
-def case_ids() -> list[tuple[str, int]]:
-    return [(family, i) for family, cases in CASES.items() for i in range(len(cases))]
+def case(family: str, index: int, geometry: CacheGeometry) -> dict:
+    return cases(family, geometry)[index]
+
+
+def case_ids(families: list[str] | None = None) -> list[tuple[str, int]]:
+    """``(family, index)`` for every case of every registered family (the count does not depend on the
+    geometry, so it is read on the tiny model's)."""
+    names = family_names() if families is None else families
+    return [(f, i) for f in names for i in range(len(cases(f, TINY)))]
+
+
+def build(family: str, index: int, geometry: CacheGeometry) -> tuple[KVPolicy, dict]:
+    """The case's policy for ``geometry`` and the case itself."""
+    c = case(family, index, geometry)
+    return make_policy(family, c["params"]), c

@@ -50,7 +50,8 @@ def check_indices(idx: torch.Tensor, budget: int, n: int, rows: int, heads: int)
         assert bool((idx[..., 1:] > idx[..., :-1]).all()), "indices must be unique and sorted"
 
 
-def simulate(policy: KVPolicy, spec: PolicySpec, rows: int = 2, seed: int = 0, check_determinism: bool = True):
+def simulate(policy: KVPolicy, spec: PolicySpec, rows: int = 2, seed: int = 0,
+             check_determinism: bool = True):
     """Run ``select`` exactly where the engine would, on random unit keys; returns kept positions.
 
     Returns ``kept[layer][scale]`` = ``[rows, heads, budget]`` int64 global positions after that scale.
@@ -81,7 +82,8 @@ def simulate(policy: KVPolicy, spec: PolicySpec, rows: int = 2, seed: int = 0, c
                 state = SelectionState(layer=layer, scale=s, budget=budget, geometry=g, positions=cand,
                                        queries=queries[:, :, start:start + n_new],
                                        k_old=keys.gather(2, gather), v_old=values.gather(2, gather),
-                                       k_new=keys[:, :, start:start + n_new], v_new=values[:, :, start:start + n_new])
+                                       k_new=keys[:, :, start:start + n_new],
+                                       v_new=values[:, :, start:start + n_new])
                 idx = policy.select(state)
                 check_indices(idx, budget, n, rows, h)
                 if check_determinism:

@@ -1,32 +1,21 @@
-"""Every registered family × every case of tests/policies/cases.py, on several model geometries."""
+"""Every registered family × every one of its conformance cases, on several model geometries.
+
+The checks are functions so that a family registered by a test (tests/policies/test_new_family.py)
+runs exactly the matrix's checks on its own cases.
+"""
 from __future__ import annotations
 
 import pytest
 
-from tests.policies.cases import CASES, case_ids, concrete_params
+from tests.policies.cases import FLAGS, build, case_ids, cases
 from tests.policies.helpers import D30, SMALL, TINY, simulate, spec_for
 from tuner.memory import memory_report
-from tuner.policies.registry import family_names, make_policy
+from tuner.policies.registry import family_names, make_policy, policy_class, registration
 
 GEOMETRIES = {"small": SMALL, "tiny": TINY, "d30": D30}
 
 
-def build(family: str, index: int, g):
-    case = CASES[family][index]
-    return make_policy(family, concrete_params(case, g.num_layers, g.num_scales)), case
-
-
-def test_every_registered_family_has_cases():
-    from tuner.policies import registry
-
-    # test-only families (e.g. the search tests' ``toy``) register from tests.* modules: not product families
-    product = {f for f in family_names() if registry._FAMILIES[f].startswith("tuner.")}
-    assert product <= set(CASES), "add the new family to tests/policies/cases.py"
-
-
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("family,index", case_ids())
-def test_plan_is_valid_and_fits(family, index, geometry):
+def check_plan_is_valid_and_fits(family: str, index: int, geometry: str) -> None:
     g = GEOMETRIES[geometry]
     policy, case = build(family, index, g)
     spec = spec_for(g, calibrated=case.get("calibrated", False))
@@ -40,11 +29,13 @@ def test_plan_is_valid_and_fits(family, index, geometry):
     if case.get("keeps_all") and not plan.full:
         for row in plan.budgets:
             assert list(row[:-1]) == [g.tokens_through(s) for s in range(g.num_scales - 1)]
+    if case.get("curve"):  # lists are sized to this geometry
+        params = policy.params()
+        sizes = (g.num_scales - 1, g.num_layers)
+        assert any(isinstance(v, list) and len(v) in sizes for v in params.values())
 
 
-@pytest.mark.parametrize("geometry", ["small", "tiny"])
-@pytest.mark.parametrize("family,index", case_ids())
-def test_select_returns_exactly_the_budget(family, index, geometry):
+def check_select_returns_exactly_the_budget(family: str, index: int, geometry: str) -> None:
     g = GEOMETRIES[geometry]
     policy, case = build(family, index, g)
     spec = spec_for(g, calibrated=case.get("calibrated", False))
@@ -60,10 +51,39 @@ def test_select_returns_exactly_the_budget(family, index, geometry):
                 assert bool((pos[..., 1:] > pos[..., :-1]).all())
 
 
+def check_cases_are_well_formed(family: str) -> None:
+    """Same number of cases on every geometry, only known flags, and the class names its family."""
+    assert policy_class(family).family == family
+    counts = {name: len(cases(family, g)) for name, g in GEOMETRIES.items()}
+    assert len(set(counts.values())) == 1, f"{family}: the number of cases depends on the geometry: {counts}"
+    assert all(set(c) <= {"params", *FLAGS} for c in cases(family, TINY))
+
+
+def test_every_product_family_has_cases():
+    # test-only families (e.g. the search tests' ``toy``) register from tests.* modules: not product families
+    product = [f for f in family_names() if registration(f).product]
+    assert set(product) >= {"full", "window", "sink_window", "ams", "scalekv", "budgets"}
+    for family in product:
+        assert cases(family, TINY), f"{family}: give its class a conformance_cases() (KVPolicy)"
+        check_cases_are_well_formed(family)
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("family,index", case_ids())
+def test_plan_is_valid_and_fits(family, index, geometry):
+    check_plan_is_valid_and_fits(family, index, geometry)
+
+
+@pytest.mark.parametrize("geometry", ["small", "tiny"])
+@pytest.mark.parametrize("family,index", case_ids())
+def test_select_returns_exactly_the_budget(family, index, geometry):
+    check_select_returns_exactly_the_budget(family, index, geometry)
+
+
 @pytest.mark.parametrize("family", ["ams", "scalekv"])
 def test_calibrated_families_refuse_to_plan_without_calibration(family):
-    case = next(c for c in CASES[family] if c.get("calibrated") and not c.get("keeps_all")
+    case = next(c for c in cases(family, TINY) if c.get("calibrated") and not c.get("keeps_all")
                 and "n_drafters" not in c["params"])
-    policy = make_policy(family, concrete_params(case, TINY.num_layers, TINY.num_scales))
+    policy = make_policy(family, case["params"])
     with pytest.raises(ValueError, match="calibrat"):
         policy.plan(spec_for(TINY, calibrated=False))

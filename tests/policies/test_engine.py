@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.policies.cases import CASES, case_ids, concrete_params
+from tests.policies.cases import build, case_ids
 from tests.policies.helpers import synthetic_calibration
 from tuner.calibration import CalibrationSpec, calibrate
 from tuner.memory import memory_report
@@ -24,11 +24,10 @@ def full_images(small_model):
     return generate(small_model.var, small_model.vae, LABELS, seed=11).images
 
 
-@pytest.mark.parametrize("family,index", case_ids())
-def test_allocated_bytes_equal_planned_and_full_budget_is_identical(small_model, full_images, family, index):
+def check_allocated_bytes_equal_planned(small_model, full_images, family: str, index: int) -> None:
+    """One case in the real engine: allocated bytes == planned bytes; a keep-all case is bit-identical."""
     g = CacheGeometry.from_var_config(small_model.config.var)
-    case = CASES[family][index]
-    policy = make_policy(family, concrete_params(case, g.num_layers, g.num_scales))
+    policy, case = build(family, index, g)
     spec = PolicySpec(g, small_model.config.name, synthetic_calibration(g, seed=index))
     res = generate(small_model.var, small_model.vae, LABELS, seed=11, policy=policy, spec=spec)
     report = memory_report(policy, small_model.config, dtype="fp32", cfg=True, batch=len(LABELS), spec=spec)
@@ -39,11 +38,17 @@ def test_allocated_bytes_equal_planned_and_full_budget_is_identical(small_model,
         assert torch.equal(res.images, full_images)
 
 
+@pytest.mark.parametrize("family,index", case_ids())
+def test_allocated_bytes_equal_planned_and_full_budget_is_identical(small_model, full_images, family, index):
+    check_allocated_bytes_equal_planned(small_model, full_images, family, index)
+
+
 def test_calibration_from_real_generations_drives_the_calibrated_families(small_model):
     cfg = small_model.config
     g = CacheGeometry.from_var_config(cfg.var)
     done = []
-    cal = calibrate(small_model.var, small_model.vae, cfg, spec=CalibrationSpec(samples=3, batch_size=2, seed=1),
+    cal = calibrate(small_model.var, small_model.vae, cfg,
+                    spec=CalibrationSpec(samples=3, batch_size=2, seed=1),
                     progress=lambda d, t: done.append((d, t)), checkpoint_sha256="random:0")
     assert done == [(2, 3), (3, 3)]
     assert cal.num_layers == g.num_layers and cal.checkpoint_sha256 == "random:0"
@@ -58,4 +63,5 @@ def test_calibration_from_real_generations_drives_the_calibrated_families(small_
                            ("scalekv", {"budget_fraction": 0.3, "n_drafters": 1})):
         policy = make_policy(family, params)
         res = generate(small_model.var, small_model.vae, LABELS, seed=2, policy=policy, spec=spec)
-        assert res.kv_bytes_allocated == memory_report(policy, cfg, dtype="fp32", batch=2, spec=spec).kv_bytes_total
+        report = memory_report(policy, cfg, dtype="fp32", batch=2, spec=spec)
+        assert res.kv_bytes_allocated == report.kv_bytes_total

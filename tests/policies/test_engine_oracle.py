@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.policies.cases import CASES, case_ids, concrete_params
-from tests.policies.helpers import synthetic_calibration
+from tests.policies.cases import build, case_ids, cases
+from tests.policies.helpers import SMALL, synthetic_calibration
 from tuner.model.generate import generate
 from tuner.policies.base import CacheGeometry, PolicySpec
-from tuner.policies.registry import make_policy
 
 LABELS = torch.tensor([2, 6])
 
@@ -63,13 +62,17 @@ class Oracle:
 # Every case with the PyTorch reference; one compressing case per family through the Triton kernel too
 # (under the CPU interpreter it is ~20x slower; the kernel itself is compared with the reference in
 # tests/kernels on many more shapes).
-RUNS = [(f, i, "torch") for f, i in case_ids()] + [(f, min(1, len(CASES[f]) - 1), "triton") for f in CASES]
+def runs(families: list[str] | None = None) -> list[tuple[str, int, str]]:
+    ids = case_ids(families)
+    names = list(dict.fromkeys(f for f, _ in ids))
+    triton = [(f, min(1, len(cases(f, SMALL)) - 1), "triton") for f in names]
+    return [(f, i, "torch") for f, i in ids] + triton
 
 
-@pytest.mark.parametrize("family,index,backend", RUNS)
-def test_attention_equals_full_attention_masked_to_the_kept_positions(small_model, family, index, backend):
+def check_attention_oracle(small_model, family: str, index: int, backend: str) -> Oracle:
+    """Generate under one case with the oracle as the cache's audit; every attention call is checked."""
     g = CacheGeometry.from_var_config(small_model.config.var)
-    policy = make_policy(family, concrete_params(CASES[family][index], g.num_layers, g.num_scales))
+    policy, _ = build(family, index, g)
     spec = PolicySpec(g, small_model.config.name, synthetic_calibration(g, seed=index))
     oracle = Oracle(g)
     res = generate(small_model.var, small_model.vae, LABELS, seed=3, policy=policy, spec=spec, audit=oracle,
@@ -78,3 +81,9 @@ def test_attention_equals_full_attention_masked_to_the_kept_positions(small_mode
     for (layer, s), count in oracle.kept_counts.items():  # the cache held exactly its budget
         expected = g.tokens_through(s - 1) if res.plan.full else (res.plan.budgets[layer][s - 1] if s else 0)
         assert count == expected, (layer, s)
+    return oracle
+
+
+@pytest.mark.parametrize("family,index,backend", runs())
+def test_attention_equals_full_attention_masked_to_the_kept_positions(small_model, family, index, backend):
+    check_attention_oracle(small_model, family, index, backend)

@@ -98,7 +98,8 @@ def test_scalekv_per_scale_sum_is_uniform_budget_times_layers(seed):
 
 def test_scalekv_refiners_keep_their_window_when_drafters_are_greedy():
     spec = spec_for(TINY)
-    plan = ScaleKVPolicy(budget_fraction=0.2, n_drafters=3 * 6 - 1, drafter_budget=1.0, window_size=4).plan(spec)
+    greedy = ScaleKVPolicy(budget_fraction=0.2, n_drafters=3 * 6 - 1, drafter_budget=1.0, window_size=4)
+    plan = greedy.plan(spec)
     u = round(0.2 * 91)  # 18
     for s in (3, 4, 5):
         col = [row[s] for row in plan.budgets]

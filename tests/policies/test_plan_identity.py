@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.policies.cases import CASES, case_ids, concrete_params
+from tests.policies.cases import build, case_ids
 from tests.policies.helpers import synthetic_calibration
 from tuner.model.generate import generate
 from tuner.policies.base import CacheGeometry, PolicySpec
@@ -29,7 +29,8 @@ def images(model, policy, spec):
 def test_a_baseline_and_its_budgets_form_share_a_key_and_generate_the_same_images(small_model, family, cap):
     spec = spec_of(small_model)
     g = spec.geometry
-    params = {"window": g.num_scales, "max_tokens": cap, **({"sink_scales": 1} if family == "sink_window" else {})}
+    sinks = {"sink_scales": 1} if family == "sink_window" else {}
+    params = {"window": g.num_scales, "max_tokens": cap, **sinks}
     baseline = make_policy(family, params)
     form = budgets_form(baseline, g)
     assert form.family == "budgets"
@@ -53,7 +54,7 @@ def test_every_conformance_case_has_a_key_that_changes_with_its_budgets(small_mo
     g = spec.geometry
     keys = {}
     for family, index in case_ids():
-        policy = make_policy(family, concrete_params(CASES[family][index], g.num_layers, g.num_scales))
+        policy, _ = build(family, index, g)
         plan = policy.plan(spec)
         key = plan_hash(policy, spec)
         doc = (plan.budgets, plan.full, repr(sorted(policy.selection(g).items())))

@@ -17,7 +17,8 @@ def test_baselines_match_each_method_memory(name, g):
     cal = synthetic_calibration(g, seed=5, name=name)
     presets = paper_presets(model_config(name), cal)
     assert list(presets) == ["ams", "window@ams", "sink_window@ams", "scalekv_10", "window@scalekv_10",
-                             "sink_window@scalekv_10", "scalekv_20", "window@scalekv_20", "sink_window@scalekv_20"]
+                             "sink_window@scalekv_10", "scalekv_20", "window@scalekv_20",
+                             "sink_window@scalekv_20"]
     spec = PolicySpec(g, name, cal)
     per_token = memory_report(presets["ams"], g, spec=spec).bytes_per_token
     for method in ("ams", "scalekv_10", "scalekv_20"):
@@ -53,7 +54,8 @@ def test_budgets_form_of_a_baseline_plans_and_selects_the_same_tokens(g):
     for name in ("window@ams", "sink_window@scalekv_10"):
         base = presets[name]
         form = budgets_form(base, g)
-        assert form.family == "budgets" and form.rule == ("recent" if base.family == "window" else "sink_recent")
+        rule = "recent" if base.family == "window" else "sink_recent"
+        assert form.family == "budgets" and form.rule == rule
         assert form.plan(spec).budgets == base.plan(spec).budgets
         kept_base, kept_form = simulate(base, spec), simulate(form, spec)
         for layer in range(g.num_layers):

@@ -5,9 +5,11 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def toy_family(monkeypatch):
-    from tests.search.toy_policy import TARGET
+def toy_family():
+    from tests.search import toy_policy
     from tuner.policies import registry
 
-    monkeypatch.setitem(registry._FAMILIES, "toy", TARGET)
+    added = toy_policy.register()
     yield
+    if added:  # a family that was there before the test (a worker's registration) stays
+        registry.unregister("toy")

@@ -2,6 +2,8 @@
 on ``--family all`` with the real paper presets (fake evaluator: fast and model-free)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.search.fake_eval import FakeEvaluator
@@ -9,9 +11,9 @@ from tests.search.helpers import config, eval_log
 from tuner.memory import memory_report
 from tuner.model.config import NAMED_MODELS, model_config
 from tuner.policies.base import CacheGeometry, PolicySpec
-from tuner.policies.registry import make_policy
+from tuner.policies.registry import make_policy, registration
 from tuner.search.driver import run_search
-from tuner.search.space import load_space, space_dir
+from tuner.search.space import family_choices, load_space, searchable_families, space_dir, space_path_for
 from tuner.search.study import load_presets
 
 
@@ -23,12 +25,21 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
     g = CacheGeometry.from_var_config(mc.var)
     cal = FakeEvaluator(model).calibration()
     spec = PolicySpec(g, model, cal)
+    # ``all`` is derived: every registered family with a space file, in registration order (a new
+    # shipped family joins it without an edit here); each family's file defines that family alone
+    searchable = searchable_families()
+    assert searchable[:3] == ["ams", "scalekv", "budgets"]
+    assert all(registration(f).product for f in searchable)  # ``toy`` (tests/search) has no space file
+    assert family_choices() == (*searchable, "all")
+    assert space_path_for("all") == space_dir() / "all.yaml"
     space = load_space(space_dir() / "all.yaml", g)
-    assert space.family_names == ["ams", "scalekv", "budgets"]
-    for name in ("ams", "scalekv", "budgets"):
-        assert load_space(space_dir() / f"{name}.yaml", g).family_names == [name]
+    assert space.family_names == searchable
+    assert [Path(s).name for s in space.sources] == ["all.yaml"] + [f"{f}.yaml" for f in searchable]
+    for name in searchable:
+        assert space_path_for(name) == space_dir() / f"{name}.yaml"
+        assert load_space(space_path_for(name), g).family_names == [name]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    fractions = {"ams": [], "scalekv": [], "budgets": []}
+    fractions = {f: [] for f in searchable}
     for _ in range(60):
         trial = study.ask()
         family, params = space.suggest(trial)

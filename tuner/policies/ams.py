@@ -1,4 +1,4 @@
-"""``ams``: AMS-KV (arXiv 2511.16047) as reconstructed in reference/methods.md §2.
+"""``ams``: AMS-KV (arXiv 2511.16047) as reconstructed from the paper (its code is not public).
 
 Condensed (coarsest) scales pinned, a local window of recent scales, and a larger window for
 cache-demanding layers: layers whose inter-scale key similarity is low.
@@ -6,11 +6,11 @@ cache-demanding layers: layers whose inter-scale key similarity is low.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import (check_fraction, check_int, round_half_up, rule_description, scale_window_row,
-                                      sink_recent_indices)
+from tuner.policies.base import CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState
+from tuner.policies.selection import (check_fraction, check_int, round_half_up, rule_description,
+                                      scale_window_row, sink_recent_indices)
 
 DEFAULT_THETA_QUANTILE = 0.25
 
@@ -58,8 +58,9 @@ class AMSPolicy(KVPolicy):
             raise ValueError(f"window_demanding ({self.window_demanding}) must be >= window ({self.window})")
         if self.theta is not None and self.theta_quantile is not None:
             raise ValueError("give theta or theta_quantile, not both")
-        if self.theta is not None and (isinstance(self.theta, bool) or not isinstance(self.theta, (int, float))
-                                       or not math.isfinite(self.theta)):
+        theta = self.theta
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                                  or not math.isfinite(theta)):
             raise ValueError(f"theta must be a finite number, got {self.theta!r}")
         check_fraction("theta_quantile", self.theta_quantile, low_open=False, allow_none=True)
         check_int("c_min", self.c_min, 1, allow_none=True)
@@ -94,8 +95,8 @@ class AMSPolicy(KVPolicy):
     def plan(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         if self.n_condensed >= g.num_scales:
-            raise ValueError(f"n_condensed={self.n_condensed} must be below the model's {g.num_scales} scales "
-                             "(condensed scales are a prefix, the rest is windowed)")
+            raise ValueError(f"n_condensed={self.n_condensed} must be below the model's {g.num_scales} "
+                             "scales (condensed scales are a prefix, the rest is windowed)")
         efficient = scale_window_row(g, self.window, self.n_condensed, self.c_min)
         demanding = scale_window_row(g, self.window_demanding, self.n_condensed, self.c_max)
         return CachePlan(tuple(demanding if d else efficient for d in self.demanding_layers(spec)))
@@ -105,5 +106,28 @@ class AMSPolicy(KVPolicy):
         return sink_recent_indices(state, g.tokens_through(min(self.n_condensed, g.num_scales) - 1))
 
     def selection(self, geometry) -> dict:
-        return rule_description("sink_recent",
-                                sink_tokens=geometry.tokens_through(min(self.n_condensed, geometry.num_scales) - 1))
+        sinks = geometry.tokens_through(min(self.n_condensed, geometry.num_scales) - 1)
+        return rule_description("sink_recent", sink_tokens=sinks)
+
+    def memory_knob(self, geometry) -> MemoryKnob:
+        """``c_min`` with ``c_max = c_min + round(r · c_min)``, ``r`` this policy's own ratio (``r = 1``
+        without caps: the AMS-KV paper's 2:1 between demanding and efficient layers)."""
+        no_caps = self.c_min is None or self.c_max is None
+        ratio = 1.0 if no_caps else (self.c_max - self.c_min) / self.c_min
+
+        def at(v: float) -> AMSPolicy:
+            c = int(v)
+            return replace(self, c_min=c, c_max=c + int(round(ratio * c)))
+
+        return MemoryKnob.tokens(geometry, at)
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        return [
+            {"params": {"window": 99, "window_demanding": 99}, "keeps_all": True},
+            {"params": {}, "calibrated": True},
+            {"params": {"n_condensed": 1, "window": 1, "window_demanding": 3, "theta": -0.7},
+             "calibrated": True},
+            {"params": {"n_condensed": 2, "window": 0, "window_demanding": 1, "theta_quantile": 0.5,
+                        "c_min": 4, "c_max": 12}, "calibrated": True},
+        ]

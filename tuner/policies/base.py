@@ -4,7 +4,7 @@ A policy is a frozen dataclass of hyperparameters. The engine calls it in two pl
 
 1. ``plan(spec) -> CachePlan`` once, before any image is generated. ``budgets[l][s]`` is the number
    of tokens layer ``l`` keeps *after* processing scale ``s`` (what scale ``s+1`` will read besides
-   its own tokens). Memory is a function of the plan alone (design §4), so it is a guarantee.
+   its own tokens). Memory is a function of the plan alone (docs/design.md, Memory), so it is a guarantee.
 2. ``select(state) -> indices`` right after layer ``l``'s attention at scale ``s``: which of the
    candidate tokens (the layer's previously kept tokens followed by the current scale's tokens)
    the layer keeps. Exactly ``budgets[l][s]`` indices, unique, sorted ascending.
@@ -72,7 +72,8 @@ class CachePlan:
             return
         for layer, row in enumerate(self.budgets):
             if len(row) != geometry.num_scales:
-                raise ValueError(f"layer {layer}: plan has {len(row)} scales, model has {geometry.num_scales}")
+                raise ValueError(f"layer {layer}: plan has {len(row)} scales, "
+                                 f"model has {geometry.num_scales}")
             prev = 0
             for s, b in enumerate(row):
                 if b < 0:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
+from tuner.policies.base import CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState
 from tuner.policies.selection import (SELECTION_RULES, check_int, check_pool_kernel, clip_row, round_half_up,
                                       rule_description, select_by_rule)
 
@@ -60,7 +60,8 @@ class BudgetsPolicy(KVPolicy):
             raise ValueError("give exactly one of table or scale_curve")
         if self.table is not None:
             if self.layer_weights is not None or self.max_tokens is not None:
-                raise ValueError("layer_weights and max_tokens only apply to scale_curve, not to an explicit table")
+                raise ValueError("layer_weights and max_tokens only apply to scale_curve, "
+                                 "not to an explicit table")
             try:
                 table = tuple(tuple(_int(v) for v in row) for row in self.table)
             except TypeError:
@@ -99,12 +100,13 @@ class BudgetsPolicy(KVPolicy):
             raise ValueError(f"layer_weights has {len(weights)} values, the model has {g.num_layers} layers")
         mean = sum(weights) / len(weights)
         rows = []
+        curve = list(enumerate(self.scale_curve))
         for w in weights:
             if self.max_tokens is None:
-                wanted = [round_half_up(w / mean * c * g.tokens_through(s)) for s, c in enumerate(self.scale_curve)]
+                wanted = [round_half_up(w / mean * c * g.tokens_through(s)) for s, c in curve]
             else:
                 cap = round_half_up(w / mean * self.max_tokens)
-                wanted = [min(round_half_up(c * g.tokens_through(s)), cap) for s, c in enumerate(self.scale_curve)]
+                wanted = [min(round_half_up(c * g.tokens_through(s)), cap) for s, c in curve]
             rows.append(clip_row(g, wanted + [0]))
         return CachePlan(tuple(rows))
 
@@ -118,6 +120,45 @@ class BudgetsPolicy(KVPolicy):
         sinks = geometry.tokens_through(min(self.sink_scales, geometry.num_scales) - 1)
         return rule_description(self.rule, sink_tokens=sinks, window_size=self.window_size,
                                 pool_kernel=self.pool_kernel)
+
+    def memory_knob(self, geometry) -> MemoryKnob | None:
+        """``max_tokens`` when the curve has a cap; else a multiplier ``m`` on the curve,
+        ``c_s' = min(1, m · c_s)`` for ``m`` up to where the smallest positive ``c_s`` reaches 1.
+        An explicit table (or an all-zero curve) has no knob: it is taken as it is."""
+        if self.scale_curve is None:
+            return None
+        if self.max_tokens is not None:
+            return MemoryKnob.tokens(geometry, lambda v: replace(self, max_tokens=int(v)))
+        positive = [c for c in self.scale_curve if c > 0]
+        if not positive:
+            return None
+
+        def scaled(m: float) -> BudgetsPolicy:
+            return replace(self, scale_curve=tuple(min(1.0, m * c) for c in self.scale_curve))
+
+        return MemoryKnob(0.0, 1.0 / min(positive), False, scaled)
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        n = geometry.num_scales - 1
+
+        def curve(*values: float) -> list[float]:  # written for 10 scales; the last value repeats
+            return (list(values) + [values[-1]] * n)[:n]
+
+        ramp = [0.5 + i for i in range(geometry.num_layers)]
+        return [
+            {"params": {"scale_curve": curve(1.0)}, "keeps_all": True, "curve": True},
+            {"params": {"scale_curve": curve(1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2, 0.2), "rule": "recent"},
+             "curve": True},
+            {"params": {"scale_curve": curve(1.0, 1.0, 0.5, 0.3, 0.2, 0.2, 0.1, 0.1, 0.1),
+                        "layer_weights": ramp, "rule": "sink_recent", "sink_scales": 2}, "curve": True},
+            {"params": {"scale_curve": curve(0.5), "layer_weights": ramp, "rule": "scores", "window_size": 9},
+             "curve": True},
+            {"params": {"scale_curve": curve(1.0), "max_tokens": 12, "layer_weights": ramp,
+                        "rule": "sink_recent", "sink_scales": 1}, "curve": True},
+            {"params": {"scale_curve": curve(1.0), "max_tokens": 3, "rule": "scores", "window_size": 4},
+             "curve": True},
+        ]
 
 
 def _int(value) -> int:

@@ -1,13 +1,9 @@
 """Fit a policy to a memory target through its one budget knob.
 
-Every compressing family has a knob that scales its cache without changing its *shape*:
-
-- ``window`` / ``sink_window``: ``max_tokens`` (per-layer token cap);
-- ``ams``: ``c_min`` with ``c_max = c_min + round(r · c_min)``, ``r`` the policy's own ratio
-  (``r = 1`` when it had no caps, the AMS-KV paper's 2:1 between demanding and efficient layers);
-- ``scalekv``: ``budget_fraction``;
-- ``budgets``: its ``max_tokens`` cap when it has one, else a multiplier ``m`` on the scale curve,
-  ``c_s' = min(1, m · c_s)``.
+Every compressing family declares a knob that scales its cache without changing its *shape*
+(:meth:`tuner.policies.base.KVPolicy.memory_knob`, e.g. ``window``'s ``max_tokens`` or ``scalekv``'s
+``budget_fraction``; each family documents its own). A family without one (``full``, an explicit
+``budgets`` table) is taken as it is.
 
 :func:`fit_to_memory` sets the knob to the largest value whose planned memory still fits. That is
 what a search under a memory target wants: a candidate judged at less memory than it is allowed
@@ -19,59 +15,22 @@ always one that was planned and checked, never an extrapolation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Callable
 
-from tuner.policies.base import CacheGeometry, KVPolicy
+from tuner.policies.base import CacheGeometry, KVPolicy, MemoryKnob
+
+__all__ = ["BISECT_STEPS", "MemoryKnob", "fit_to_memory", "memory_knob"]
 
 BISECT_STEPS = 30  # float knobs: 2^-30 of the range is far below one token
 
 
-@dataclass(frozen=True)
-class MemoryKnob:
-    """A monotone budget knob: ``apply(v)`` for ``v`` in ``[low, high]`` (integers when ``integer``)."""
-
-    low: float
-    high: float
-    integer: bool
-    apply: Callable[[float], KVPolicy]
-
-
-def _cached_before_last(g: CacheGeometry) -> int:
-    return max(1, g.tokens_through(g.num_scales - 2))
-
-
 def memory_knob(policy: KVPolicy, geometry: CacheGeometry) -> MemoryKnob | None:
     """The budget knob of ``policy`` on a model of this geometry, or None (``full``, explicit tables)."""
-    t = _cached_before_last(geometry)
-    family = policy.family
-    if family in ("window", "sink_window"):
-        return MemoryKnob(1, t, True, lambda v: replace(policy, max_tokens=int(v)))
-    if family == "scalekv":
-        return MemoryKnob(0.5 / t, 1.0, False, lambda v: replace(policy, budget_fraction=float(v)))
-    if family == "ams":
-        ratio = 1.0 if policy.c_min is None or policy.c_max is None else (policy.c_max - policy.c_min) / policy.c_min
-
-        def ams(v: float) -> KVPolicy:
-            c = int(v)
-            return replace(policy, c_min=c, c_max=c + int(round(ratio * c)))  # noqa: B023
-
-        return MemoryKnob(1, t, True, ams)
-    if family == "budgets" and policy.scale_curve is not None and policy.max_tokens is not None:
-        return MemoryKnob(1, t, True, lambda v: replace(policy, max_tokens=int(v)))
-    if family == "budgets" and policy.scale_curve is not None:
-        positive = [c for c in policy.scale_curve if c > 0]
-        if not positive:
-            return None
-
-        def budgets(m: float) -> KVPolicy:
-            return replace(policy, scale_curve=tuple(min(1.0, m * c) for c in policy.scale_curve))
-
-        return MemoryKnob(0.0, 1.0 / min(positive), False, budgets)
-    return None
+    return policy.memory_knob(geometry)
 
 
-def fit_to_memory(policy: KVPolicy, geometry: CacheGeometry, fits: Callable[[KVPolicy], bool]) -> KVPolicy | None:
+def fit_to_memory(policy: KVPolicy, geometry: CacheGeometry,
+                  fits: Callable[[KVPolicy], bool]) -> KVPolicy | None:
     """``policy`` with its knob at the largest value for which ``fits`` holds.
 
     Parameters

@@ -27,3 +27,7 @@ class FullPolicy(KVPolicy):
 
     def selection(self, geometry) -> dict:
         return {"rule": "all"}
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        return [{"params": {}, "keeps_all": True}]  # no knob: fitting keeps it only when it fits

@@ -1,16 +1,17 @@
 """``scalekv``: ScaleKV (arXiv 2505.19602) drafter/refiner budgets and observation-window selection.
 
-Follows the released code where it and the paper differ (reference/methods.md §1.4), except that
+Follows the released code where it and the paper differ (StargazerX0/ScaleKV), except that
 scores use the true softmax attention of the real queries (the "clean version" of §1.6).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
-from tuner.policies.selection import (check_fraction, check_int, check_pool_kernel, round_half_up, rule_description,
-                                      score_indices, share_budget)
+from tuner.policies.base import (CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState,
+                                 cached_before_last)
+from tuner.policies.selection import (check_fraction, check_int, check_pool_kernel, round_half_up,
+                                      rule_description, score_indices, share_budget)
 
 DEFAULT_DRAFTER_FRACTION = 1 / 16
 
@@ -88,8 +89,9 @@ class ScaleKVPolicy(KVPolicy):
             return frozenset()
         cal = spec.calibration
         if cal is None:
-            raise ValueError("the scalekv policy needs calibration statistics (attention selectivity index per "
-                             "layer and scale); run `tuner calibrate` for this model, or use n_drafters=0")
+            raise ValueError("the scalekv policy needs calibration statistics (attention selectivity index "
+                             "per layer and scale); run `tuner calibrate` for this model, or use "
+                             "n_drafters=0")
         z = cal.asi_z()
         g = spec.geometry
         if len(z) != g.num_layers or any(len(row) != g.num_scales for row in z):
@@ -131,3 +133,19 @@ class ScaleKVPolicy(KVPolicy):
 
     def selection(self, geometry) -> dict:
         return rule_description("scores", window_size=self.window_size, pool_kernel=self.pool_kernel)
+
+    def memory_knob(self, geometry) -> MemoryKnob:
+        """``budget_fraction`` from half a token per layer (``U`` rounds to 0 below it) to 1."""
+        return MemoryKnob(0.5 / cached_before_last(geometry), 1.0, False,
+                          lambda v: replace(self, budget_fraction=float(v)))
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        return [
+            {"params": {"budget_fraction": 1.0}, "keeps_all": True, "calibrated": True},
+            {"params": {"budget_fraction": 0.3}, "calibrated": True},
+            {"params": {"budget_fraction": 0.2, "n_drafters": 3, "window_size": 4}, "calibrated": True},
+            {"params": {"budget_fraction": 0.05, "drafter_fraction": 0.5, "drafter_budget": 0.5,
+                        "pool_kernel": 0}, "calibrated": True},
+            {"params": {"budget_fraction": 0.1, "n_drafters": 0}},
+        ]

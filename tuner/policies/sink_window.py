@@ -1,9 +1,9 @@
 """``sink_window``: attention sinks plus a sliding window (StreamingLLM-style), over scales or tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
+from tuner.policies.base import CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState
 from tuner.policies.selection import check_int, rule_description, scale_window_row, sink_recent_indices
 
 
@@ -38,5 +38,18 @@ class SinkWindowPolicy(KVPolicy):
         return sink_recent_indices(state, sinks)
 
     def selection(self, geometry) -> dict:
-        return rule_description("sink_recent",
-                                sink_tokens=geometry.tokens_through(min(self.sink_scales, geometry.num_scales) - 1))
+        sinks = geometry.tokens_through(min(self.sink_scales, geometry.num_scales) - 1)
+        return rule_description("sink_recent", sink_tokens=sinks)
+
+    def memory_knob(self, geometry) -> MemoryKnob:
+        """``max_tokens``, the per-layer token cap (sinks and window of scales stay)."""
+        return MemoryKnob.tokens(geometry, lambda v: replace(self, max_tokens=int(v)))
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        return [
+            {"params": {"sink_scales": 99, "window": 1}, "keeps_all": True},
+            {"params": {"sink_scales": 2, "window": 2}},
+            {"params": {"sink_scales": 1, "window": 99, "max_tokens": 9}},
+            {"params": {"sink_scales": 3, "window": 1, "max_tokens": 2}},
+        ]

@@ -1,9 +1,9 @@
 """``window``: the LLM-style sliding window, over scales and optionally over tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from tuner.policies.base import CachePlan, KVPolicy, PolicySpec, SelectionState
+from tuner.policies.base import CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState
 from tuner.policies.selection import check_int, recent_indices, rule_description, scale_window_row
 
 
@@ -37,3 +37,16 @@ class WindowPolicy(KVPolicy):
 
     def selection(self, geometry) -> dict:
         return rule_description("recent")
+
+    def memory_knob(self, geometry) -> MemoryKnob:
+        """``max_tokens``, the per-layer token cap (the window of scales stays)."""
+        return MemoryKnob.tokens(geometry, lambda v: replace(self, max_tokens=int(v)))
+
+    @classmethod
+    def conformance_cases(cls, geometry) -> list[dict]:
+        return [
+            {"params": {"window": 99}, "keeps_all": True},
+            {"params": {"window": 2}},
+            {"params": {"window": 1, "max_tokens": 7}},
+            {"params": {"window": 1, "max_tokens": 1}},
+        ]

@@ -14,8 +14,16 @@ from tuner.errors import UserError
 from tuner.options import SAMPLING
 
 
+# --family's help names the searchable families: filled in by register() from the registry and the space
+# files (when the CLI is built, not at import).
+_FAMILY_OPTION = typer.Option("all", "--family", help="A searchable policy family or all.")
+
+
 def register(app: typer.Typer) -> None:
     """Register the three commands on ``app`` (what ``tuner.cli.app`` calls)."""
+    from tuner.search.space import family_help
+
+    _FAMILY_OPTION.help = family_help()
     app.command("search", help="Search KV-cache policies for a model under a memory target and/or quality limit.")(
         search_command)
     app.command("studies", help="List the searches (studies) in a storage with trial counts and best values.")(
@@ -64,7 +72,7 @@ def search_command(
     fid_limit: Optional[float] = typer.Option(None, "--fid-limit",
                                               help="Quality limit on --metric (at most; at least for psnr/ssim)."),
     metric: str = typer.Option("fid_vs_full", "--metric", help="fid_vs_full, delta_fid, fid, psnr or ssim."),
-    family: str = typer.Option("all", "--family", help="ams, scalekv, budgets or all (search_spaces/<family>.yaml)."),
+    family: str = _FAMILY_OPTION,
     space: Optional[str] = typer.Option(None, "--space", help="A search-space YAML file (overrides --family)."),
     trials: int = typer.Option(40, "--trials", help="Total finished trials the study should reach."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop asking new trials after this many seconds."),

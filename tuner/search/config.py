@@ -1,4 +1,4 @@
-"""The resolved configuration of one search (design §6): a frozen dataclass built from CLI flags.
+"""The resolved configuration of one search (docs/design.md, Search): a frozen dataclass built from CLI flags.
 
 ``SearchConfig`` is pure data validated in ``__post_init__`` (``ValueError``); :func:`resolve_config`
 is the user-facing constructor that turns bad flags into one-line :class:`~tuner.errors.UserError`
@@ -20,7 +20,7 @@ from tuner.quality.metric_info import METRICS
 from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLER_SEED_MAX, SAMPLING, sampling_problem, seed_problem
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-# --family choices are derived from the policy registry and the space files: tuner.search.space.family_choices()
+# --family choices are derived from the policy registry and the space files (search.space.family_choices)
 DEFAULT_EVALUATOR = "tuner.quality.evaluate:build_evaluator"
 NO_TRACKING = ("none", "off")
 
@@ -77,7 +77,8 @@ class SearchConfig:
 
             choices = family_choices()
             if self.family not in choices:
-                raise ValueError(f"--family {self.family!r} is not one of {', '.join(choices)} (or pass --space FILE)")
+                raise ValueError(f"--family {self.family!r} is not one of {', '.join(choices)} "
+                                 "(or pass --space FILE)")
         if self.mem_target is None and self.quality_limit is None:
             raise ValueError("give --mem-target (e.g. 15%) and/or --fid-limit: the search needs a target")
         if self.gpus is not None and self.ray_address is None:
@@ -120,10 +121,6 @@ class SearchConfig:
     def fits_to_target(self) -> bool:
         """Policies are fitted to the memory target (quality-under-memory searches only)."""
         return self.fit_memory and self.mem_target is not None and self.quality_limit is None
-
-    @property
-    def maximize_metric(self) -> bool:
-        return METRICS[self.metric]
 
     @property
     def tracking_enabled(self) -> bool:
