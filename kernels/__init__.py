@@ -1,4 +1,4 @@
-"""Attention over the compressed multi-scale KV cache, and fused token scoring (design §8).
+"""Attention over the compressed multi-scale KV cache, and fused token scoring (docs/design.md, Kernels).
 
 Public ops share one signature across backends: :func:`kv_attention`, :func:`token_scores`;
 :func:`resolve_backend` picks ``torch`` or ``triton`` once per run. Triton is imported only when the

@@ -1,4 +1,4 @@
-"""Memory planner: design §4 figures, plan arithmetic, sizing and the size grammar."""
+"""Memory planner: docs/design.md, Memory figures, plan arithmetic, sizing and the size grammar."""
 from __future__ import annotations
 
 import pytest

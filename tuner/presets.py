@@ -1,8 +1,8 @@
 """Paper presets for a model, and the LLM baselines at exactly their memory.
 
-The search enqueues these first (design §6) and reports them next to its winner. Presets:
+The search enqueues these first (docs/design.md, Search) and reports them next to its winner. Presets:
 
-- ``ams``: AMS-KV as reconstructed (reference/methods.md §2): the 2 coarsest scales condensed, a
+- ``ams``: AMS-KV as reconstructed from the paper: the 2 coarsest scales condensed, a
   local window of 1 recent scale (2 for the quarter of the layers with the lowest inter-scale key
   similarity, ``theta_quantile = 0.25``).
 - ``scalekv_10`` / ``scalekv_20``: ScaleKV at 10% / 20% of the tokens cached before the last scale,

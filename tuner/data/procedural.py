@@ -8,7 +8,7 @@ next-scale model has to use every scale to get the class right:
 - **shape** (mid, scales 3–5): disc, square, triangle, ring or cross;
 - **texture** (fine, scales 6–8): solid, 8 px stripes or an 8 px checkerboard in two colours.
   Bands are 8 px wide because a ×4 tokenizer at this size was measured to keep 10 px stripes and
-  lose 5 px ones (docs/reference/tiny.md).
+  lose 5 px ones (experiments/tiny/README.md).
 
 Every attribute value is shared by at least two classes and any two attributes identify the class,
 so no single attribute does. Colours, position, size, stripe orientation and phase are random per

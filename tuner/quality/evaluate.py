@@ -1,4 +1,4 @@
-"""Paired evaluation of a policy against the full cache on the same labels and seeds (design §5).
+"""Paired evaluation of a policy against the full cache on the same labels and seeds (docs/design.md, Quality).
 
 ``PolicyEvaluator`` loads a model once, generates (and caches) the full-cache reference images and
 features per :class:`EvalSpec`, and turns a policy into a plain dict of metrics — what the search

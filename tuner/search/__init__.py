@@ -1,1 +1,1 @@
-"""The search service (design §6): Optuna driver, Ray workers, SQL storage, MLflow tracking, export."""
+"""The search service (docs/design.md, Search): Optuna driver, Ray workers, SQL storage, MLflow tracking, export."""

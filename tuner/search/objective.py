@@ -1,4 +1,4 @@
-"""Objectives and constraints of a search (design §6), as functions of a metrics dict.
+"""Objectives and constraints of a search (docs/design.md, Search), as functions of a metrics dict.
 
 - ``--mem-target X`` only: minimise the quality metric, constraint ``memory <= X``.
 - ``--fid-limit Y`` only: minimise the memory fraction, constraint ``quality <= Y``.

@@ -1,4 +1,4 @@
-"""One SQL database for the search (design §6): Optuna's tables plus ours, side by side.
+"""One SQL database for the search (docs/design.md, Search): Optuna's tables plus ours, side by side.
 
 Our tables (prefixed ``tuner_`` so they never collide with Optuna's):
 

@@ -1,4 +1,4 @@
-"""MLflow tracking of searches (design §7): experiment per model, parent run per study, child per trial.
+"""MLflow tracking of searches (docs/design.md, Tracking and export): experiment per model, parent run per study, child per trial.
 
 Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no fluent global run stack), so the
 driver can log trials as they finish in any order. Metric names are the evaluator's keys verbatim
