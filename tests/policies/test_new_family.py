@@ -82,7 +82,7 @@ families:
 @pytest.fixture(scope="module", autouse=True)
 def layer_stride(tmp_path_factory):
     """The one registration; afterwards the family is gone from every vocabulary again."""
-    from tuner.search.space import family_choices
+    from tuner.search.space_files import family_choices
 
     space = tmp_path_factory.mktemp("layer_stride") / f"{NAME}.yaml"
     space.write_text(SPACE)
@@ -155,7 +155,7 @@ def _search(tmp_path, family: str):
 
 
 def test_searchable_with_family(tmp_path):
-    from tuner.search.space import family_choices, family_help
+    from tuner.search.space_files import family_choices, family_help
 
     assert NAME in family_choices() and NAME in family_help()
     cfg, result = _search(tmp_path, NAME)
@@ -170,7 +170,7 @@ def test_searchable_with_family(tmp_path):
 def test_in_all(tmp_path):
     import optuna
 
-    from tuner.search.space import load_space, space_path_for
+    from tuner.search.space_files import load_space, space_path_for
 
     space = load_space(space_path_for("all"), TINY)
     assert space.family_names == ["ams", "scalekv", "budgets", NAME]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from tests.search import toy_policy
-from tuner.search.cli import register
+from tuner.cli.search_cmd import register
 
 toy_policy.register()
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

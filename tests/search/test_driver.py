@@ -171,7 +171,7 @@ def test_studies_and_show_commands(tmp_path, toy_presets):
     import typer
     from typer.testing import CliRunner
 
-    from tuner.search.cli import register
+    from tuner.cli.search_cmd import register
 
     cfg = config(tmp_path, trials=8)
     result = run_search(cfg, progress=False)
@@ -211,7 +211,7 @@ def test_a_preset_that_fits_beats_a_worse_search_result(tmp_path, monkeypatch):
 def test_memory_target_fits_every_policy_and_baselines_warm_start_the_joint_space(tmp_path, fit):
     """Under --mem-target each policy's budget knob fills the target (unless --no-fit); the token-cap
     baselines are enqueued in their budgets form next to the paper presets."""
-    from tuner.search.space import space_path_for
+    from tuner.search.space_files import space_path_for
 
     cfg = config(tmp_path, space=str(space_path_for("all")), trials=8, mem_target="15%", fit_memory=fit)
     result = run_search(cfg, progress=False)

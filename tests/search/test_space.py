@@ -9,7 +9,7 @@ import pytest
 from tuner.errors import UserError
 from tuner.model.config import model_config
 from tuner.policies.base import CacheGeometry
-from tuner.search.space import load_space
+from tuner.search.space_files import load_space
 
 TINY = CacheGeometry.from_var_config(model_config("tiny").var)  # 6 layers, 7 scales, 155 tokens
 

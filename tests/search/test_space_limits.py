@@ -20,7 +20,7 @@ from tuner.errors import UserError
 from tuner.model.config import NAMED_MODELS, model_config
 from tuner.policies.base import CacheGeometry
 from tuner.search import expr
-from tuner.search.space import load_space, space_dir
+from tuner.search.space_files import load_space, space_dir
 from tuner.search.space_schema import MAX_CHOICES, MAX_FILES, MAX_PARAMS, MAX_REPEAT, MAX_TOTAL_CHOICES
 from tuner.search.yaml_lines import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 

@@ -7,7 +7,7 @@ import typer
 
 # (module, attribute) of each subcommand's ``register(app)`` function, in help order.
 COMMAND_MODULES = (
-    "tuner.search.cli",
+    "tuner.cli.search_cmd",
     "tuner.cli.generate_cmd",
     "tuner.cli.evaluate_cmd",
     "tuner.cli.plan_cmd",

@@ -10,7 +10,7 @@ memory knob (:meth:`~tuner.policies.base.KVPolicy.memory_knob`, what ``--mem-tar
 conformance cases (:meth:`~tuner.policies.base.KVPolicy.conformance_cases`, the tests' matrix). A
 family is *searchable* (``tuner search --family``, part of ``all``) when it also has a space file:
 its registration's ``space``, else the shipped ``search_spaces/<family>.yaml``
-(:mod:`tuner.search.space`).
+(:mod:`tuner.search.space_files`).
 
 Targets given as ``"module:Class"`` strings are imported on first use, so importing this module
 imports no policy module (the built-in families are registered that way).

@@ -73,7 +73,7 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.space is None:
-            from tuner.search.space import family_choices  # light: the registry imports no policy module
+            from tuner.search.space_files import family_choices  # light: the registry imports no policy module
 
             choices = family_choices()
             if self.family not in choices:

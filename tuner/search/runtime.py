@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from tuner.model.config import ModelConfig
+    from tuner.policies.base import PolicySpec
     from tuner.search.evaluations import EvaluationService
     from tuner.search.objective import Objective
     from tuner.search.planner import Planner
@@ -117,7 +118,7 @@ def validate(cfg: SearchConfig):
     from tuner.paths import check_writable_dir
     from tuner.policies.base import CacheGeometry
     from tuner.search.config import DEFAULT_EVALUATOR
-    from tuner.search.space import load_space, space_path_for
+    from tuner.search.space_files import load_space, space_path_for
     from tuner.search.storage import check_storage_url
     from tuner.search.tracking import check_tracking_uri
 
@@ -162,14 +163,14 @@ def make_directories(cfg: SearchConfig) -> Path:
 
 
 def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
-    from tuner.policies.base import CacheGeometry, PolicySpec
-    from tuner.search import study as S
+    """Check everything (:func:`validate`), then set the search up in order: pool, directories, planner,
+    study and session (stale trials recovered), evaluation service, presets, tracker, ``config.json``.
+
+    On any failure after the checks, what was set up is closed (:meth:`SearchRuntime.close`).
+    """
     from tuner.search.evaluations import EvaluationService
     from tuner.search.objective import Objective
-    from tuner.search.planner import Planner
-    from tuner.search.storage import TunerTables, open_optuna_storage
-    from tuner.search.tracker_guard import GuardedTracker
-    from tuner.search.tracking import NullTracker, open_tracker
+    from tuner.search.tracking import NullTracker
 
     model_cfg, space, space_file = validate(cfg)
     objective = Objective.from_config(cfg)  # the one objective of this run
@@ -178,42 +179,11 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         rt.pool = make_pool(cfg)
         rt.info = rt.pool.start()
         out = make_directories(cfg)  # after the pool: a worker that cannot start leaves nothing behind
-        num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
-        common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
-        rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
-        rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
-        spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
-        rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
-
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        rt.storage = open_optuna_storage(cfg.storage)
-        rt.tables = TunerTables(cfg.storage)
-        identity = {**cfg.identity(), "directions": objective.names}
-        rt.study, rt.resumed = S.open_study(rt.storage, cfg.study_name, objective.directions, identity,
-                                            S.make_sampler(cfg.sampler, cfg.seed, cfg.trials))
-        if rt.study.user_attrs.get(S.A_SPACE_DIGEST) not in (None, space.digest):
-            console.print(f"note: the search space changed since this study started ({space_file})", highlight=False)
-        rt.study.set_user_attr(S.A_SPACE_DIGEST, space.digest)
-        rt.session_id = uuid.uuid4().hex
-        rt.tables.open_session(rt.session_id, cfg.study_name)
-        recovered = S.recover_stale_trials(rt.study, rt.tables.live_sessions(cfg.study_name), rt.session_id)
-        if recovered:
-            console.print(f"re-queued {len(recovered)} trial(s) left running by an earlier driver: {recovered}",
-                          highlight=False)
+        spec = _set_up_planning(rt)
+        _open_study(rt)
         rt.evals = EvaluationService(rt.tables, rt.pool, rt.model_hash, cfg.study_name, rt.session_id)
-        rt.presets = S.load_presets(model_cfg, spec.calibration) if cfg.presets else []
-        forms = S.budgets_forms(rt.presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
-        S.enqueue_presets(rt.study, space, rt.presets, forms)
-
-        rt.tracker = GuardedTracker(open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts"),
-                                    warn=lambda text: console.print(text, highlight=False))
-        run_id = rt.tracker.start_study(cfg.study_name, cfg.to_dict(), space_file=str(space_file),
-                                        model_hash=rt.model_hash,
-                                        resume_run_id=rt.study.user_attrs.get(S.A_MLFLOW_RUN))
-        if run_id:
-            rt.study.set_user_attr(S.A_MLFLOW_RUN, run_id)
+        _enqueue_presets(rt, spec)
+        _start_tracking(rt, out)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_hash": rt.model_hash,
                                                       "space_digest": space.digest}, indent=2) + "\n")
         word = "resumed" if rt.resumed else "created"
@@ -223,3 +193,73 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
     except BaseException:
         rt.close("FAILED")
         raise
+
+
+def _set_up_planning(rt: SearchRuntime) -> "PolicySpec":
+    """The screening and final evaluation specs and the planner, from the started workers' model description.
+
+    Returns the policy spec the planner plans against (the workers' calibration included).
+    """
+    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.search.planner import Planner
+
+    cfg, model_cfg = rt.cfg, rt.model_cfg
+    num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
+    common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
+    rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
+    rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
+    spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
+    rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
+    return spec
+
+
+def _open_study(rt: SearchRuntime) -> None:
+    """Open the storage and tables, create or resume the study, open this driver's session and re-queue
+    the trials an earlier driver left running."""
+    import optuna
+
+    from tuner.search import study as S
+    from tuner.search.storage import TunerTables, open_optuna_storage
+
+    cfg, console, space = rt.cfg, rt.console, rt.space
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rt.storage = open_optuna_storage(cfg.storage)
+    rt.tables = TunerTables(cfg.storage)
+    identity = {**cfg.identity(), "directions": rt.objective.names}
+    rt.study, rt.resumed = S.open_study(rt.storage, cfg.study_name, rt.objective.directions, identity,
+                                        S.make_sampler(cfg.sampler, cfg.seed, cfg.trials))
+    if rt.study.user_attrs.get(S.A_SPACE_DIGEST) not in (None, space.digest):
+        console.print(f"note: the search space changed since this study started ({rt.space_file})",
+                      highlight=False)
+    rt.study.set_user_attr(S.A_SPACE_DIGEST, space.digest)
+    rt.session_id = uuid.uuid4().hex
+    rt.tables.open_session(rt.session_id, cfg.study_name)
+    recovered = S.recover_stale_trials(rt.study, rt.tables.live_sessions(cfg.study_name), rt.session_id)
+    if recovered:
+        console.print(f"re-queued {len(recovered)} trial(s) left running by an earlier driver: {recovered}",
+                      highlight=False)
+
+
+def _enqueue_presets(rt: SearchRuntime, spec: "PolicySpec") -> None:
+    """Load the paper presets (unless ``--no-presets``) and enqueue them as the study's first trials."""
+    from tuner.search import study as S
+
+    rt.presets = S.load_presets(rt.model_cfg, spec.calibration) if rt.cfg.presets else []
+    forms = S.budgets_forms(rt.presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
+    S.enqueue_presets(rt.study, rt.space, rt.presets, forms)
+
+
+def _start_tracking(rt: SearchRuntime, out: Path) -> None:
+    """Open the tracker (guarded: failures only warn) and start or resume the study's run."""
+    from tuner.search import study as S
+    from tuner.search.tracker_guard import GuardedTracker
+    from tuner.search.tracking import open_tracker
+
+    cfg = rt.cfg
+    rt.tracker = GuardedTracker(open_tracker(cfg.mlflow_uri, cfg.experiment, out / "mlartifacts"),
+                                warn=lambda text: rt.console.print(text, highlight=False))
+    run_id = rt.tracker.start_study(cfg.study_name, cfg.to_dict(), space_file=str(rt.space_file),
+                                    model_hash=rt.model_hash,
+                                    resume_run_id=rt.study.user_attrs.get(S.A_MLFLOW_RUN))
+    if run_id:
+        rt.study.set_user_attr(S.A_MLFLOW_RUN, run_id)

@@ -21,7 +21,7 @@ _FAMILY_OPTION = typer.Option("all", "--family", help="A searchable policy famil
 
 def register(app: typer.Typer) -> None:
     """Register the three commands on ``app`` (what ``tuner.cli.app`` calls)."""
-    from tuner.search.space import family_help
+    from tuner.search.space_files import family_help
 
     _FAMILY_OPTION.help = family_help()
     app.command("search", help="Search KV-cache policies for a model under a memory target and/or quality limit.")(
