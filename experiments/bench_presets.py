@@ -1,7 +1,7 @@
 """Every paper preset and baseline, as a policy file, generated on d16/d30 random weights: KV bytes
 measured from the cache vs the planner.
 
-    python experiments/bench_presets.py [--models d16,d30] [--out experiments/bench_presets.md]
+    python -m experiments.bench_presets [--models d16,d30] [--out experiments/bench_presets.md]
 
 Per model: ``tuner presets --random-weights`` writes the preset files (calibrated on 2 random-weight
 generations: the roles are meaningless for quality, the memory accounting is what is checked), then
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None) -> None:
@@ -33,7 +32,7 @@ def main(argv=None) -> None:
     from tuner.cli.model_opts import load_model_from_options, load_policy_option
 
     lines = ["# Paper presets on d16/d30 random weights: measured KV bytes == planned", "",
-             f"Command: `python experiments/bench_presets.py --models {args.models}`; "
+             f"Command: `python -m experiments.bench_presets --models {args.models}`; "
              f"{machine_description('cpu')}; {dt.date.today().isoformat()}.", "",
              "Each row is `tuner bench --model M --random-weights --policy FILE --batch 1 --repeats 1` on the preset "
              "file `tuner presets --model M --random-weights` wrote (fp32 cache; fractions are the same in fp16).", "",

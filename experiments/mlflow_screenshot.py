@@ -1,6 +1,6 @@
 """Screenshots of the MLflow UI on a finished study, taken in a real headless Chromium (for the README).
 
-    python experiments/mlflow_screenshot.py --url http://127.0.0.1:5000 --experiment varkv-tiny \
+    python -m experiments.mlflow_screenshot --url http://127.0.0.1:5000 --experiment varkv-tiny \
         --study tiny-all-mem25pct --out docs/images
 
 Needs a running ``mlflow server`` on the store the searches wrote, Debian's ``chromium`` and the Python

@@ -1,6 +1,6 @@
-"""Memory of the paper presets per model (design §4 accounting), as planned — no weights needed.
+"""Memory of the paper presets per model (docs/design.md, Memory), as planned — no weights needed.
 
-    python experiments/presets_memory.py   # writes experiments/presets_memory.md
+    python -m experiments.presets_memory    # writes experiments/presets_memory.md
 
 ams/scalekv budgets depend on which layers (pairs) are cache-demanding / drafters, but their memory
 depends only on how many: for models without local weights the layer roles come from a placeholder
@@ -9,26 +9,24 @@ calibration, so the fractions are exact while the roles are not (recalibrate wit
 from __future__ import annotations
 
 import datetime as dt
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tuner.cli.policy_opts import placeholder_calibration
+from tuner.memory import memory_report
+from tuner.model.config import model_config
+from tuner.policies.base import CacheGeometry, PolicySpec
+from tuner.presets import paper_presets
 
-from tuner.cli.policy_opts import placeholder_calibration  # noqa: E402
-from tuner.memory import memory_report  # noqa: E402
-from tuner.model.config import model_config  # noqa: E402
-from tuner.policies.base import CacheGeometry, PolicySpec  # noqa: E402
-from tuner.presets import paper_presets  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     models = ["d16", "d20", "d24", "d30", "d36"]
     lines = ["# Paper presets: planned KV memory per image (fp16, CFG)", "",
-             f"Command: `python experiments/presets_memory.py`; date {dt.date.today().isoformat()}; "
+             f"Command: `python -m experiments.presets_memory`; date {dt.date.today().isoformat()}; "
              "pure arithmetic (no weights, no GPU). Fraction = policy KV bytes / full-cache KV bytes, where the "
              "full cache is every token of every scale (last included) in every layer, K and V in fp16, "
-             "2 rows per image (design §4). A policy's bytes include the shared workspace for the current "
+             "2 rows per image (docs/design.md, Memory). A policy's bytes include the shared workspace for the current "
              "scale (256 tokens of one layer at 256px).", "",
              "| model | preset | KV MiB / image | fraction | reduction |", "|---|---|---|---|---|"]
     for name in models:

@@ -1,6 +1,6 @@
 """Search results on tiny: the exported policy vs every paper preset and baseline at 10/15/25% memory.
 
-    python experiments/search_results.py [--targets 10,15,25] [--trials 40] [--holdout 96] \
+    python -m experiments.search_results [--targets 10,15,25] [--trials 40] [--holdout 96] \
         [--metric psnr] [--out experiments/search]
 
 For each memory target this runs the real CLI, ``tuner search --mem-target T --metric M ...``, and
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 HOLDOUT_SEED, NOISE_SEED = 7000, 9000  # the search uses seeds 0 (screening) and its final offset
 BASELINE_METHODS = ("ams", "scalekv_10")
@@ -215,7 +214,7 @@ def write_tables(args, out: Path, rows, limit_rows, noise, times, limit) -> None
         return lines
 
     md = [f"# Search results on tiny ({args.metric} objective)", "",
-          f"Command: `python experiments/search_results.py --targets {args.targets} --trials {args.trials} "
+          f"Command: `python -m experiments.search_results --targets {args.targets} --trials {args.trials} "
           f"--samples {args.samples} --final-samples {args.final_samples} --holdout {args.holdout} "
           f"--metric {args.metric}`  ",
           f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, no GPU "

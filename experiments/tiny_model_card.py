@@ -1,7 +1,7 @@
 """Figures and numbers for the tiny model card (experiments/tiny/README.md), from the shipped weights.
 
-    python experiments/tiny_model_card.py [--log experiments/tiny/training_log.json] [--per-class 8]
-                                          [--classify 200] [--out experiments/tiny]
+    python -m experiments.tiny_model_card [--log experiments/tiny/training_log.json] [--per-class 8]
+                                         [--classify 200] [--out experiments/tiny]
 
 No training: loads ``tuner/assets/tiny`` (the final weights) and the loss log written by
 ``experiments/train_tiny.py``. Writes into ``--out``:
@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tuner.data.procedural import CLASS_NAMES, make_dataset
+from tuner.images import make_grid, save_png
+from tuner.model.generate import generate
+from tuner.model.loading import load_model
+from tuner.quality.features import load_feature_net
 
-from tuner.data.procedural import CLASS_NAMES, make_dataset  # noqa: E402
-from tuner.images import make_grid, save_png  # noqa: E402
-from tuner.model.generate import generate  # noqa: E402
-from tuner.model.loading import load_model  # noqa: E402
-from tuner.quality.features import load_feature_net  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "experiments" / "tiny"
 HELDOUT_SEED = 12345  # never used for training (train_tiny.py uses seed 0)

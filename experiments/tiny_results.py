@@ -1,8 +1,8 @@
 """Policy results table: every baseline/preset family at ~10/15/25% memory vs the full-cache noise floor.
 
-    python experiments/tiny_results.py                       # tiny, 1000 samples -> experiments/tiny/
-    python experiments/tiny_results.py --samples 20 --out /tmp/r          # quick look
-    python experiments/tiny_results.py --model d16 --weights-dir W --device cuda \\
+    python -m experiments.tiny_results                        # tiny, 1000 samples -> experiments/tiny/
+    python -m experiments.tiny_results --samples 20 --out /tmp/r          # quick look
+    python -m experiments.tiny_results --model d16 --weights-dir W --device cuda \\
         --inception-weights pt_inception-2015-12-05.pth --out experiments/d16   # an ImageNet model
 
 For each family one knob is set to the largest value whose planned memory stays at or below the
@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tuner.memory import memory_report
+from tuner.policies.registry import make_policy
+from tuner.quality.evaluate import EvalSpec, build_evaluator
 
-from tuner.memory import memory_report  # noqa: E402
-from tuner.policies.registry import make_policy  # noqa: E402
-from tuner.quality.evaluate import EvalSpec, build_evaluator  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGETS = (0.10, 0.15, 0.25)
 FAMILIES = ("window", "sink_window", "ams", "scalekv")
@@ -230,14 +229,14 @@ def write(rows: list[dict], args, ev) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in keys})
-    cmd = "python experiments/tiny_results.py " + shlex.join(args.argv)
+    cmd = "python -m experiments.tiny_results " + shlex.join(args.argv)
     lines = [f"# {ev.loaded.config.name}: policies at ~10/15/25% memory vs the full cache", "",
              f"Command: `{cmd.strip()}`; machine: {platform.machine()} {platform.system()}, "
              f"{torch.get_num_threads()} torch threads, device {args.device}; "
              f"date {dt.date.today().isoformat()}; wall time {args.minutes:.1f} min. "
              f"{args.samples} images per seed set (labels cycling over the classes, batches of {args.batch_size}, "
              f"seed set A = {SEEDS_A}+j, B = {SEEDS_B}+j, C = {SEEDS_C}+j). Memory fraction = planned KV bytes / "
-             "full-cache KV bytes (design §4, workspace included). Paired metrics compare each policy with the full "
+             "full-cache KV bytes (docs/design.md, Memory, workspace included). Paired metrics compare each policy with the full "
              "cache on seed set A; the unpaired column compares the policy's images (seeds A) with the full cache "
              "on seed set B. The noise-floor rows score the full cache on seed sets B and C as if they were "
              "policies; the three other-seed Fréchet distances (the floor's spread) are "

@@ -2,13 +2,13 @@
 
 A classifier of the procedural classes whose penultimate layer is the FID feature space. A
 classifier trained on clean images only was measured to be misleading on tokenizer output
-(docs/reference/tiny.md), so training sees degraded images: blur at the tokenizer's ×4 scale,
+(experiments/tiny/README.md), so training sees degraded images: blur at the tokenizer's ×4 scale,
 noise and colour jitter; and, once a tiny VQ-VAE exists, real tokenizer reconstructions
 (``--vae``, or any ``--recon-fn module:function`` mapping ``[N,3,32,32]`` in [-1,1] to the same).
 
-    python experiments/train_feature_net.py                                   # shipped weights
-    python experiments/train_feature_net.py --vae tuner/assets/tiny/vae_tiny.pth   # with reconstructions
-    python experiments/train_feature_net.py --steps 50 --out /tmp/f.pt --report /tmp/f.md   # smoke run
+    python -m experiments.train_feature_net                                    # shipped weights
+    python -m experiments.train_feature_net --vae tuner/assets/tiny/vae_tiny.pth   # with reconstructions
+    python -m experiments.train_feature_net --steps 50 --out /tmp/f.pt --report /tmp/f.md   # smoke run
 
 Held-out accuracy (fresh seeds, never used for training) goes to ``--report`` (markdown) and stdout.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tuner.data.procedural import NUM_CLASSES, make_dataset
+from tuner.quality.features import FeatureNet
 
-from tuner.data.procedural import NUM_CLASSES, make_dataset  # noqa: E402
-from tuner.quality.features import FeatureNet  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 Recon = Callable[[torch.Tensor], torch.Tensor]
 

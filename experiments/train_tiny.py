@@ -5,28 +5,26 @@ second implementation. Resumable: every stage checkpoints into ``--workdir`` and
 where it stopped. Writes official-format state dicts to ``--assets`` (default: the package's
 ``tuner/assets/tiny``) and a loss log for the model card.
 
-    python experiments/train_tiny.py --vae-steps 500 --var-steps 1500   # the shipped model (~35 min, 2 cores)
-    python experiments/train_tiny.py                      # both stages, longer defaults (1500 / 3000 steps)
-    python experiments/train_tiny.py --vae-steps 200 --var-steps 100 --workdir /tmp/t   # smoke run
+    python -m experiments.train_tiny --vae-steps 500 --var-steps 1500   # the shipped model (~35 min, 2 cores)
+    python -m experiments.train_tiny                       # both stages, longer defaults (1500 / 3000 steps)
+    python -m experiments.train_tiny --vae-steps 200 --var-steps 100 --workdir /tmp/t   # smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tuner.data.procedural import make_dataset
+from tuner.model.config import tiny_config
+from tuner.model.loading import build_models
 
-from tuner.data.procedural import make_dataset  # noqa: E402
-from tuner.model.config import tiny_config  # noqa: E402
-from tuner.model.loading import build_models  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _progress():

@@ -1,4 +1,4 @@
-"""Exact KV memory of a plan (design §4) and deployment sizing (the target grammar: :mod:`tuner.mem_target`).
+"""Exact KV memory of a plan (docs/design.md, Memory) and deployment sizing (the target grammar: :mod:`tuner.mem_target`).
 
 KV bytes per image = ``(Σ_l C[l] + max_s n_s) × 2 (K, V) × heads × head_dim × dtype bytes × rows``
 with ``C[l] = max_s budgets[l][s]`` and rows = 2 with classifier-free guidance; the ``full`` plan is
@@ -67,10 +67,6 @@ class MemoryReport:
     def kv_bytes_total(self) -> int:
         return self.kv_bytes_per_image * self.batch
 
-    @property
-    def kv_tokens(self) -> int:
-        return self.kv_bytes_per_image // self.bytes_per_token
-
 
 def memory_report(plan_or_policy: CachePlan | KVPolicy, model: Any, *, dtype: Any = "fp16", cfg: bool = True,
                   batch: int = 1, spec: PolicySpec | None = None) -> MemoryReport:
@@ -127,8 +123,6 @@ def model_param_counts(model_cfg: Any) -> tuple[int, int]:
     """(VAR parameters, VQ-VAE parameters), counted on the meta device (no memory, no weights)."""
     import torch
 
-    import tuner.model.var  # noqa: F401  (module-level constants must not be built on the meta device)
-    import tuner.model.vqvae  # noqa: F401
     from tuner.model.loading import build_models
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Deployable policy files (design §7): JSON with a schema version, checked strictly on load.
+"""Deployable policy files (docs/design.md, Tracking and export): JSON with a schema version, checked strictly on load.
 
 Layout (``schema_version`` 1)::
 
@@ -115,13 +115,30 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     With ``model_cfg`` the file must be for that model (name, depth, patch_nums, heads); with both
     hashes known (``checkpoint_sha256`` and the file's) they must match.
     """
-    from tuner.calibration import Calibration
-    from tuner.memory import memory_report
-    from tuner.policies.registry import family_names, make_policy
-
     where = str(path)
     redo = "re-export it with `tuner search` (or write it with tuner.policy_file.write_policy_file)"
-    doc = read_policy_json(Path(path), where, redo)
+    doc = _read_document(Path(path), where, redo)
+    model = doc["model"]
+    geometry, family, params = _model_and_policy_section(where, doc, redo)
+    if model_cfg is not None:
+        _check_model(where, model, geometry, model_cfg)
+    file_sha = model.get("checkpoint_sha256")
+    if file_sha and checkpoint_sha256 and file_sha != checkpoint_sha256:
+        raise UserError(f"{where} was tuned on checkpoint {file_sha[:12]}…, the loaded weights are "
+                        f"{checkpoint_sha256[:12]}…; load the weights it was made for or tune a policy for these")
+    policy = _make_policy(where, family, params, redo)
+    calibration = _embedded_calibration(where, doc, geometry, redo)
+    plan = _stored_plan(where, doc, geometry, redo)
+    spec = PolicySpec(geometry, str(model.get("name", "")), calibration)
+    _check_replanned(where, doc, family, policy, spec, plan, redo)
+    info = PolicyFileInfo(where, SCHEMA_VERSION, dict(model), plan, dict(doc["memory"]), calibration,
+                          doc.get("metrics"), doc.get("eval_spec"), doc.get("provenance"))
+    return policy, info
+
+
+def _read_document(path: Path, where: str, redo: str) -> dict:
+    """The file's JSON, checked for kind, schema version, required sections and field types."""
+    doc = read_policy_json(path, where, redo)
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UserError(f"{where} is not a varkv-tuner policy file (no schema_version); {redo}")
     if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:  # true/1.0 are not 1
@@ -131,6 +148,11 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     if missing:
         raise UserError(f"{where} is incomplete (missing: {', '.join(missing)}); {redo}")
     check_policy_schema(where, doc, redo)
+    return doc
+
+
+def _model_and_policy_section(where: str, doc: dict, redo: str) -> tuple[CacheGeometry, str, dict]:
+    """``(geometry, family, params)`` from the file's ``model`` and ``policy`` sections."""
     model, pol = doc["model"], doc["policy"]
     try:
         geometry = CacheGeometry(int(model["depth"]), int(model["num_heads"]), int(model["head_dim"]),
@@ -138,34 +160,53 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
         family, params = str(pol["family"]), dict(pol.get("params") or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{where}: malformed model or policy section ({exc!r}); {redo}") from None
-    if model_cfg is not None:
-        _check_model(where, model, geometry, model_cfg)
-    file_sha = model.get("checkpoint_sha256")
-    if file_sha and checkpoint_sha256 and file_sha != checkpoint_sha256:
-        raise UserError(f"{where} was tuned on checkpoint {file_sha[:12]}…, the loaded weights are "
-                        f"{checkpoint_sha256[:12]}…; load the weights it was made for or tune a policy for these")
+    return geometry, family, params
+
+
+def _make_policy(where: str, family: str, params: dict, redo: str) -> KVPolicy:
+    """The policy object of a known ``family`` with the file's ``params``."""
+    from tuner.policies.registry import family_names, make_policy
+
     if family not in family_names():
         raise UserError(f"{where}: unknown policy family {family!r} (known: {', '.join(family_names())}); "
                         f"upgrade varkv-tuner or {redo}")
     try:
-        policy = make_policy(family, params)
+        return make_policy(family, params)
     except ValueError as exc:
         raise UserError(f"{where}: bad {family} parameters: {exc}; fix them or {redo}") from None
-    calibration = None
-    if doc.get("calibration") is not None:
-        try:
-            calibration = Calibration.from_dict(doc["calibration"])
-            calibration.check_geometry(geometry)
-        except ValueError as exc:
-            raise UserError(f"{where}: embedded calibration is unusable ({exc}); {redo}") from None
+
+
+def _embedded_calibration(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> Any:
+    """The embedded calibration (checked against ``geometry``), or ``None`` when the file has none."""
+    from tuner.calibration import Calibration
+
+    if doc.get("calibration") is None:
+        return None
+    try:
+        calibration = Calibration.from_dict(doc["calibration"])
+        calibration.check_geometry(geometry)
+    except ValueError as exc:
+        raise UserError(f"{where}: embedded calibration is unusable ({exc}); {redo}") from None
+    return calibration
+
+
+def _stored_plan(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> CachePlan:
+    """The file's budget table as a :class:`CachePlan`, validated against ``geometry``."""
     try:
         plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]), bool(doc.get("full", False)))
         plan.validate(geometry)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: budget table does not fit the model ({exc}); {redo}") from None
-    spec = PolicySpec(geometry, str(model.get("name", "")), calibration)
+    return plan
+
+
+def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec: PolicySpec, plan: CachePlan,
+                     redo: str) -> None:
+    """Re-plan ``policy`` against ``spec``: budget table and memory figures must equal the stored ones."""
+    from tuner.memory import memory_report
+
     try:
-        report = memory_report(policy, geometry, dtype=doc["memory"].get("dtype", "fp16"), spec=spec)
+        report = memory_report(policy, spec.geometry, dtype=doc["memory"].get("dtype", "fp16"), spec=spec)
     except ValueError as exc:
         raise UserError(f"{where}: the {family} policy cannot be planned ({exc}); {redo}") from None
     if report.plan != plan:
@@ -178,9 +219,6 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     if not math.isclose(doc["memory"]["fraction"], report.fraction, rel_tol=1e-9, abs_tol=1e-12):
         raise UserError(f"{where}: memory fraction {doc['memory']['fraction']} does not match the plan "
                         f"({report.fraction}); {redo}")
-    info = PolicyFileInfo(where, SCHEMA_VERSION, dict(model), plan, dict(doc["memory"]), calibration,
-                          doc.get("metrics"), doc.get("eval_spec"), doc.get("provenance"))
-    return policy, info
 
 
 def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: Any) -> None:

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("tiny_results", ROOT / "experiments" / "tiny_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as ``python -m experiments.tiny_results`` imports it (repository root on sys.path)."""
+    return importlib.import_module("experiments.tiny_results")
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,30 @@ def generate(
 ) -> None:
     # Every check first (cheap ones before torch is even imported); the output directory is made
     # only once all of them passed, so bad input leaves nothing behind.
+    requested = _check_flags(cfg, top_k, top_p, seed, batch_size, upscale, dtype, attention_backend, out,
+                             classes)
+
+    tdtype = torch_dtype(dtype)
+    dev = resolve_device(device)
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
+    labels = _labels(requested, loaded)
+    pol, spec = mo.load_policy_option(policy, loaded)
+    backend = resolve_backend(attention_backend, dev)
+    out_dir = writable_dir(out)
+
+    label_t, imgs, kv_bytes = _generate_batches(loaded, labels, dev, batch_size, seed, cfg=cfg, top_k=top_k,
+                                                top_p=top_p, policy=pol, spec=spec, backend=backend,
+                                                dtype=tdtype)
+    _write_images(out_dir, imgs, label_t, upscale, loaded)
+    per_image = kv_bytes / min(batch_size, len(labels))
+    typer.echo(f"wrote {len(labels)} images of {loaded.config.name} ({loaded.source}) to {out_dir}/ "
+               f"(samples.npz, grid.png, one PNG each); policy {pol.family}, "
+               f"KV cache {per_image / 2**20:.2f} MiB per image")
+
+
+def _check_flags(cfg: float, top_k: int, top_p: float, seed: int, batch_size: int, upscale: int, dtype: str,
+                 attention_backend: str, out: str, classes: Optional[str]) -> Optional[list[int]]:
+    """Every flag check that needs no model (and no torch); returns the ``--classes`` ids, if given."""
     check_sampling(cfg, top_k, top_p)
     check_seed(seed)
     if batch_size <= 0:
@@ -60,26 +84,30 @@ def generate(
     check_choice(dtype, DTYPE_NAMES, "--dtype")
     check_choice(attention_backend, BACKENDS, "--attention-backend")
     check_writable_dir(out, "--out")
-    requested = parse_int_list(classes, "--classes") if classes is not None else None
+    return parse_int_list(classes, "--classes") if classes is not None else None
 
-    import torch
-    from rich.progress import Progress
 
-    from tuner.images import make_grid, save_png, save_samples
-    from tuner.model.generate import generate as run
-
-    tdtype = torch_dtype(dtype)
-    dev = resolve_device(device)
-    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
+def _labels(requested: Optional[list[int]], loaded) -> list[int]:
+    """The class ids: ``--classes``, else the demo classes (ImageNet) or every class; range-checked."""
     n_cls = loaded.config.var.num_classes
     labels = requested if requested is not None else (
         parse_int_list(DEMO_CLASSES, "--classes") if n_cls == 1000 else list(range(n_cls)))
     bad = [c for c in labels if not 0 <= c < n_cls]
     if bad:
         raise UserError(f"--classes {bad[0]} is outside [0, {n_cls}) for model {loaded.config.name}")
-    pol, spec = mo.load_policy_option(policy, loaded)
-    backend = resolve_backend(attention_backend, dev)
-    out_dir = writable_dir(out)
+    return labels
+
+
+def _generate_batches(loaded, labels: list[int], dev, batch_size: int, seed: int, **sampling):
+    """Generate ``labels`` in batches (batch ``i`` seeded ``seed + i``) with a progress bar.
+
+    ``sampling``: the keyword arguments of :func:`tuner.model.generate.generate` shared by every batch.
+    Returns ``(labels tensor, images on the CPU, largest KV bytes allocated by one batch)``.
+    """
+    import torch
+    from rich.progress import Progress
+
+    from tuner.model.generate import generate as run
 
     label_t = torch.tensor(labels, dtype=torch.long, device=dev)
     chunks = list(torch.split(label_t, batch_size))
@@ -87,16 +115,17 @@ def generate(
     with Progress(transient=True, disable=len(chunks) == 1) as progress:
         task = progress.add_task("generating", total=len(chunks))
         for i, chunk in enumerate(chunks):
-            res = run(loaded.var, loaded.vae, chunk, seed=seed + i, cfg=cfg, top_k=top_k, top_p=top_p,
-                      policy=pol, spec=spec, backend=backend, dtype=tdtype)
+            res = run(loaded.var, loaded.vae, chunk, seed=seed + i, **sampling)
             images.append(res.images.cpu())
             kv_bytes = max(kv_bytes, res.kv_bytes_allocated)
             progress.advance(task)
-    imgs = torch.cat(images)
+    return label_t, torch.cat(images), kv_bytes
+
+
+def _write_images(out_dir, imgs, label_t, upscale: int, loaded) -> None:
+    """Write samples.npz, one PNG per image and grid.png (``upscale`` 0: 8x for tiny, else 1)."""
+    from tuner.images import make_grid, save_png, save_samples
+
     scale = upscale or (8 if loaded.config.resolution <= 64 else 1)
     save_samples(out_dir, imgs, label_t.cpu(), upscale=scale)
     save_png(make_grid(imgs, nrow=min(8, len(imgs))), out_dir / "grid.png", upscale=scale)
-    per_image = kv_bytes / min(batch_size, len(labels))
-    typer.echo(f"wrote {len(labels)} images of {loaded.config.name} ({loaded.source}) to {out_dir}/ "
-               f"(samples.npz, grid.png, one PNG each); policy {pol.family}, "
-               f"KV cache {per_image / 2**20:.2f} MiB per image")

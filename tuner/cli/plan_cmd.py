@@ -30,13 +30,30 @@ def plan(
     heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    from tuner.cli.policy_opts import placeholder_calibration, policy_from_flags
+    from tuner.memory import max_batch, memory_report, plot_budget_heatmap
+    from tuner.paths import ensure_parent
+    from tuner.policies.base import CacheGeometry, PolicySpec
+
+    cfg, gpu_bytes = _check_flags(model, policy, family, param, calibration, dtype, gpu_mem, heatmap)
+    geometry = CacheGeometry.from_var_config(cfg.var)
+    pol, cal, note = _load_policy(cfg, policy, family, param, calibration)
+    try:
+        report = memory_report(pol, cfg, dtype=dtype, spec=PolicySpec(geometry, cfg.name, cal))
+    except ValueError as exc:
+        raise UserError(f"policy does not fit {cfg.name}: {exc}") from None
+    estimate = max_batch(report, cfg, gpu_bytes, dtype) if gpu_bytes is not None else None
+    if heatmap is not None:
+        plot_budget_heatmap(report.plan, ensure_parent(heatmap, "--heatmap"), title=f"{cfg.name} {pol.family}")
+    _print_report(cfg, pol, report, estimate, dtype, note, as_json)
+
+
+def _check_flags(model: str, policy: Optional[str], family: Optional[str], param: Optional[List[str]],
+                 calibration: Optional[str], dtype: str, gpu_mem: Optional[str], heatmap: Optional[str]):
+    """Validate the flags in the order the user reads them; returns ``(model config, GPU bytes or None)``."""
     from tuner.mem_target import parse_size
-    from tuner.memory import format_plan_table, max_batch, memory_report, plot_budget_heatmap
     from tuner.model.config import model_config
     from tuner.options import DTYPE_NAMES, check_choice
-    from tuner.paths import IMAGE_SUFFIXES, check_writable_file, ensure_parent
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.paths import IMAGE_SUFFIXES, check_writable_file
 
     check_choice(dtype, DTYPE_NAMES, "--dtype")
     if heatmap is not None:
@@ -59,7 +76,17 @@ def plan(
     if policy is not None and (param or calibration):
         raise UserError("--param and --calibration go with --family; a policy file holds its own parameters and "
                         "calibration (drop them, or plan --family NAME instead)")
-    geometry = CacheGeometry.from_var_config(cfg.var)
+    return cfg, gpu_bytes
+
+
+def _load_policy(cfg, policy: Optional[str], family: Optional[str], param: Optional[List[str]],
+                 calibration: Optional[str]):
+    """The policy and its calibration, from a file or from the family flags; returns ``(policy, cal, note)``.
+
+    ``note`` says when placeholder layer roles stand in for a missing ``--calibration`` (else "").
+    """
+    from tuner.cli.policy_opts import placeholder_calibration, policy_from_flags
+
     note = ""
     if policy is not None:
         from tuner.policy_file import load_policy_file
@@ -79,13 +106,13 @@ def plan(
         elif pol.needs_calibration:
             cal = placeholder_calibration(cfg)
             note = "layer roles: placeholder (no --calibration); memory figures are exact, the roles are not"
-    try:
-        report = memory_report(pol, cfg, dtype=dtype, spec=PolicySpec(geometry, cfg.name, cal))
-    except ValueError as exc:
-        raise UserError(f"policy does not fit {cfg.name}: {exc}") from None
-    estimate = max_batch(report, cfg, gpu_bytes, dtype) if gpu_bytes is not None else None
-    if heatmap is not None:
-        plot_budget_heatmap(report.plan, ensure_parent(heatmap, "--heatmap"), title=f"{cfg.name} {pol.family}")
+    return pol, cal, note
+
+
+def _print_report(cfg, pol, report, estimate, dtype: str, note: str, as_json: bool) -> None:
+    """Echo the memory report: JSON with ``--json``, else the markdown table (and the note, if any)."""
+    from tuner.memory import format_plan_table
+
     if as_json:
         out = {"model": cfg.name, "family": pol.family, "params": pol.params(), "dtype": dtype,
                "kv_bytes_per_image": report.kv_bytes_per_image,

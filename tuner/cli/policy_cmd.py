@@ -79,49 +79,18 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
           fid_abs_tol: float = typer.Option(1.0, "--fid-abs-tol", help="... but at least this much (absolute)."),
           allow_new: bool = typer.Option(False, "--allow-new", help="List candidates without a reference "
                                          "instead of failing.")) -> None:
-    import math
-
-    from tuner.model.weights_check import check_weights
     from tuner.options import check_seed
-    from tuner.policy_check import (
-        Tolerances,
-        compare,
-        format_rows,
-        load_entry,
-        load_references,
-        match,
-    )
-    from tuner.quality.evaluate import build_evaluator
-    from tuner.quality.metric_info import METRICS
+    from tuner.policy_check import Tolerances, compare, format_rows
 
-    if metric is not None and metric not in METRICS:
-        raise UserError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
-    guards = tuple(g.strip() for g in guard_metrics.split(",") if g.strip())
-    if any(g not in METRICS for g in guards):
-        raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(METRICS)}")
+    guards = _check_metrics(metric, guard_metrics)
     if samples < 2 or batch_size < 1:
         raise UserError("--samples must be at least 2 (Fréchet distance) and --batch-size positive")
-    tolerances = {"--mem-tol": mem_tol, "--psnr-tol": psnr_tol, "--ssim-tol": ssim_tol, "--fid-tol": fid_tol,
-                  "--fid-abs-tol": fid_abs_tol}
-    for flag, value in tolerances.items():
-        if not (math.isfinite(value) and value >= 0):
-            raise UserError(f"tolerances must be non-negative finite numbers: {flag} {value}")
+    _check_tolerances({"--mem-tol": mem_tol, "--psnr-tol": psnr_tol, "--ssim-tol": ssim_tol,
+                       "--fid-tol": fid_tol, "--fid-abs-tol": fid_abs_tol})
     check_seed(seed)
-    model_cfg = _model(model) if model else None
-    refs = load_references(reference, model_cfg)
-    pairs = match([load_entry(c, model_cfg) for c in candidates], refs, allow_new)
-    for name in sorted({cand.model for cand, ref in pairs if ref is not None}):
-        # before any evaluation: the weights of every model to re-evaluate are there
-        check_weights(name, None, None, weights_dir, random_weights_flag=False, ckpt_flags=False)
-    evaluators: dict = {}
-
-    def evaluator_for(name: str):
-        if name not in evaluators:
-            evaluators[name] = build_evaluator(name, weights_dir=weights_dir, backend="torch")
-        return evaluators[name]
-
+    pairs = _pair_with_references(candidates, reference, model, weights_dir, allow_new)
     tol = Tolerances(mem_tol, psnr_tol, ssim_tol, fid_tol, fid_abs_tol)
-    rows = compare(pairs, evaluator_for, samples, seed, batch_size, tol, metric, guards)
+    rows = compare(pairs, _evaluator_cache(weights_dir), samples, seed, batch_size, tol, metric, guards)
     typer.echo(format_rows(rows))
     bad = [r for r in rows if r.regressed]
     typer.echo(f"{len(bad)} regression(s) in {len(rows)} polic{'y' if len(rows) == 1 else 'ies'} "
@@ -130,3 +99,53 @@ def check(candidates: List[str] = typer.Argument(..., help="Candidate policy fil
                f"({samples} images, seed {seed})")
     if bad:
         raise typer.Exit(1)
+
+
+def _check_metrics(metric: Optional[str], guard_metrics: str) -> tuple[str, ...]:
+    """Check ``--metric`` and ``--guard-metrics`` against the known metrics; returns the guard names."""
+    from tuner.quality.metric_info import METRICS
+
+    if metric is not None and metric not in METRICS:
+        raise UserError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    guards = tuple(g.strip() for g in guard_metrics.split(",") if g.strip())
+    if any(g not in METRICS for g in guards):
+        raise UserError(f"--guard-metrics {guard_metrics!r}: use names from {', '.join(METRICS)}")
+    return guards
+
+
+def _check_tolerances(tolerances: dict[str, float]) -> None:
+    """Every tolerance (keyed by its flag) must be a non-negative finite number."""
+    import math
+
+    for flag, value in tolerances.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"tolerances must be non-negative finite numbers: {flag} {value}")
+
+
+def _pair_with_references(candidates: List[str], reference: List[str], model: Optional[str],
+                          weights_dir: Optional[str], allow_new: bool) -> list:
+    """Load the references and candidates, pair them, and check the weights of every model to re-evaluate."""
+    from tuner.model.weights_check import check_weights
+    from tuner.policy_check import load_entry, load_references, match
+
+    model_cfg = _model(model) if model else None
+    refs = load_references(reference, model_cfg)
+    pairs = match([load_entry(c, model_cfg) for c in candidates], refs, allow_new)
+    for name in sorted({cand.model for cand, ref in pairs if ref is not None}):
+        # before any evaluation: the weights of every model to re-evaluate are there
+        check_weights(name, None, None, weights_dir, random_weights_flag=False, ckpt_flags=False)
+    return pairs
+
+
+def _evaluator_cache(weights_dir: Optional[str]):
+    """``evaluator_for(model name)``: builds each model's evaluator once, on first use."""
+    from tuner.quality.evaluate import build_evaluator
+
+    evaluators: dict = {}
+
+    def evaluator_for(name: str):
+        if name not in evaluators:
+            evaluators[name] = build_evaluator(name, weights_dir=weights_dir, backend="torch")
+        return evaluators[name]
+
+    return evaluator_for

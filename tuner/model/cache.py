@@ -1,4 +1,4 @@
-"""The KV cache of one generation run: preallocated from a plan, compacted per layer (design §2, §4).
+"""The KV cache of one generation run: preallocated from a plan, compacted per layer (docs/design.md, Model engine and Memory).
 
 Layout: per layer a persistent K and V buffer ``[rows, heads, C[l], head_dim]`` with
 ``C[l] = max_s budgets[l][s]``, and one workspace shared by all layers for the current scale's new
@@ -96,10 +96,6 @@ class KVCache:
     def index_bytes(self) -> int:
         """Bytes of the kept-token id buffers (0 for the full layout)."""
         return sum(t.numel() * t.element_size() for t in self.pos) if self.pos else 0
-
-    def resident_tokens(self) -> int:
-        """Tokens currently held across all layers (excluding the workspace)."""
-        return sum(self.lens)
 
     # ------------------------------------------------------------------ the hook
     def begin_scale(self, scale: int) -> None:

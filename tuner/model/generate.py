@@ -68,20 +68,10 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
     observer: calibration hook, called after every layer's attention.
     audit: ``f(AttendRecord)`` after every attention call (what the cache attended to and returned).
     """
-    from tuner.policies.full import FullPolicy
-
     device = labels.device
-    vcfg = var.cfg
-    b, num_scales = labels.shape[0], vcfg.num_scales
-    geometry = CacheGeometry.from_var_config(vcfg)
-    policy = policy or FullPolicy()
-    spec = spec or PolicySpec(geometry)
-    plan = policy.plan(spec)
-    if attention is None:
-        from kernels import kv_attention as attention
-    cache = KVCache(plan, geometry, rows=2 * b, dtype=dtype, device=device, policy=policy,
-                    attention=attention, backend=backend, observer=observer, check_selection=check_selection,
-                    audit=audit)
+    b = labels.shape[0]
+    plan, cache = _build_cache(var, b, device, policy, spec, backend=backend, dtype=dtype, observer=observer,
+                               attention=attention, check_selection=check_selection, audit=audit)
     rng = None
     if seed is not None:
         rng = torch.Generator(device=device)
@@ -89,33 +79,90 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
 
     quant = vae.quantize
     z = quant.embedding.weight.shape[1]
-    patch_nums = vcfg.patch_nums
+    patch_nums = var.cfg.patch_nums
     tokens, seconds = [], []
     with _autocast(device, dtype):
-        cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes)), dim=0))
-        lvl_pos = var.lvl_pos()
-        first_l = var.first_l
-        next_map = (cond_BD.unsqueeze(1).expand(2 * b, first_l, -1)
-                    + var.pos_start.expand(2 * b, first_l, -1) + lvl_pos[:, :first_l])
+        step, next_map = _start(var, quant, cache, labels, z, cfg, top_k, top_p, rng)
         cur_l = 0
-        f_hat = cond_BD.new_zeros(b, z, patch_nums[-1], patch_nums[-1])
+        f_hat = step.cond_BD.new_zeros(b, z, patch_nums[-1], patch_nums[-1])
         for si, pn in enumerate(patch_nums):
             _sync(device)
             t0 = time.perf_counter()
             cur_l += pn * pn
-            cache.begin_scale(si)
-            x = var.run_blocks(next_map, var.condition(cond_BD), cache=cache)
-            logits = guided_logits(var.logits(x, cond_BD), b, cfg, si, num_scales)
-            idx_Bl = sample_tokens(logits, top_k, top_p, rng)
+            idx_Bl, f_hat, next_map = step.run(si, pn, cur_l, next_map, f_hat)
             tokens.append(idx_Bl)
-            h_BChw = quant.embedding(idx_Bl).transpose_(1, 2).reshape(b, z, pn, pn)
-            f_hat, next_map = quant.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
-            if si != num_scales - 1:
-                next_map = next_map.view(b, z, -1).transpose(1, 2)
-                next_map = var.word_embed(next_map) + lvl_pos[:, cur_l:cur_l + patch_nums[si + 1] ** 2]
-                next_map = next_map.repeat(2, 1, 1)
             _sync(device)
             seconds.append(time.perf_counter() - t0)
         images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5).float()
     return GenerationResult(images=images, tokens=tokens, plan=plan, kv_bytes_allocated=cache.kv_bytes,
                             index_bytes_allocated=cache.index_bytes, scale_seconds=seconds)
+
+
+def _build_cache(var, b: int, device: torch.device, policy: KVPolicy | None, spec: PolicySpec | None,
+                 **cache_kw) -> tuple[CachePlan, KVCache]:
+    """Plan ``policy`` (default ``full``) against ``spec`` (default the bare geometry) and allocate its cache.
+
+    ``cache_kw``: backend, dtype, observer, attention (``None``: :func:`kernels.kv_attention`),
+    check_selection and audit, as :func:`generate` received them.
+    """
+    from tuner.policies.full import FullPolicy
+
+    geometry = CacheGeometry.from_var_config(var.cfg)
+    policy = policy or FullPolicy()
+    spec = spec or PolicySpec(geometry)
+    plan = policy.plan(spec)
+    if cache_kw["attention"] is None:
+        from kernels import kv_attention
+
+        cache_kw["attention"] = kv_attention
+    cache = KVCache(plan, geometry, rows=2 * b, device=device, policy=policy, **cache_kw)
+    return plan, cache
+
+
+@dataclass(frozen=True)
+class _ScaleStep:
+    """One scale of the official loop, with what every scale shares (models, cache, condition, sampler)."""
+
+    var: object
+    quant: object
+    cache: KVCache
+    cond_BD: torch.Tensor
+    lvl_pos: torch.Tensor
+    b: int
+    z: int
+    cfg: float
+    top_k: int
+    top_p: float
+    rng: torch.Generator | None
+
+    def run(self, si: int, pn: int, cur_l: int, next_map: torch.Tensor,
+            f_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward scale ``si`` (``pn × pn`` tokens, ``cur_l`` tokens so far), sample it, update ``f_hat``.
+
+        Returns ``(sampled indices [B, pn*pn], f_hat, the next scale's input map)``.
+        """
+        var, quant, b, z = self.var, self.quant, self.b, self.z
+        num_scales, patch_nums = var.cfg.num_scales, var.cfg.patch_nums
+        self.cache.begin_scale(si)
+        x = var.run_blocks(next_map, var.condition(self.cond_BD), cache=self.cache)
+        logits = guided_logits(var.logits(x, self.cond_BD), b, self.cfg, si, num_scales)
+        idx_Bl = sample_tokens(logits, self.top_k, self.top_p, self.rng)
+        h_BChw = quant.embedding(idx_Bl).transpose_(1, 2).reshape(b, z, pn, pn)
+        f_hat, next_map = quant.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
+        if si != num_scales - 1:
+            next_map = next_map.view(b, z, -1).transpose(1, 2)
+            next_map = var.word_embed(next_map) + self.lvl_pos[:, cur_l:cur_l + patch_nums[si + 1] ** 2]
+            next_map = next_map.repeat(2, 1, 1)
+        return idx_Bl, f_hat, next_map
+
+
+def _start(var, quant, cache: KVCache, labels: torch.Tensor, z: int, cfg: float, top_k: int, top_p: float,
+           rng: torch.Generator | None) -> tuple[_ScaleStep, torch.Tensor]:
+    """The class condition (labels, then the unconditional rows) and the first scale's input map."""
+    b = labels.shape[0]
+    cond_BD = var.class_emb(torch.cat((labels, torch.full_like(labels, var.num_classes)), dim=0))
+    lvl_pos = var.lvl_pos()
+    first_l = var.first_l
+    next_map = (cond_BD.unsqueeze(1).expand(2 * b, first_l, -1)
+                + var.pos_start.expand(2 * b, first_l, -1) + lvl_pos[:, :first_l])
+    return _ScaleStep(var, quant, cache, cond_BD, lvl_pos, b, z, cfg, top_k, top_p, rng), next_map

@@ -1,6 +1,6 @@
 """The VAR transformer, state-dict compatible with the official ``var_d{N}.pth`` checkpoints.
 
-Architecture (facts from the official implementation, see reference/var.md):
+Architecture (facts from the official implementation, FoundationVision/VAR, models/var.py):
 class embedding doubling as AdaLN condition, learned absolute positions per scale + a level
 embedding, pre-norm AdaLN blocks (affine-free LayerNorm, 6 modulation vectors in the order
 gamma1, gamma2, scale1, scale2, shift1, shift2), cosine attention (L2-normalised q/k, per-head
@@ -11,6 +11,7 @@ there), masked SDPA for teacher-forced training.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -23,8 +24,14 @@ from tuner.model.config import VARConfig
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.model.cache import KVCache
 
-# The official code caps the learned temperature at log(100), computed in float32.
-MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)).item())
+
+@functools.lru_cache(maxsize=1)
+def max_scale_mul() -> float:
+    """The cap on the learned temperature: log(100) computed in float32, as the official code does.
+
+    Computed on first use (on the CPU, whatever the ambient default device), not at import.
+    """
+    return float(torch.log(torch.tensor(100.0, device="cpu")).item())
 
 
 class SelfAttention(nn.Module):
@@ -53,7 +60,7 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+            scale_mul = self.scale_mul_1H11.clamp_max(max_scale_mul()).exp()
             q = F.normalize(q, dim=-1).mul(scale_mul)
             k = F.normalize(k, dim=-1)
         return q, k, v

@@ -8,7 +8,6 @@ features goes through torchmetrics' ``FrechetInceptionDistance`` with our own fe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,11 +216,3 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     ca, cb = a.cov.double(), b.cov.double()
     value = diff @ diff + torch.trace(ca) + torch.trace(cb) - 2 * _trace_sqrt_product(ca, cb)
     return float(value)
-
-
-def stats_of(images: torch.Tensor, feature: Callable[[torch.Tensor], torch.Tensor],
-             batch_size: int = 256) -> FeatureStats:
-    """:class:`FeatureStats` of ``feature(images)``; ``images [N, 3, H, W]`` in [0, 1]."""
-    with torch.no_grad():
-        feats = torch.cat([feature(chunk).double().cpu() for chunk in torch.split(images, batch_size)])
-    return FeatureStats.from_features(feats)

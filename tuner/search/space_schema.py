@@ -189,6 +189,7 @@ def _short(value: Any) -> str:
 
 
 def _param(doc: Located, w: tuple, key: str, spec: Any, symbols: dict, defined: dict) -> ParamSpec:
+    """One parameter entry: its keys, type, ``when`` and ``repeat``, then the categorical or numeric part."""
     if not isinstance(spec, dict):
         raise doc.error(w, "a parameter needs a mapping like {type: int, low: 0, high: 4}")
     for k in spec:
@@ -201,30 +202,48 @@ def _param(doc: Located, w: tuple, key: str, spec: Any, symbols: dict, defined: 
     if when is not None:
         _check_expr(doc, w + ("when",), str(when), symbols, defined)
         when = str(when)
-    repeat = None
-    if "repeat" in spec:
-        repeat = _bound(doc, w + ("repeat",), spec["repeat"], symbols)
-        if int(repeat) != repeat or repeat < 1:
-            raise doc.error(w + ("repeat",), f"must be a positive integer (got {repeat})")
-        if repeat > MAX_REPEAT:
-            raise doc.error(w + ("repeat",), f"repeat {int(repeat)} is over the limit of {MAX_REPEAT}; "
-                                             f"use a smaller repeat")
-        repeat = int(repeat)
+    repeat = _repeat(doc, w, spec, symbols)
     if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices or not all(
-                isinstance(c, (str, int, float, bool)) or c is None for c in choices):
-            raise doc.error(w + ("choices",) if "choices" in spec else w, "needs a non-empty list of scalar choices")
-        if len(choices) > MAX_CHOICES:
-            raise doc.error(w + ("choices",), f"{len(choices)} choices, over the limit of {MAX_CHOICES}; "
-                                              f"use fewer choices (or an int parameter)")
-        for k in ("low", "high", "step", "log"):
-            if k in spec:
-                raise doc.error(w + (k,), "not allowed for a categorical parameter")
-        if "default" in spec and spec["default"] not in choices:
-            raise doc.error(w + ("default",), "must be one of the choices")
-        return ParamSpec(key, kind, choices=tuple(choices), when=when, default=spec.get("default"),
-                         repeat=repeat, line=doc.line(w))
+        return _categorical(doc, w, key, spec, when, repeat)
+    return _numeric(doc, w, key, kind, spec, symbols, when, repeat)
+
+
+def _repeat(doc: Located, w: tuple, spec: dict, symbols: dict) -> int | None:
+    """The parameter's ``repeat`` (a positive integer up to :data:`MAX_REPEAT`), or ``None`` without one."""
+    if "repeat" not in spec:
+        return None
+    repeat = _bound(doc, w + ("repeat",), spec["repeat"], symbols)
+    if int(repeat) != repeat or repeat < 1:
+        raise doc.error(w + ("repeat",), f"must be a positive integer (got {repeat})")
+    if repeat > MAX_REPEAT:
+        raise doc.error(w + ("repeat",), f"repeat {int(repeat)} is over the limit of {MAX_REPEAT}; "
+                                         f"use a smaller repeat")
+    return int(repeat)
+
+
+def _categorical(doc: Located, w: tuple, key: str, spec: dict, when: str | None,
+                 repeat: int | None) -> ParamSpec:
+    """A ``type: categorical`` parameter: a bounded list of scalar choices, a default among them."""
+    choices = spec.get("choices")
+    if not isinstance(choices, list) or not choices or not all(
+            isinstance(c, (str, int, float, bool)) or c is None for c in choices):
+        raise doc.error(w + ("choices",) if "choices" in spec else w,
+                        "needs a non-empty list of scalar choices")
+    if len(choices) > MAX_CHOICES:
+        raise doc.error(w + ("choices",), f"{len(choices)} choices, over the limit of {MAX_CHOICES}; "
+                                          f"use fewer choices (or an int parameter)")
+    for k in ("low", "high", "step", "log"):
+        if k in spec:
+            raise doc.error(w + (k,), "not allowed for a categorical parameter")
+    if "default" in spec and spec["default"] not in choices:
+        raise doc.error(w + ("default",), "must be one of the choices")
+    return ParamSpec(key, "categorical", choices=tuple(choices), when=when, default=spec.get("default"),
+                     repeat=repeat, line=doc.line(w))
+
+
+def _numeric(doc: Located, w: tuple, key: str, kind: str, spec: dict, symbols: dict, when: str | None,
+             repeat: int | None) -> ParamSpec:
+    """A ``type: int`` or ``type: float`` parameter: bounds, step and log scale evaluated for this model."""
     for k in ("low", "high"):
         if k not in spec:
             raise doc.error(w, f"missing '{k}'")
