@@ -34,9 +34,11 @@ def main(argv=None) -> None:
     lines = ["# Paper presets on d16/d30 random weights: measured KV bytes == planned", "",
              f"Command: `python -m experiments.bench_presets --models {args.models}`; "
              f"{machine_description('cpu')}; {dt.date.today().isoformat()}.", "",
-             "Each row is `tuner bench --model M --random-weights --policy FILE --batch 1 --repeats 1` on the preset "
-             "file `tuner presets --model M --random-weights` wrote (fp32 cache; fractions are the same in fp16).", "",
-             "| model | preset | memory | KV bytes planned | KV bytes allocated | equal | latency (s/image) |",
+             "Each row is `tuner bench --model M --random-weights --policy FILE --batch 1 --repeats 1` on "
+             "the preset file `tuner presets --model M --random-weights` wrote (fp32 cache; fractions are "
+             "the same in fp16).", "",
+             "| model | preset | memory | KV bytes planned | KV bytes allocated | equal | "
+             "latency (s/image) |",
              "|---|---|---|---|---|---|---|"]
     for model in args.models.split(","):
         work = Path(args.work) / model
@@ -48,9 +50,9 @@ def main(argv=None) -> None:
             r = run_bench(loaded, policy, spec, batch=1, device="cpu", dtype=torch.float32, backend="torch",
                           warmup=0, repeats=1)
             ok = r["kv_bytes_allocated"] == r["kv_bytes_planned"]
-            lines.append(f"| {model} | {path.stem.replace('_at_', '@')} | {100 * r['memory_fraction']:.2f}% | "
-                         f"{r['kv_bytes_planned']:,} | {r['kv_bytes_allocated']:,} | {'yes' if ok else 'NO'} | "
-                         f"{r['total_ms'] / 1e3:.1f} |")
+            lines.append(f"| {model} | {path.stem.replace('_at_', '@')} | {100 * r['memory_fraction']:.2f}% "
+                         f"| {r['kv_bytes_planned']:,} | {r['kv_bytes_allocated']:,} "
+                         f"| {'yes' if ok else 'NO'} | {r['total_ms'] / 1e3:.1f} |")
             print(lines[-1], flush=True)
         del loaded
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -33,10 +33,12 @@ def api(url: str, path: str, body: dict) -> dict:
 def study_runs(url: str, experiment: str, study: str) -> tuple[str, str]:
     """(experiment id, parent run id) of ``study``, read through the server's REST API."""
     with urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/get-by-name?"
-                                + urllib.parse.urlencode({"experiment_name": experiment}), timeout=30) as resp:
+                                + urllib.parse.urlencode({"experiment_name": experiment}),
+                                timeout=30) as resp:
         exp_id = json.load(resp)["experiment"]["experiment_id"]
     runs = api(url, "runs/search", {"experiment_ids": [exp_id], "max_results": 1,
-                                    "filter": f"tags.`tuner.study` = '{study}' and tags.`tuner.role` = 'study'"})
+                                    "filter": f"tags.`tuner.study` = '{study}' and "
+                                              "tags.`tuner.role` = 'study'"})
     if not runs.get("runs"):
         raise SystemExit(f"no study run {study!r} in experiment {experiment!r} at {url}")
     return exp_id, runs["runs"][0]["info"]["run_id"]
@@ -52,7 +54,8 @@ def tidy(page) -> None:
         training.first.click()
 
 
-def show_metric_columns(page, names: list[str], hide: tuple[str, ...] = ("Dataset", "Source", "Models")) -> None:
+def show_metric_columns(page, names: list[str],
+                        hide: tuple[str, ...] = ("Dataset", "Source", "Models")) -> None:
     """Tick ``names`` (metrics or tags) in the Columns menu and untick the empty default ``hide`` columns."""
     page.get_by_role("button", name="Columns", exact=True).click()
     for name in hide:

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 HOLDOUT_SEED, NOISE_SEED = 7000, 9000  # the search uses seeds 0 (screening) and its final offset
-BASELINE_METHODS = ("ams", "scalekv_10")
-CONCLUSION_MARK = "<!-- hand-written conclusion: kept when the tables are regenerated -->"  # scalekv_20 fits to the same policy as scalekv_10 at a target
+BASELINE_METHODS = ("ams", "scalekv_10")  # scalekv_20 fits to the same policy as scalekv_10 at a target
+CONCLUSION_MARK = "<!-- hand-written conclusion: kept when the tables are regenerated -->"
 
 
 def run_search(args, out: Path, extra: list[str]) -> float:
@@ -176,7 +176,8 @@ def main(argv=None) -> None:
 
     ams = paper_presets(ev.loaded.config, ev.calibration())["ams"]
     screen = EvalSpec(**{k: v if k != "labels" else tuple(v) for k, v in
-                         eval_spec(args.samples, n_cls, 0, cfg=1.5, top_k=900, top_p=0.96, batch_size=32).items()})
+                         eval_spec(args.samples, n_cls, 0, cfg=1.5, top_k=900, top_p=0.96,
+                                   batch_size=32).items()})
     limit = ev.evaluate(ams.family, ams.params(), screen)[args.metric]
     limit_dir = out / "tiny-ams-quality"
     wall = None if args.skip_search else run_search(
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
     times.append({"target": f"{args.metric} >= {limit:.3f} (ams preset)", "wall_s": wall, **tl})
     winner, _ = load_policy_file(tl["policy_file"], ev.loaded.config)
     limit_rows = [evaluate_row(ev, "ams paper preset", "", ams, spec),
-                  evaluate_row(ev, f"search winner under the ams quality ({tl['exported_from']})", "", winner, spec)]
+                  evaluate_row(ev, f"search winner under the ams quality ({tl['exported_from']})", "",
+                               winner, spec)]
 
     write_tables(args, out, rows, limit_rows, noise, times, limit)
     plot(rows, noise, args.metric, out / "results.png")
@@ -193,7 +195,8 @@ def main(argv=None) -> None:
 
 
 def write_tables(args, out: Path, rows, limit_rows, noise, times, limit) -> None:
-    cols = ["target", "policy", "family", "memory_fraction", "psnr", "ssim", "fid_vs_full", "latency_s_per_image"]
+    cols = ["target", "policy", "family", "memory_fraction", "psnr", "ssim", "fid_vs_full",
+            "latency_s_per_image"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["params"], extrasaction="ignore")
         w.writeheader()

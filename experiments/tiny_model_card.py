@@ -85,13 +85,15 @@ def per_class_accuracy(net, images01: torch.Tensor, labels: torch.Tensor, n_cls:
     return {"overall": float(ok.float().mean()), "per_class": per, "confusion": confusion.tolist()}
 
 
-def generate_balanced(loaded, per_class: int, seed: int, batch: int = 50) -> tuple[torch.Tensor, torch.Tensor, float]:
+def generate_balanced(loaded, per_class: int, seed: int,
+                      batch: int = 50) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``per_class`` full-cache samples of every class (class-major order) and seconds per image."""
     n_cls = loaded.config.var.num_classes
     labels = torch.arange(n_cls).repeat_interleave(per_class)
     images, t0 = [], time.perf_counter()
     for j, chunk in enumerate(torch.split(labels, batch)):
-        images.append(generate(loaded.var, loaded.vae, chunk, seed=seed + j, cfg=1.5, top_k=900, top_p=0.96).images)
+        images.append(generate(loaded.var, loaded.vae, chunk, seed=seed + j, cfg=1.5, top_k=900,
+                               top_p=0.96).images)
     return torch.cat(images), labels, (time.perf_counter() - t0) / len(labels)
 
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    numbers: dict = {"machine": f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"}
+    numbers: dict = {"machine": f"{platform.machine()} CPU, {args.threads} threads, "
+                                f"torch {torch.__version__}"}
     if args.log.is_file():
         log = json.loads(args.log.read_text())
         plot_losses(log, args.out / "losses.png")
@@ -120,13 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     # Tokenizer on held-out images.
     images, labels = make_dataset(1000, seed=HELDOUT_SEED)
     idx = [torch.cat(p) for p in zip(*(loaded.vae.img_to_idxBl(b) for b in torch.split(images, 250)))]
-    rec = torch.cat([loaded.vae.idxBl_to_img([i[k:k + 250] for i in idx]) for k in range(0, len(images), 250)])
+    rec = torch.cat([loaded.vae.idxBl_to_img([i[k:k + 250] for i in idx])
+                     for k in range(0, len(images), 250)])
     rec = rec.clamp(-1, 1)
     mse = ((rec - images) / 2).pow(2).flatten(1).mean(1)
     psnr = 10 * torch.log10(1 / mse)
-    numbers["recon_psnr_db"] = {"mean": float(psnr.mean()), "per_class": [float(psnr[labels == c].mean()) for c in range(n_cls)]}
-    numbers["codes_used_of"] = [int(torch.cat([i.flatten() for i in idx]).unique().numel()), loaded.config.vae.vocab_size]
-    first = torch.stack([int((labels == c).nonzero()[0]) * torch.ones((), dtype=torch.long) for c in range(n_cls)])
+    numbers["recon_psnr_db"] = {"mean": float(psnr.mean()),
+                                "per_class": [float(psnr[labels == c].mean()) for c in range(n_cls)]}
+    numbers["codes_used_of"] = [int(torch.cat([i.flatten() for i in idx]).unique().numel()),
+                                loaded.config.vae.vocab_size]
+    first = torch.stack([int((labels == c).nonzero()[0]) * torch.ones((), dtype=torch.long)
+                         for c in range(n_cls)])
     save_png(make_grid(torch.cat([(images[first] + 1) / 2, (rec[first] + 1) / 2]), nrow=n_cls),
              args.out / "reconstructions.png", 4)
     numbers["feature_net_accuracy_real"] = per_class_accuracy(net, (images + 1) / 2, labels, n_cls)

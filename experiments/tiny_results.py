@@ -56,7 +56,8 @@ def family_policies() -> dict:
 
 
 def fit(ev, name: str, target: float):
-    """``(family, params, fraction)`` with the family's knob fitted to ``target`` (tuner.policies.fit), or None.
+    """``(family, params, fraction)`` with the family's knob fitted to ``target``
+    (tuner.policies.fit), or None.
 
     The same fitting the search and ``tuner presets --mem-target`` use: the largest knob value whose
     planned memory fraction is <= target (ams keeps c_max = 2·c_min).
@@ -154,7 +155,8 @@ def floor_range(rows: list[dict], key: str) -> tuple[float, float] | None:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="named model (tiny built in; d16..d36 need --weights-dir)")
+    ap.add_argument("--model", default="tiny",
+                    help="named model (tiny built in; d16..d36 need --weights-dir)")
     ap.add_argument("--weights-dir", default=None, help="directory with var_<model>.pth and the VQ-VAE")
     ap.add_argument("--inception-weights", default=None, help="FID Inception weights (ImageNet models)")
     ap.add_argument("--device", default="cpu")
@@ -199,7 +201,8 @@ def main(argv=None) -> None:
         for name in FAMILIES:
             found = fit(ev, name, target)
             if found is None:
-                rows.append({"policy": name, "target": target, "memory_fraction": float("nan"), "params": "infeasible"})
+                rows.append({"policy": name, "target": target, "memory_fraction": float("nan"),
+                             "params": "infeasible"})
                 continue
             family, params, _ = found
             m = ev.evaluate(family, params, spec)
@@ -222,8 +225,8 @@ def _fmt(v, d=3) -> str:
 def write(rows: list[dict], args, ev) -> None:
     """results.csv, results.md (table + provenance) and results.png."""
     args.out.mkdir(parents=True, exist_ok=True)
-    keys = ["policy", "target", "memory_fraction", "kv_bytes_per_image", *METRICS, "fid", "latency_s_per_image",
-            "params"]
+    keys = ["policy", "target", "memory_fraction", "kv_bytes_per_image", *METRICS, "fid",
+            "latency_s_per_image", "params"]
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -234,15 +237,17 @@ def write(rows: list[dict], args, ev) -> None:
              f"Command: `{cmd.strip()}`; machine: {platform.machine()} {platform.system()}, "
              f"{torch.get_num_threads()} torch threads, device {args.device}; "
              f"date {dt.date.today().isoformat()}; wall time {args.minutes:.1f} min. "
-             f"{args.samples} images per seed set (labels cycling over the classes, batches of {args.batch_size}, "
-             f"seed set A = {SEEDS_A}+j, B = {SEEDS_B}+j, C = {SEEDS_C}+j). Memory fraction = planned KV bytes / "
-             "full-cache KV bytes (docs/design.md, Memory, workspace included). Paired metrics compare each policy with the full "
-             "cache on seed set A; the unpaired column compares the policy's images (seeds A) with the full cache "
-             "on seed set B. The noise-floor rows score the full cache on seed sets B and C as if they were "
+             f"{args.samples} images per seed set (labels cycling over the classes, batches of "
+             f"{args.batch_size}, seed set A = {SEEDS_A}+j, B = {SEEDS_B}+j, C = {SEEDS_C}+j). Memory "
+             "fraction = planned KV bytes / full-cache KV bytes (docs/design.md, Memory, workspace "
+             "included). Paired metrics compare each policy with the full cache on seed set A; the unpaired "
+             "column compares the policy's images (seeds A) with the full cache on seed set B. The "
+             "noise-floor rows score the full cache on seed sets B and C as if they were "
              "policies; the three other-seed Fréchet distances (the floor's spread) are "
              f"{floor_text(rows)} (full-cache class accuracy on A: {_fmt(rows[0].get('class_acc_full_a'))}; "
              f"fid of full A vs the reference set: {_fmt(rows[0].get('fid_full_a'), 2)}).", "",
-             "| policy | target | memory | KV B/img | fid_vs_full (paired) ↓ | fid_vs_full (unpaired, vs B) ↓ "
+             "| policy | target | memory | KV B/img | fid_vs_full (paired) ↓ "
+             "| fid_vs_full (unpaired, vs B) ↓ "
              "| delta_fid ↓ | PSNR (dB) ↑ | SSIM ↑ | class acc ↑ | s/img | parameters |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -250,7 +255,8 @@ def write(rows: list[dict], args, ev) -> None:
                      f"{_fmt(r.get('kv_bytes_per_image'), 0)} | {_fmt(r.get('fid_vs_full'))} | "
                      f"{_fmt(r.get('fid_vs_full_unpaired'))} | "
                      f"{_fmt(r.get('delta_fid'))} | {_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'))} | "
-                     f"{_fmt(r.get('class_acc'))} | {_fmt(r.get('latency_s_per_image'))} | {r.get('params', '')} |")
+                     f"{_fmt(r.get('class_acc'))} | {_fmt(r.get('latency_s_per_image'))} | "
+                     f"{r.get('params', '')} |")
     md = args.out / "results.md"
     kept = md.read_text().split(CONCLUSION, 1)[1] if md.is_file() and CONCLUSION in md.read_text() else ""
     md.write_text("\n".join(lines) + "\n" + (f"\n{CONCLUSION}{kept}" if kept else ""))
@@ -259,7 +265,8 @@ def write(rows: list[dict], args, ev) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per metric: quality vs memory fraction per family, the noise floor's spread as a grey band."""
+    """One panel per metric: quality vs memory fraction per family, the noise floor's spread as a grey
+    band."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -106,9 +106,11 @@ def train_vae(args, images: torch.Tensor, log: list) -> torch.nn.Module:
             step += 1
             if step % args.reset_every == 0 and step < 0.8 * args.vae_steps:
                 with torch.no_grad():  # re-seed codes unused since the last reset from real encoder outputs
-                    rg = torch.Generator().manual_seed(args.seed * 100_003 + step)  # independent of the batch order
+                    # independent of the batch order
+                    rg = torch.Generator().manual_seed(args.seed * 100_003 + step)
                     sample = images[torch.randint(0, len(images), (256,), generator=rg)]
-                    vae.quantize.reset_dead_codes(vae.quantize.lookup_inputs(vae.encode_features(sample)), generator=rg)
+                    vae.quantize.reset_dead_codes(vae.quantize.lookup_inputs(vae.encode_features(sample)),
+                                                  generator=rg)
             if step % 10 == 0:
                 log.append({"stage": "vae", "step": step, "rec": float(rec_loss), "vq": float(vq_loss),
                             "usage": float(usage)})
@@ -130,8 +132,10 @@ def train_var(args, vae, tokens: list[torch.Tensor], labels: torch.Tensor, log: 
     var, _ = build_models(cfg)
     var.train()
     decay = [p for n, p in var.named_parameters() if p.dim() >= 2 and "emb" not in n and "pos" not in n]
-    no_decay = [p for n, p in var.named_parameters() if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+    no_decay = [p for n, p in var.named_parameters()
+                if not (p.dim() >= 2 and "emb" not in n and "pos" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.var_lr, betas=(0.9, 0.95))
     step = _resume(args.workdir, "var", var, opt)
     g = _batch_generator(args.seed + 1, len(labels), args.var_batch, step)

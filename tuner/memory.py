@@ -1,4 +1,5 @@
-"""Exact KV memory of a plan (docs/design.md, Memory) and deployment sizing (the target grammar: :mod:`tuner.mem_target`).
+"""Exact KV memory of a plan (docs/design.md, Memory) and deployment sizing (the target grammar:
+:mod:`tuner.mem_target`).
 
 KV bytes per image = ``(Σ_l C[l] + max_s n_s) × 2 (K, V) × heads × head_dim × dtype bytes × rows``
 with ``C[l] = max_s budgets[l][s]`` and rows = 2 with classifier-free guidance; the ``full`` plan is
@@ -145,8 +146,9 @@ class BatchEstimate:
     def describe(self) -> str:
         mib = 1 << 20
         return "\n".join([
-            f"max batch {self.batch} on {self.gpu_mem_bytes / GIB:.1f} GiB: weights {self.weights_bytes / mib:.0f} MiB "
-            f"+ reserve {self.reserve_bytes / mib:.0f} MiB + per image (KV {self.kv_bytes_per_image / mib:.1f} MiB "
+            f"max batch {self.batch} on {self.gpu_mem_bytes / GIB:.1f} GiB: "
+            f"weights {self.weights_bytes / mib:.0f} MiB + reserve {self.reserve_bytes / mib:.0f} MiB "
+            f"+ per image (KV {self.kv_bytes_per_image / mib:.1f} MiB "
             f"+ activations {self.activation_bytes_per_image / mib:.1f} MiB)", "assumptions:"]
             + [f"- {a}" for a in self.assumptions])
 
@@ -170,18 +172,21 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
     logits = rows * n_last * model_cfg.vae.vocab_size * 4 * 2
     res = model_cfg.resolution
     decoder = model_cfg.vae.ch * model_cfg.vae.ch_mult[0] * res * res * act * 4
-    per_image = report.kv_bytes_per_image * act // dtype_bytes(report.dtype) + max(hidden + scores + logits, decoder)
+    per_image = (report.kv_bytes_per_image * act // dtype_bytes(report.dtype)
+                 + max(hidden + scores + logits, decoder))
     free = gpu_mem_bytes - weights - reserve_bytes
     batch = max(0, free // per_image) if per_image else 0
     assumptions = (
-        f"weights in fp32 ({var_params + vae_params:,} parameters), runs in {dtype} under autocast as the official demo",
+        f"weights in fp32 ({var_params + vae_params:,} parameters), runs in {dtype} under autocast "
+        "as the official demo",
         f"KV cache in {dtype}, {rows} rows per image (classifier-free guidance), exactly as planned",
-        f"transformer activations at the largest scale ({n_last} tokens): 10 × width {c} per token and row in {dtype}",
+        f"transformer activations at the largest scale ({n_last} tokens): 10 × width {c} per token "
+        f"and row in {dtype}",
         "attention scores materialised (torch backend), fp32" if scores else
         "attention scores not materialised (fused Triton kernel)",
         f"logits {rows} rows × {n_last} × vocab {model_cfg.vae.vocab_size} in fp32, plus one sampling copy",
-        f"VQ-VAE decoding at {res}px: 4 live maps of {model_cfg.vae.ch * model_cfg.vae.ch_mult[0]} channels; not at the "
-        "same time as the transformer activations, the larger of the two counts",
+        f"VQ-VAE decoding at {res}px: 4 live maps of {model_cfg.vae.ch * model_cfg.vae.ch_mult[0]} channels; "
+        "not at the same time as the transformer activations, the larger of the two counts",
         f"{reserve_bytes / GIB:.2f} GiB reserved for the CUDA context and allocator slack",
     )
     return BatchEstimate(int(batch), int(gpu_mem_bytes), weights, reserve_bytes,
@@ -197,12 +202,15 @@ def format_plan_table(report: MemoryReport, estimate: BatchEstimate | None = Non
     lines = [f"**{head}**", "",
              f"KV per image: {report.kv_bytes_per_image:,} B ({report.kv_bytes_per_image / mib:.2f} MiB) = "
              f"{100 * report.fraction:.2f}% of the full cache ({report.full_kv_bytes_per_image:,} B); "
-             f"{report.dtype}, {report.rows_per_image} rows per image, workspace {report.workspace_tokens} tokens", "",
-             "| layer | capacity | " + " | ".join(f"s{s} ({g.patch_nums[s]}²)" for s in range(g.num_scales)) + " |",
+             f"{report.dtype}, {report.rows_per_image} rows per image, "
+             f"workspace {report.workspace_tokens} tokens", "",
+             "| layer | capacity | "
+             + " | ".join(f"s{s} ({g.patch_nums[s]}²)" for s in range(g.num_scales)) + " |",
              "|---|---|" + "---|" * g.num_scales]
     for layer, row in enumerate(report.plan.budgets):
         lines.append(f"| {layer} | {report.capacities[layer]} | " + " | ".join(str(b) for b in row) + " |")
-    lines.append("| resident MiB | | " + " | ".join(f"{b / mib:.2f}" for b in report.resident_bytes_per_scale) + " |")
+    lines.append("| resident MiB | | "
+                 + " | ".join(f"{b / mib:.2f}" for b in report.resident_bytes_per_scale) + " |")
     if estimate is not None:
         lines += ["", estimate.describe()]
     return "\n".join(lines) + "\n"

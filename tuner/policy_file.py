@@ -1,4 +1,5 @@
-"""Deployable policy files (docs/design.md, Tracking and export): JSON with a schema version, checked strictly on load.
+"""Deployable policy files (docs/design.md, Tracking and export): JSON with a schema version, checked
+strictly on load.
 
 Layout (``schema_version`` 1)::
 
@@ -65,13 +66,14 @@ def _plain(obj: Any) -> Any:
 
 def model_identity(model_cfg: Any, checkpoint_sha256: str | None) -> dict:
     v = model_cfg.var
-    return {"name": model_cfg.name, "depth": v.depth, "patch_nums": list(v.patch_nums), "num_heads": v.num_heads,
-            "head_dim": v.head_dim, "checkpoint_sha256": checkpoint_sha256}
+    return {"name": model_cfg.name, "depth": v.depth, "patch_nums": list(v.patch_nums),
+            "num_heads": v.num_heads, "head_dim": v.head_dim, "checkpoint_sha256": checkpoint_sha256}
 
 
-def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *, checkpoint_sha256: str | None = None,
-                      spec: PolicySpec | None = None, calibration: Any = None, dtype: str = "fp16",
-                      metrics: dict | None = None, eval_spec: Any = None, provenance: dict | None = None) -> Path:
+def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
+                      checkpoint_sha256: str | None = None, spec: PolicySpec | None = None,
+                      calibration: Any = None, dtype: str = "fp16", metrics: dict | None = None,
+                      eval_spec: Any = None, provenance: dict | None = None) -> Path:
     """Plan ``policy`` for ``model_cfg`` and write the file; returns its path.
 
     ``calibration`` (or ``spec.calibration``) is embedded when the family needs it, so the file can
@@ -97,7 +99,8 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *, che
         "memory": {"dtype": report.dtype, "cfg": True, "kv_bytes_per_image": report.kv_bytes_per_image,
                    "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
                    "capacities": list(report.capacities), "workspace_tokens": report.workspace_tokens},
-        "calibration": calibration.to_dict() if calibration is not None and policy.needs_calibration else None,
+        "calibration": (calibration.to_dict() if calibration is not None and policy.needs_calibration
+                        else None),
         "metrics": dict(metrics) if metrics else None,
         "eval_spec": _plain(eval_spec),
         "provenance": json.loads(json.dumps(prov, default=str)),
@@ -125,7 +128,8 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     file_sha = model.get("checkpoint_sha256")
     if file_sha and checkpoint_sha256 and file_sha != checkpoint_sha256:
         raise UserError(f"{where} was tuned on checkpoint {file_sha[:12]}…, the loaded weights are "
-                        f"{checkpoint_sha256[:12]}…; load the weights it was made for or tune a policy for these")
+                        f"{checkpoint_sha256[:12]}…; load the weights it was made for or tune a policy "
+                        "for these")
     policy = _make_policy(where, family, params, redo)
     calibration = _embedded_calibration(where, doc, geometry, redo)
     plan = _stored_plan(where, doc, geometry, redo)
@@ -141,9 +145,10 @@ def _read_document(path: Path, where: str, redo: str) -> dict:
     doc = read_policy_json(path, where, redo)
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UserError(f"{where} is not a varkv-tuner policy file (no schema_version); {redo}")
-    if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:  # true/1.0 are not 1
-        raise UserError(f"{where} has schema_version {doc['schema_version']!r}, this tuner reads {SCHEMA_VERSION}; "
-                        f"use a matching varkv-tuner version or {redo}")
+    # true/1.0 are not 1
+    if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{where} has schema_version {doc['schema_version']!r}, this tuner reads "
+                        f"{SCHEMA_VERSION}; use a matching varkv-tuner version or {redo}")
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
         raise UserError(f"{where} is incomplete (missing: {', '.join(missing)}); {redo}")
@@ -193,7 +198,8 @@ def _embedded_calibration(where: str, doc: dict, geometry: CacheGeometry, redo: 
 def _stored_plan(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> CachePlan:
     """The file's budget table as a :class:`CachePlan`, validated against ``geometry``."""
     try:
-        plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]), bool(doc.get("full", False)))
+        plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]),
+                         bool(doc.get("full", False)))
         plan.validate(geometry)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: budget table does not fit the model ({exc}); {redo}") from None
@@ -210,8 +216,8 @@ def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec:
     except ValueError as exc:
         raise UserError(f"{where}: the {family} policy cannot be planned ({exc}); {redo}") from None
     if report.plan != plan:
-        raise UserError(f"{where}: the budget table differs from what the {family} parameters plan (edited or "
-                        f"made by another tuner version); {redo}")
+        raise UserError(f"{where}: the budget table differs from what the {family} parameters plan (edited "
+                        f"or made by another tuner version); {redo}")
     stored = doc["memory"]["kv_bytes_per_image"]
     if stored != report.kv_bytes_per_image:
         raise UserError(f"{where}: memory figure {stored} B/image does not match the plan "
@@ -226,8 +232,9 @@ def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: An
     name = model.get("name")
     if name != model_cfg.name or geometry != want:
         raise UserError(f"{where} is a policy for model {name} (depth {geometry.num_layers}, patch_nums "
-                        f"{list(geometry.patch_nums)}), not {model_cfg.name} (depth {want.num_layers}, patch_nums "
-                        f"{list(want.patch_nums)}); pass --model {name} or use a policy exported for {model_cfg.name}")
+                        f"{list(geometry.patch_nums)}), not {model_cfg.name} (depth {want.num_layers}, "
+                        f"patch_nums {list(want.patch_nums)}); pass --model {name} or use a policy exported "
+                        f"for {model_cfg.name}")
 
 
 def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:

@@ -1,4 +1,5 @@
-"""experiments/tiny_results.py end to end on a few images: the table a reader of experiments/tiny/results.md trusts."""
+"""experiments/tiny_results.py end to end on a few images: the table a reader of experiments/tiny/results.md
+trusts."""
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,8 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """One run on 4 images per seed set, into a directory whose results.md already has a hand-written conclusion."""
+    """One run on 4 images per seed set, into a directory whose results.md already has a hand-written
+    conclusion."""
     mp = pytest.MonkeyPatch()
     mp.setenv("TUNER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     tr = load_script()

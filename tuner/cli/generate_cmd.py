@@ -25,7 +25,8 @@ DEMO_CLASSES = "207,360,387,974,88,979,417,279"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate", help="Generate class-conditional images and write samples.npz + one PNG each.")(generate)
+    app.command("generate", help="Generate class-conditional images and write samples.npz + one PNG "
+                                 "each.")(generate)
 
 
 @user_errors
@@ -36,18 +37,23 @@ def generate(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     classes: Optional[str] = typer.Option(
-        None, "--classes", help="Comma-separated class ids (default: 8 ImageNet demo classes, or every class of a smaller model)."),
+        None, "--classes", help="Comma-separated class ids (default: 8 ImageNet demo classes, or every "
+                                "class of a smaller model)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
-    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over scales)."),
-    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps all)."),
-    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Nucleus filtering mass in [0, 1] (0 = off)."),
+    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over "
+                              "scales)."),
+    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps "
+                              "all)."),
+    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Nucleus filtering mass in [0, 1] "
+                                "(0 = off)."),
     policy: Optional[str] = mo.PolicyOpt,
     out: str = typer.Option("samples", "--out", help="Output directory."),
     device: str = mo.DeviceOpt,
     dtype: str = mo.DtypeOpt,
     batch_size: int = typer.Option(16, "--batch-size", help="Images per forward pass."),
     attention_backend: str = mo.BackendOpt,
-    upscale: int = typer.Option(0, "--png-upscale", help="Nearest-neighbour PNG upscale (0 = 8x for tiny, else 1)."),
+    upscale: int = typer.Option(0, "--png-upscale", help="Nearest-neighbour PNG upscale (0 = 8x for tiny, "
+                                "else 1)."),
 ) -> None:
     # Every check first (cheap ones before torch is even imported); the output directory is made
     # only once all of them passed, so bad input leaves nothing behind.

@@ -20,13 +20,16 @@ def register(app: typer.Typer) -> None:
 def plan(
     model: str = typer.Option("tiny", "--model", help="Named model: tiny, d16, d20, d24, d30, d36."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy file (JSON)."),
-    family: Optional[str] = typer.Option(None, "--family", help="Policy family: full, window, sink_window, ams, "
-                                                                "scalekv, budgets."),
-    param: Optional[List[str]] = typer.Option(None, "--param", help="Family hyperparameter name=value (repeatable)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration JSON (from tuner calibrate); "
-                                              "without it ams/scalekv plan with placeholder layer roles."),
+    family: Optional[str] = typer.Option(None, "--family", help="Policy family: full, window, "
+                                                                "sink_window, ams, scalekv, budgets."),
+    param: Optional[List[str]] = typer.Option(None, "--param", help="Family hyperparameter name=value "
+                                              "(repeatable)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration JSON (from tuner "
+                                              "calibrate); without it ams/scalekv plan with placeholder "
+                                              "layer roles."),
     dtype: str = typer.Option("fp16", "--dtype", help="K/V dtype: fp32, fp16 or bf16."),
-    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory (e.g. 80GiB) to size the max batch."),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory (e.g. 80GiB) to size the "
+                                          "max batch."),
     heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -43,7 +46,8 @@ def plan(
         raise UserError(f"policy does not fit {cfg.name}: {exc}") from None
     estimate = max_batch(report, cfg, gpu_bytes, dtype) if gpu_bytes is not None else None
     if heatmap is not None:
-        plot_budget_heatmap(report.plan, ensure_parent(heatmap, "--heatmap"), title=f"{cfg.name} {pol.family}")
+        plot_budget_heatmap(report.plan, ensure_parent(heatmap, "--heatmap"),
+                            title=f"{cfg.name} {pol.family}")
     _print_report(cfg, pol, report, estimate, dtype, note, as_json)
 
 
@@ -71,11 +75,11 @@ def _check_flags(model: str, policy: Optional[str], family: Optional[str], param
     if (policy is None) == (family is None):
         raise UserError("pass exactly one of --policy FILE or --family NAME [--param k=v ...]")
     if calibration is not None and not Path(calibration).is_file():
-        raise UserError(f"--calibration {calibration}: no such file; pass the calibration.json that `tuner calibrate` "
-                        f"wrote (or leave it out to plan with placeholder layer roles)")
+        raise UserError(f"--calibration {calibration}: no such file; pass the calibration.json that "
+                        f"`tuner calibrate` wrote (or leave it out to plan with placeholder layer roles)")
     if policy is not None and (param or calibration):
-        raise UserError("--param and --calibration go with --family; a policy file holds its own parameters and "
-                        "calibration (drop them, or plan --family NAME instead)")
+        raise UserError("--param and --calibration go with --family; a policy file holds its own parameters "
+                        "and calibration (drop them, or plan --family NAME instead)")
     return cfg, gpu_bytes
 
 
@@ -102,7 +106,8 @@ def _load_policy(cfg, policy: Optional[str], family: Optional[str], param: Optio
             try:
                 cal = Calibration.load(calibration)
             except (OSError, ValueError) as exc:
-                raise UserError(f"cannot read calibration {calibration}: {exc}; rerun tuner calibrate") from None
+                raise UserError(f"cannot read calibration {calibration}: {exc}; "
+                                "rerun tuner calibrate") from None
         elif pol.needs_calibration:
             cal = placeholder_calibration(cfg)
             note = "layer roles: placeholder (no --calibration); memory figures are exact, the roles are not"

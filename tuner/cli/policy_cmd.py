@@ -13,11 +13,12 @@ from tuner.errors import UserError
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(help="Inspect and check policy files.", no_args_is_help=True)
     sub.command("show", help="Print a policy file as a table (and a budget heatmap PNG on request).")(show)
-    sub.command("validate", help="Check a policy file against a model; exit 2 with the reason if it does not fit.")(
-        validate)
+    sub.command("validate", help="Check a policy file against a model; exit 2 with the reason if it does "
+                                 "not fit.")(validate)
     sub.command("check", help="Compare policy files with reference policies (same model and search target): "
-                              "memory must not grow and quality, re-evaluated paired on one fixed spec, must not "
-                              "drop beyond the tolerances. Exit 1 on a regression, 2 on bad input.")(check)
+                              "memory must not grow and quality, re-evaluated paired on one fixed spec, must "
+                              "not drop beyond the tolerances. Exit 1 on a regression, "
+                              "2 on bad input.")(check)
     app.add_typer(sub, name="policy")
 
 
@@ -32,7 +33,8 @@ def _model(name: str):
 
 @user_errors
 def show(path: str = typer.Argument(..., help="Policy file (JSON)."),
-         heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here.")) -> None:
+         heatmap: Optional[str] = typer.Option(None, "--heatmap",
+                                               help="Write the budget heatmap PNG here.")) -> None:
     from tuner.memory import plot_budget_heatmap
     from tuner.paths import IMAGE_SUFFIXES, check_writable_file, ensure_parent
     from tuner.policy_file import describe_policy_file, load_policy_file
@@ -49,7 +51,8 @@ def show(path: str = typer.Argument(..., help="Policy file (JSON)."),
 
 @user_errors
 def validate(path: str = typer.Argument(..., help="Policy file (JSON)."),
-             model: str = typer.Option(..., "--model", help="Model the policy must fit (tiny, d16, ... d36).")) -> None:
+             model: str = typer.Option(..., "--model",
+                                       help="Model the policy must fit (tiny, d16, ... d36).")) -> None:
     from tuner.policy_file import load_policy_file
 
     policy, info = load_policy_file(path, _model(model))
@@ -59,24 +62,28 @@ def validate(path: str = typer.Argument(..., help="Policy file (JSON)."),
 
 @user_errors
 def check(candidates: List[str] = typer.Argument(..., help="Candidate policy files (JSON)."),
-          reference: List[str] = typer.Option(..., "--reference", help="Reference policy directory (its *.json) "
-                                              "or file; repeatable."),
-          model: Optional[str] = typer.Option(None, "--model", help="Require every file to be for this model."),
+          reference: List[str] = typer.Option(..., "--reference", help="Reference policy directory "
+                                              "(its *.json) or file; repeatable."),
+          model: Optional[str] = typer.Option(None, "--model", help="Require every file to be for this "
+                                              "model."),
           weights_dir: Optional[str] = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
                                                     help="Official checkpoints (not needed for tiny)."),
-          metric: Optional[str] = typer.Option(None, "--metric", help="Quality metric to compare (default: the "
-                                               "one the reference was searched for, else fid_vs_full)."),
+          metric: Optional[str] = typer.Option(None, "--metric", help="Quality metric to compare (default: "
+                                               "the one the reference was searched for, else fid_vs_full)."),
           guard_metrics: str = typer.Option("psnr", "--guard-metrics", help="Comma-separated metrics that "
                                             "must not regress either ('' for none)."),
           samples: int = typer.Option(64, "--samples", help="Images in the paired re-evaluation."),
-          seed: int = typer.Option(424242, "--seed", help="Seed of the re-evaluation (apart from search seeds)."),
+          seed: int = typer.Option(424242, "--seed", help="Seed of the re-evaluation (apart from search "
+                                   "seeds)."),
           batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-          mem_tol: float = typer.Option(0.005, "--mem-tol", help="Allowed memory-fraction increase (absolute)."),
+          mem_tol: float = typer.Option(0.005, "--mem-tol", help="Allowed memory-fraction increase "
+                                        "(absolute)."),
           psnr_tol: float = typer.Option(0.5, "--psnr-tol", help="Allowed PSNR drop in dB."),
           ssim_tol: float = typer.Option(0.02, "--ssim-tol", help="Allowed SSIM drop."),
           fid_tol: float = typer.Option(0.15, "--fid-tol", help="Allowed fid_vs_full/fid/delta_fid increase, "
                                         "relative to the reference's value ..."),
-          fid_abs_tol: float = typer.Option(1.0, "--fid-abs-tol", help="... but at least this much (absolute)."),
+          fid_abs_tol: float = typer.Option(1.0, "--fid-abs-tol", help="... but at least this much "
+                                            "(absolute)."),
           allow_new: bool = typer.Option(False, "--allow-new", help="List candidates without a reference "
                                          "instead of failing.")) -> None:
     from tuner.options import check_seed

@@ -1,4 +1,5 @@
-"""The KV cache of one generation run: preallocated from a plan, compacted per layer (docs/design.md, Model engine and Memory).
+"""The KV cache of one generation run: preallocated from a plan, compacted per layer (docs/design.md,
+Model engine and Memory).
 
 Layout: per layer a persistent K and V buffer ``[rows, heads, C[l], head_dim]`` with
 ``C[l] = max_s budgets[l][s]``, and one workspace shared by all layers for the current scale's new
@@ -151,8 +152,10 @@ class KVCache:
 
     def _observe(self, layer: int, q, kn, vn, length: int) -> None:
         kb, vb = self.k[layer], self.v[layer]
-        k_all = torch.cat((kb[:, :, :length], kn), dim=2) if not self.plan.full else kb[:, :, :length + kn.shape[2]]
-        v_all = torch.cat((vb[:, :, :length], vn), dim=2) if not self.plan.full else vb[:, :, :length + vn.shape[2]]
+        k_all = (torch.cat((kb[:, :, :length], kn), dim=2) if not self.plan.full
+                 else kb[:, :, :length + kn.shape[2]])
+        v_all = (torch.cat((vb[:, :, :length], vn), dim=2) if not self.plan.full
+                 else vb[:, :, :length + vn.shape[2]])
         self.observer(layer, self.scale, q, k_all, v_all, self._positions(layer, length))
 
     def _keep(self, layer: int, q, kn, vn, length: int, softmax_scale: float) -> None:
@@ -206,7 +209,8 @@ def _check_indices(idx: torch.Tensor, budget: int, n_cand: int, rows: int, heads
     name = type(policy).__name__
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}.select returned dtype {idx.dtype}, expected int64")
-    if idx.dim() not in (1, 3) or idx.shape[-1] != budget or (idx.dim() == 3 and tuple(idx.shape[:2]) != (rows, heads)):
+    if idx.dim() not in (1, 3) or idx.shape[-1] != budget or (idx.dim() == 3
+                                                              and tuple(idx.shape[:2]) != (rows, heads)):
         raise ValueError(f"{name}.select returned shape {tuple(idx.shape)}, expected [{budget}] or "
                          f"[{rows}, {heads}, {budget}]")
     if budget and (int(idx.min()) < 0 or int(idx.max()) >= n_cand):

@@ -69,7 +69,8 @@ class SearchRuntime:
 
     def close(self, status: str = "FINISHED") -> None:
         for step in (lambda: self.tracker and self.tracker.finish(status),
-                     lambda: self.tables and self.session_id and self.tables.heartbeat(self.session_id, finished=True),
+                     lambda: (self.tables and self.session_id
+                              and self.tables.heartbeat(self.session_id, finished=True)),
                      lambda: self.pool and self.pool.close(),
                      lambda: self.tables and self.tables.close()):
             try:
@@ -82,15 +83,15 @@ def make_pool(cfg: SearchConfig):
     from tuner.search.ray_pool import RayPool
     from tuner.search.workers import InlinePool
 
-    kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt, "vae_ckpt": cfg.vae_ckpt,
-              "dtype": cfg.dtype, "backend": cfg.backend}
+    kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt,
+              "vae_ckpt": cfg.vae_ckpt, "dtype": cfg.dtype, "backend": cfg.backend}
     kwargs.update(dict(cfg.evaluator_kwargs))
     if cfg.workers == 0:
         if "device" not in kwargs:
             kwargs["device"] = _local_device(cfg.device)
         return InlinePool(cfg.evaluator, kwargs)
-    return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s, device=cfg.device,
-                   gpus=cfg.gpus)
+    return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s,
+                   device=cfg.device, gpus=cfg.gpus)
 
 
 def _local_device(name: str) -> str:

@@ -112,7 +112,8 @@ def _family(doc: Located, where: tuple, name: str, body: Any, symbols: dict, bud
         if key in defined or key in symbols:
             raise doc.error(w, "name defined twice or shadows a model symbol")
         if fields is not None and not key.startswith("_") and key not in fields:
-            raise doc.error(w, f"{name} policies have no parameter {key!r}; known: {', '.join(sorted(fields))}")
+            raise doc.error(w, f"{name} policies have no parameter {key!r}; "
+                               f"known: {', '.join(sorted(fields))}")
 
     fixed = body.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -249,7 +250,8 @@ def _numeric(doc: Located, w: tuple, key: str, kind: str, spec: dict, symbols: d
             raise doc.error(w, f"missing '{k}'")
     if "choices" in spec:
         raise doc.error(w + ("choices",), f"not allowed for a {kind} parameter")
-    low, high = _bound(doc, w + ("low",), spec["low"], symbols), _bound(doc, w + ("high",), spec["high"], symbols)
+    low, high = (_bound(doc, w + ("low",), spec["low"], symbols),
+                 _bound(doc, w + ("high",), spec["high"], symbols))
     step = _bound(doc, w + ("step",), spec["step"], symbols) if "step" in spec else None
     log = spec.get("log", False)
     if not isinstance(log, bool):
