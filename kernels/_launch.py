@@ -2,9 +2,9 @@
 
 Every kernel here runs one program per (row, head) pair along grid axis 0 over ``[R, H, L, D]``
 tensors with a ragged valid length per pair (axis 0, because CUDA allows 2^31 - 1 blocks there but
-only 65,535 on axes 1 and 2: d30's 30 heads × 2 CFG rows would cap the batch at 1,092 images), and takes the same compile-time flags (``D``,
-``BLOCK_D``, ``UPCAST``, ``IEEE``). Both halves of that contract live here so that
-:mod:`kernels.attention` and :mod:`kernels.scoring` cannot drift apart.
+only 65,535 on axes 1 and 2: d30's 30 heads × 2 CFG rows would cap the batch at 1,092 images), and
+takes the same compile-time flags (``D``, ``BLOCK_D``, ``UPCAST``, ``IEEE``). Both halves of that
+contract live here so that :mod:`kernels.attention` and :mod:`kernels.scoring` cannot drift apart.
 
 Importing this module defines a Triton function: ``TRITON_INTERPRET=1`` must be set before that for
 the CPU interpreter (see :mod:`kernels.dispatch`).

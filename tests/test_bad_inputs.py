@@ -85,7 +85,8 @@ ROWS = [
     Row("search-fid-limit-neg", ["search", "--fid-limit", "-1"], "--fid-limit -1"),
     Row("search-fid-limit-nan", [*S, "--fid-limit", "nan"], "--fid-limit nan"),
     Row("search-fid-limit-inf", ["search", "--fid-limit", "inf"], "--fid-limit inf"),
-    Row("search-fid-metric-fid-neg", ["search", "--metric", "fid", "--fid-limit", "-0.5"], "--fid-limit -0.5"),
+    Row("search-fid-metric-fid-neg", ["search", "--metric", "fid", "--fid-limit", "-0.5"],
+        "--fid-limit -0.5"),
     Row("search-ssim-limit-1.5", ["search", "--metric", "ssim", "--fid-limit", "1.5"], "SSIM"),
     Row("search-ssim-limit-0", ["search", "--metric", "ssim", "--fid-limit", "0"], "SSIM"),
     Row("search-psnr-limit-neg", ["search", "--metric", "psnr", "--fid-limit", "-3"], "PSNR"),
@@ -98,7 +99,8 @@ ROWS = [
     Row("search-d16-no-weights-names-ckpt", [*S, "--model", "d16"], "--var-ckpt", absent="--random-weights"),
     Row("search-d16-empty-weights-dir", [*S, "--model", "d16", "--weights-dir", "weights"],
         "var_d16.pth not found", ("weights",), absent="--random-weights"),
-    Row("search-d16-weights-dir-missing", [*S, "--model", "d16", "--weights-dir", "nodir"], "--weights-dir nodir"),
+    Row("search-d16-weights-dir-missing", [*S, "--model", "d16", "--weights-dir", "nodir"],
+        "--weights-dir nodir"),
     Row("search-d16-weights-dir-garbage", [*S, "--model", "d16", "--weights-dir", "wbad"],
         "not a readable PyTorch checkpoint", ("wbad",)),
     Row("search-d16-env-weights-dir-empty", [*S, "--model", "d16"], "var_d16.pth not found", ("weights",),
@@ -109,23 +111,30 @@ ROWS = [
         "not a readable PyTorch checkpoint", ("trunc.pth", "vae.pth")),
     Row("search-ckpt-empty", [*S, "--var-ckpt", "var.pth", "--vae-ckpt", "empty.pth"],
         "not a readable PyTorch checkpoint", ("var.pth", "empty.pth")),
-    Row("search-ckpt-missing", [*S, "--var-ckpt", "missing.pth", "--vae-ckpt", "vae.pth"], "not found", ("vae.pth",)),
+    Row("search-ckpt-missing", [*S, "--var-ckpt", "missing.pth", "--vae-ckpt", "vae.pth"], "not found",
+        ("vae.pth",)),
     Row("search-ckpt-directory", [*S, "--var-ckpt", "adir", "--vae-ckpt", "vae.pth"], "is a directory",
         ("adir", "vae.pth")),
-    Row("search-ckpt-only-var", [*S, "--var-ckpt", "var.pth"], "pass both --var-ckpt and --vae-ckpt", ("var.pth",)),
+    Row("search-ckpt-only-var", [*S, "--var-ckpt", "var.pth"], "pass both --var-ckpt and --vae-ckpt",
+        ("var.pth",)),
     # --- search: space files ------------------------------------------------------------------------------
     Row("search-space-missing", [*S, "--space", "missing.yaml"], "--space"),
     Row("search-space-directory", [*S, "--space", "adir"], "--space", ("adir",)),
-    Row("search-space-yaml-syntax", [*S, "--space", "space_syntax.yaml"], "space_syntax.yaml", ("space_syntax.yaml",)),
-    Row("search-space-not-mapping", [*S, "--space", "space_list.yaml"], "space_list.yaml", ("space_list.yaml",)),
+    Row("search-space-yaml-syntax", [*S, "--space", "space_syntax.yaml"], "space_syntax.yaml",
+        ("space_syntax.yaml",)),
+    Row("search-space-not-mapping", [*S, "--space", "space_list.yaml"], "space_list.yaml",
+        ("space_list.yaml",)),
     Row("search-space-empty", [*S, "--space", "space_empty.yaml"], "space_empty.yaml", ("space_empty.yaml",)),
     Row("search-space-unknown-family", [*S, "--space", "space_family.yaml"], "space_family.yaml",
         ("space_family.yaml",)),
-    Row("search-space-huge-string", [*S, "--space", "space_len.yaml"], "--space", ("space_len.yaml",), sub=True),
-    Row("search-space-huge-power", [*S, "--space", "space_pow.yaml"], "--space", ("space_pow.yaml",), sub=True),
+    Row("search-space-huge-string", [*S, "--space", "space_len.yaml"], "--space", ("space_len.yaml",),
+        sub=True),
+    Row("search-space-huge-power", [*S, "--space", "space_pow.yaml"], "--space", ("space_pow.yaml",),
+        sub=True),
     Row("search-space-huge-repeat", [*S, "--space", "space_repeat.yaml"], "--space", ("space_repeat.yaml",),
         sub=True),
-    Row("search-space-alias-bomb", [*S, "--space", "space_bomb.yaml"], "--space", ("space_bomb.yaml",), sub=True),
+    Row("search-space-alias-bomb", [*S, "--space", "space_bomb.yaml"], "--space", ("space_bomb.yaml",),
+        sub=True),
     # --- search: budgets and counts -------------------------------------------------------------------------
     Row("search-trials-0", [*S, "--trials", "0"], "--trials 0"),
     Row("search-samples-1", [*S, "--samples", "1"], "--samples 1"),
@@ -152,14 +161,16 @@ ROWS = [
     Row("search-device-cuda-no-gpu", [*S, "--device", "cuda"], "--device cuda"),
     Row("search-device-cuda1-no-gpu", [*S, "--device", "cuda:1"], "--device cuda:1"),
     Row("search-device-garbage", [*S, "--device", "gpu"], "--device 'gpu'"),
-    Row("search-device-cuda-in-driver", [*S, "--workers", "0", "--ray-address", "127.0.0.1:1", "--device", "cuda"],
-        "--device cuda"),
-    Row("search-device-garbage-on-cluster", [*S, "--ray-address", "127.0.0.1:1", "--device", "gpu"], "--device 'gpu'"),
+    Row("search-device-cuda-in-driver",
+        [*S, "--workers", "0", "--ray-address", "127.0.0.1:1", "--device", "cuda"], "--device cuda"),
+    Row("search-device-garbage-on-cluster", [*S, "--ray-address", "127.0.0.1:1", "--device", "gpu"],
+        "--device 'gpu'"),
     Row("search-backend-cudnn", [*S, "--attention-backend", "cudnn"], "--attention-backend 'cudnn'"),
     Row("search-evaluator-no-colon", [*S, "--evaluator", "nocolon"], "evaluator factory"),
     Row("search-evaluator-arg", [*S, "--evaluator-arg", "noequals"], "--evaluator-arg"),
     # --- search: storage, tracking, cluster, output ---------------------------------------------------------
-    Row("search-storage-json-file", [*S, "--storage", "sqlite:///j.json"], "not an SQLite database", ("j.json",)),
+    Row("search-storage-json-file", [*S, "--storage", "sqlite:///j.json"], "not an SQLite database",
+        ("j.json",)),
     Row("search-storage-text-file", [*S, "--storage", "sqlite:///notes.txt"], "not an SQLite database",
         ("notes.txt",)),
     Row("search-storage-directory", [*S, "--storage", "sqlite:///adir"], "is a directory", ("adir",)),
@@ -173,14 +184,17 @@ ROWS = [
     Row("search-mlflow-file-store", [*S, "--mlflow-uri", "mlruns"], "--mlflow-uri mlruns"),
     Row("search-ray-address-port-1", [*S, "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1"),
     Row("search-ray-address-nohost", [*S, "--ray-address", "nohost"], "--ray-address nohost"),
-    Row("search-ray-address-bad-port", [*S, "--ray-address", "127.0.0.1:99999"], "--ray-address 127.0.0.1:99999"),
+    Row("search-ray-address-bad-port", [*S, "--ray-address", "127.0.0.1:99999"],
+        "--ray-address 127.0.0.1:99999"),
     # a database in a directory that does not exist yet is fine, but the directory is made only after every
     # check passed: with any other bad flag it must not appear
-    Row("search-storage-newdir-bad-space", [*S, "--storage", "sqlite:///newdir/s.db", "--space", "space_family.yaml"],
+    Row("search-storage-newdir-bad-space",
+        [*S, "--storage", "sqlite:///newdir/s.db", "--space", "space_family.yaml"],
         "--space", ("space_family.yaml",)),
     Row("search-storage-newdir-mlflow-down", [*S, "--storage", "sqlite:///newdir/s.db", "--mlflow-uri",
                                               "http://127.0.0.1:1"], "--mlflow-uri"),
-    Row("search-storage-newdir-ray-down", [*S, "--storage", "sqlite:///newdir/s.db", "--ray-address", "127.0.0.1:1"],
+    Row("search-storage-newdir-ray-down",
+        [*S, "--storage", "sqlite:///newdir/s.db", "--ray-address", "127.0.0.1:1"],
         "--ray-address 127.0.0.1:1"),
     Row("search-storage-newdir-no-weights", [*S, "--storage", "sqlite:///newdir/s.db", "--model", "d16"],
         "--weights-dir"),
@@ -191,15 +205,18 @@ ROWS = [
 
     # --- studies / show -----------------------------------------------------------------------------------
     Row("studies-missing-db", ["studies", "--storage", "sqlite:///missing.db"], "no such database file"),
-    Row("studies-json-file", ["studies", "--storage", "sqlite:///j.json"], "not an SQLite database", ("j.json",)),
+    Row("studies-json-file", ["studies", "--storage", "sqlite:///j.json"], "not an SQLite database",
+        ("j.json",)),
     Row("studies-directory", ["studies", "--storage", "sqlite:///adir"], "--storage", ("adir",)),
     Row("studies-dialect", ["studies", "--storage", "nosuchdialect://x/y"], "not a usable SQLAlchemy URL"),
     Row("studies-empty-url", ["studies", "--storage", ""], "--storage"),
     Row("studies-postgres-down", ["studies", "--storage", "postgresql://nobody@127.0.0.1:1/db"], "--storage"),
     Row("studies-mlflow-db", ["studies", "--storage", "sqlite:///mlflow.db"], "--storage", ("mlflow.db",)),
-    Row("show-unknown-study", ["show", "nope", "--storage", "sqlite:///study.db"], "no study 'nope'", ("study.db",)),
+    Row("show-unknown-study", ["show", "nope", "--storage", "sqlite:///study.db"], "no study 'nope'",
+        ("study.db",)),
     Row("show-missing-db", ["show", "s1", "--storage", "sqlite:///missing.db"], "no such database file"),
-    Row("show-json-file", ["show", "s1", "--storage", "sqlite:///j.json"], "not an SQLite database", ("j.json",)),
+    Row("show-json-file", ["show", "s1", "--storage", "sqlite:///j.json"], "not an SQLite database",
+        ("j.json",)),
     Row("show-dialect", ["show", "s1", "--storage", "nosuchdialect://x/y"], "not a usable SQLAlchemy URL"),
 
     # --- generate -----------------------------------------------------------------------------------------
@@ -214,7 +231,8 @@ ROWS = [
     Row("generate-batch-neg", ["generate", "--batch-size", "-3"], "--batch-size -3"),
     Row("generate-png-upscale-neg", ["generate", "--png-upscale", "-1"], "--png-upscale -1"),
     Row("generate-dtype-fp64", ["generate", "--dtype", "fp64"], "--dtype 'fp64'"),
-    Row("generate-backend-cudnn", ["generate", "--attention-backend", "cudnn"], "--attention-backend 'cudnn'"),
+    Row("generate-backend-cudnn", ["generate", "--attention-backend", "cudnn"],
+        "--attention-backend 'cudnn'"),
     Row("generate-device-cuda-no-gpu", ["generate", "--device", "cuda"], "--device cuda"),
     Row("generate-device-garbage", ["generate", "--device", "gpu"], "--device 'gpu'"),
     Row("generate-seed-neg", ["generate", "--seed", "-1"], "--seed -1"),
@@ -234,15 +252,17 @@ ROWS = [
         "not a readable PyTorch checkpoint", ("trunc.pth", "vae.pth")),
     Row("generate-ckpt-empty", ["generate", "--var-ckpt", "empty.pth", "--vae-ckpt", "vae.pth"],
         "not a readable PyTorch checkpoint", ("empty.pth", "vae.pth")),
-    Row("generate-ckpt-missing", ["generate", "--var-ckpt", "missing.pth", "--vae-ckpt", "vae.pth"], "not found",
+    Row("generate-ckpt-missing", ["generate", "--var-ckpt", "missing.pth", "--vae-ckpt", "vae.pth"],
+        "not found", ("vae.pth",)),
+    Row("generate-ckpt-only-vae", ["generate", "--vae-ckpt", "vae.pth"],
+        "pass both --var-ckpt and --vae-ckpt", ("vae.pth",)),
+    Row("generate-ckpt-swapped", ["generate", "--var-ckpt", "vae.pth", "--vae-ckpt", "vae.pth"], "VQ-VAE",
         ("vae.pth",)),
-    Row("generate-ckpt-only-vae", ["generate", "--vae-ckpt", "vae.pth"], "pass both --var-ckpt and --vae-ckpt",
-        ("vae.pth",)),
-    Row("generate-ckpt-swapped", ["generate", "--var-ckpt", "vae.pth", "--vae-ckpt", "vae.pth"], "VQ-VAE", ("vae.pth",)),
     Row("generate-ckpt-pickled-object", ["generate", "--var-ckpt", "pickled.pth", "--vae-ckpt", "vae.pth"],
         "never unpickled", ("pickled.pth", "vae.pth")),
-    Row("generate-classes-beyond-small-model", ["generate", *("--var-ckpt", "var.pth", "--vae-ckpt", "vae.pth"),
-                                                "--classes", "10"], "--classes 10", CK),
+    Row("generate-classes-beyond-small-model",
+        ["generate", *("--var-ckpt", "var.pth", "--vae-ckpt", "vae.pth"), "--classes", "10"],
+        "--classes 10", CK),
     Row("generate-policy-missing", ["generate", "--policy", "missing.json"], "cannot read policy file"),
     Row("generate-policy-invalid-json", ["generate", "--policy", "pol_invalid.json"], "not valid JSON",
         ("pol_invalid.json",)),
@@ -266,25 +286,29 @@ ROWS = [
     Row("evaluate-policy-missing", ["evaluate", "--policy", "missing.json"], "cannot read policy file"),
     Row("evaluate-policy-invalid-json", ["evaluate", "--policy", "pol_invalid.json"], "not valid JSON",
         ("pol_invalid.json",)),
-    Row("evaluate-policy-schema-true", ["evaluate", "--policy", "pol_schema_true.json"], "schema_version True",
-        ("pol_schema_true.json",)),
+    Row("evaluate-policy-schema-true", ["evaluate", "--policy", "pol_schema_true.json"],
+        "schema_version True", ("pol_schema_true.json",)),
     Row("evaluate-policy-for-d16", ["evaluate", "--policy", "pol_d16.json"], "policy for model d16",
         ("pol_d16.json",)),
     Row("evaluate-model-unknown", ["evaluate", "--policy", "full", "--model", "d99"], "d99"),
     Row("evaluate-d16-no-weights", ["evaluate", "--policy", "full", "--model", "d16"], "--weights-dir",
         absent="--random-weights"),
     Row("evaluate-d16-empty-weights-dir", ["evaluate", "--policy", "full", "--model", "d16", "--weights-dir",
-                                           "weights"], "var_d16.pth not found", ("weights",), absent="--random-weights"),
+                                           "weights"], "var_d16.pth not found", ("weights",),
+        absent="--random-weights"),
     Row("evaluate-ckpt-garbage", ["evaluate", "--policy", "full", "--var-ckpt", "garbage.pth", "--vae-ckpt",
-                                  "vae.pth"], "not a readable PyTorch checkpoint", ("garbage.pth", "vae.pth")),
+                                  "vae.pth"], "not a readable PyTorch checkpoint",
+        ("garbage.pth", "vae.pth")),
     Row("evaluate-reference-missing", ["evaluate", "--policy", "full", "--reference", "ref.npz"], "ref.npz"),
-    Row("evaluate-inception-missing", ["evaluate", "--policy", "full", "--inception-weights", "inc.pth"], "inc.pth"),
+    Row("evaluate-inception-missing", ["evaluate", "--policy", "full", "--inception-weights", "inc.pth"],
+        "inc.pth"),
 
     # --- plan ----------------------------------------------------------------------------------------------
     Row("plan-neither-policy-nor-family", ["plan"], "exactly one of"),
     Row("plan-both-policy-and-family", ["plan", "--policy", TINY_POL, "--family", "full"], "exactly one of",
         (TINY_POL,)),
-    Row("plan-policy-with-param", ["plan", "--policy", TINY_POL, "--param", "window=2"], "--param", (TINY_POL,)),
+    Row("plan-policy-with-param", ["plan", "--policy", TINY_POL, "--param", "window=2"], "--param",
+        (TINY_POL,)),
     Row("plan-model-unknown", ["plan", "--model", "d99", "--family", "full"], "d99"),
     Row("plan-dtype-fp64", ["plan", "--family", "full", "--dtype", "fp64"], "--dtype 'fp64'"),
     Row("plan-family-unknown", ["plan", "--family", "nope"], "unknown policy family 'nope'"),
@@ -302,20 +326,22 @@ ROWS = [
     Row("plan-gpu-mem-10XB", ["plan", "--family", "full", "--gpu-mem", "10XB"], "--gpu-mem"),
     Row("plan-heatmap-under-file", ["plan", "--family", "full", "--heatmap", "afile/h.png"], "--heatmap",
         ("afile",)),
-    Row("plan-heatmap-directory", ["plan", "--family", "full", "--heatmap", "adir"], "--heatmap adir is a directory",
-        ("adir",)),
+    Row("plan-heatmap-directory", ["plan", "--family", "full", "--heatmap", "adir"],
+        "--heatmap adir is a directory", ("adir",)),
     Row("plan-heatmap-unknown-type", ["plan", "--family", "full", "--heatmap", "h.xyz"], "--heatmap"),
     Row("plan-policy-missing", ["plan", "--policy", "missing.json"], "cannot read policy file"),
     Row("plan-policy-text", ["plan", "--policy", "notes.txt"], "not valid JSON", ("notes.txt",)),
-    Row("plan-policy-for-tiny-on-d16", ["plan", "--model", "d16", "--policy", TINY_POL], "policy for model tiny",
-        (TINY_POL,)),
+    Row("plan-policy-for-tiny-on-d16", ["plan", "--model", "d16", "--policy", TINY_POL],
+        "policy for model tiny", (TINY_POL,)),
 
     # --- policy show / validate ---------------------------------------------------------------------------
     Row("show-policy-missing", ["policy", "show", "missing.json"], "cannot read policy file"),
     Row("show-policy-directory", ["policy", "show", "adir"], "cannot read policy file", ("adir",)),
-    Row("show-policy-invalid-json", ["policy", "show", "pol_invalid.json"], "not valid JSON", ("pol_invalid.json",)),
+    Row("show-policy-invalid-json", ["policy", "show", "pol_invalid.json"], "not valid JSON",
+        ("pol_invalid.json",)),
     Row("show-policy-truncated", ["policy", "show", "pol_trunc.json"], "not valid JSON", ("pol_trunc.json",)),
-    Row("show-policy-list", ["policy", "show", "pol_list.json"], "not a varkv-tuner policy file", ("pol_list.json",)),
+    Row("show-policy-list", ["policy", "show", "pol_list.json"], "not a varkv-tuner policy file",
+        ("pol_list.json",)),
     Row("show-policy-no-schema", ["policy", "show", "pol_no_schema.json"], "no schema_version",
         ("pol_no_schema.json",)),
     Row("show-policy-schema-true", ["policy", "show", "pol_schema_true.json"], "schema_version True",
@@ -324,9 +350,12 @@ ROWS = [
         ("pol_schema_float.json",)),
     Row("show-policy-schema-string", ["policy", "show", "pol_schema_str.json"], "schema_version '1'",
         ("pol_schema_str.json",)),
-    Row("show-policy-schema-2", ["policy", "show", "pol_schema2.json"], "schema_version 2", ("pol_schema2.json",)),
-    Row("show-policy-memory-list", ["policy", "show", "pol_memory_list.json"], "policy", ("pol_memory_list.json",)),
-    Row("show-policy-deeply-nested", ["policy", "show", "pol_deep.json"], "policy", ("pol_deep.json",), sub=True),
+    Row("show-policy-schema-2", ["policy", "show", "pol_schema2.json"], "schema_version 2",
+        ("pol_schema2.json",)),
+    Row("show-policy-memory-list", ["policy", "show", "pol_memory_list.json"], "policy",
+        ("pol_memory_list.json",)),
+    Row("show-policy-deeply-nested", ["policy", "show", "pol_deep.json"], "policy", ("pol_deep.json",),
+        sub=True),
     Row("show-policy-unknown-family", ["policy", "show", "pol_family.json"], "unknown policy family",
         ("pol_family.json",)),
     Row("show-policy-edited-budgets", ["policy", "show", "pol_budgets.json"], "budget table",
@@ -334,51 +363,57 @@ ROWS = [
     Row("show-policy-bad-params", ["policy", "show", "pol_params.json"], "bad budgets parameters",
         ("pol_params.json",)),
     Row("show-policy-memory-mismatch", ["policy", "show", "pol_kv.json"], "memory figure", ("pol_kv.json",)),
-    Row("show-policy-model-malformed", ["policy", "show", "pol_model.json"], "pol_model.json", ("pol_model.json",)),
+    Row("show-policy-model-malformed", ["policy", "show", "pol_model.json"], "pol_model.json",
+        ("pol_model.json",)),
     Row("show-heatmap-under-file", ["policy", "show", TINY_POL, "--heatmap", "afile/h.png"], "--heatmap",
         (TINY_POL, "afile")),
-    Row("show-heatmap-directory", ["policy", "show", TINY_POL, "--heatmap", "adir"], "--heatmap adir", (TINY_POL, "adir")),
-    Row("show-heatmap-unknown-type", ["policy", "show", TINY_POL, "--heatmap", "h.xyz"], "--heatmap", (TINY_POL,)),
+    Row("show-heatmap-directory", ["policy", "show", TINY_POL, "--heatmap", "adir"], "--heatmap adir",
+        (TINY_POL, "adir")),
+    Row("show-heatmap-unknown-type", ["policy", "show", TINY_POL, "--heatmap", "h.xyz"], "--heatmap",
+        (TINY_POL,)),
     Row("validate-wrong-model", ["policy", "validate", TINY_POL, "--model", "d16"], "policy for model tiny",
         (TINY_POL,)),
     Row("validate-unknown-model", ["policy", "validate", TINY_POL, "--model", "d99"], "d99", (TINY_POL,)),
-    Row("validate-missing-model-flag", ["policy", "validate", TINY_POL], "Missing option '--model'", (TINY_POL,)),
+    Row("validate-missing-model-flag", ["policy", "validate", TINY_POL], "Missing option '--model'",
+        (TINY_POL,)),
     Row("validate-garbage-file", ["policy", "validate", "garbage.pth", "--model", "tiny"], "garbage.pth",
         ("garbage.pth",)),
     Row("validate-deeply-nested", ["policy", "validate", "pol_deep.json", "--model", "tiny"], "policy",
         ("pol_deep.json",), sub=True),
 
-    # --- policy check ----------------------------------------------------------------------------------------
+    # --- policy check ---------------------------------------------------------------------------------------
     Row("check-reference-missing", ["policy", "check", TINY_POL, "--reference", "refs"], "reference refs",
         (TINY_POL,)),
-    Row("check-reference-empty-dir", ["policy", "check", TINY_POL, "--reference", "adir"], "no reference policy files",
-        (TINY_POL, "adir")),
+    Row("check-reference-empty-dir", ["policy", "check", TINY_POL, "--reference", "adir"],
+        "no reference policy files", (TINY_POL, "adir")),
     Row("check-candidate-missing", ["policy", "check", "missing.json", "--reference", "refs_tiny"],
         "cannot read policy file", ("refs_tiny",)),
     Row("check-candidate-invalid", ["policy", "check", "pol_invalid.json", "--reference", "refs_tiny"],
         "not valid JSON", ("pol_invalid.json", "refs_tiny")),
-    Row("check-metric-unknown", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--metric", "lpips"],
+    Row("check-metric-unknown",
+        ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--metric", "lpips"],
         "--metric 'lpips'", (TINY_POL, "refs_tiny")),
-    Row("check-guard-unknown", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--guard-metrics", "x"],
+    Row("check-guard-unknown",
+        ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--guard-metrics", "x"],
         "--guard-metrics", (TINY_POL, "refs_tiny")),
-    Row("check-samples-1", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--samples", "1"], "--samples",
-        (TINY_POL, "refs_tiny")),
+    Row("check-samples-1", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--samples", "1"],
+        "--samples", (TINY_POL, "refs_tiny")),
     Row("check-batch-0", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--batch-size", "0"],
         "--batch-size", (TINY_POL, "refs_tiny")),
     Row("check-mem-tol-neg", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--mem-tol", "-1"],
         "--mem-tol -1", (TINY_POL, "refs_tiny")),
     Row("check-psnr-tol-nan", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--psnr-tol", "nan"],
         "--psnr-tol nan", (TINY_POL, "refs_tiny")),
-    Row("check-seed-neg", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--seed", "-1"], "--seed -1",
-        (TINY_POL, "refs_tiny")),
-    Row("check-model-unknown", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--model", "d99"], "d99",
-        (TINY_POL, "refs_tiny")),
+    Row("check-seed-neg", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--seed", "-1"],
+        "--seed -1", (TINY_POL, "refs_tiny")),
+    Row("check-model-unknown", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--model", "d99"],
+        "d99", (TINY_POL, "refs_tiny")),
     Row("check-wrong-model", ["policy", "check", TINY_POL, "--reference", "refs_tiny", "--model", "d16"],
         "policy for model tiny", (TINY_POL, "refs_tiny")),
     Row("check-no-reference-for-candidate", ["policy", "check", "pol_d16.json", "--reference", "refs_tiny"],
         "no reference policy for", ("pol_d16.json", "refs_tiny")),
-    Row("check-d16-no-weights", ["policy", "check", "pol_d16.json", "--reference", "refs_d16"], "--weights-dir",
-        ("pol_d16.json", "refs_d16"), absent="--random-weights"),
+    Row("check-d16-no-weights", ["policy", "check", "pol_d16.json", "--reference", "refs_d16"],
+        "--weights-dir", ("pol_d16.json", "refs_d16"), absent="--random-weights"),
     Row("check-d16-no-weights-no-ckpt-flags", ["policy", "check", "pol_d16.json", "--reference", "refs_d16"],
         "TUNER_WEIGHTS_DIR", ("pol_d16.json", "refs_d16"), absent="--var-ckpt"),
 
@@ -392,8 +427,8 @@ ROWS = [
         "not a readable PyTorch checkpoint", ("garbage.pth", "vae.pth")),
     Row("calibrate-ckpt-truncated", ["calibrate", "--var-ckpt", "var.pth", "--vae-ckpt", "trunc.pth"],
         "not a readable PyTorch checkpoint", ("var.pth", "trunc.pth")),
-    Row("calibrate-ckpt-missing", ["calibrate", "--var-ckpt", "var.pth", "--vae-ckpt", "missing.pth"], "not found",
-        ("var.pth",)),
+    Row("calibrate-ckpt-missing", ["calibrate", "--var-ckpt", "var.pth", "--vae-ckpt", "missing.pth"],
+        "not found", ("var.pth",)),
     Row("calibrate-device-cuda-no-gpu", ["calibrate", "--device", "cuda"], "--device cuda"),
     Row("calibrate-device-garbage", ["calibrate", "--device", "gpu"], "--device 'gpu'"),
     Row("calibrate-out-under-file", ["calibrate", "--out", "afile/sub"], "--out", ("afile",)),
@@ -407,12 +442,14 @@ ROWS = [
     Row("presets-mem-empty", ["presets", "--mem-target", "", "--out", "p"], "--mem-target is empty"),
     Row("presets-mem-10XB", ["presets", "--mem-target", "10XB", "--out", "p"], "--mem-target '10XB'"),
     Row("presets-mem-unreachable", ["presets", "--mem-target", "0.1%", "--out", "p"], "smallest achievable"),
-    Row("presets-mem-unreachable-bytes", ["presets", "--mem-target", "1kB", "--out", "p"], "no preset can fit"),
+    Row("presets-mem-unreachable-bytes", ["presets", "--mem-target", "1kB", "--out", "p"],
+        "no preset can fit"),
     Row("presets-calibration-samples-0", ["presets", "--calibration-samples", "0", "--out", "p"],
         "--calibration-samples 0"),
     Row("presets-model-unknown", ["presets", "--model", "d99", "--out", "p"], "unknown model"),
     Row("presets-d16-no-weights", ["presets", "--model", "d16", "--out", "p"], "--weights-dir"),
-    Row("presets-ckpt-garbage", ["presets", "--var-ckpt", "garbage.pth", "--vae-ckpt", "vae.pth", "--out", "p"],
+    Row("presets-ckpt-garbage",
+        ["presets", "--var-ckpt", "garbage.pth", "--vae-ckpt", "vae.pth", "--out", "p"],
         "not a readable PyTorch checkpoint", ("garbage.pth", "vae.pth")),
     Row("presets-device-cuda-no-gpu", ["presets", "--device", "cuda", "--out", "p"], "--device cuda"),
     Row("presets-out-under-file", ["presets", "--out", "afile/sub"], "--out", ("afile",)),
@@ -429,7 +466,8 @@ ROWS = [
     Row("bench-ckpt-garbage", ["bench", "--var-ckpt", "garbage.pth", "--vae-ckpt", "vae.pth"],
         "not a readable PyTorch checkpoint", ("garbage.pth", "vae.pth")),
     Row("bench-policy-missing", ["bench", "--policy", "missing.json"], "cannot read policy file"),
-    Row("bench-policy-for-d16", ["bench", "--policy", "pol_d16.json"], "policy for model d16", ("pol_d16.json",)),
+    Row("bench-policy-for-d16", ["bench", "--policy", "pol_d16.json"], "policy for model d16",
+        ("pol_d16.json",)),
     Row("bench-out-under-file", ["bench", "--out", "afile/b.md"], "--out afile/b.md", ("afile",)),
     Row("bench-out-directory", ["bench", "--out", "adir"], "--out adir is a directory", ("adir",)),
     Row("bench-out-empty", ["bench", "--out", ""], "--out is empty"),
@@ -477,7 +515,8 @@ def _deep(levels: int = 200_000) -> str:
 
 def _alias_bomb() -> str:
     """A billion-laughs YAML file: 9 levels of 9 aliases each, 9**9 strings once expanded."""
-    lines = ["schema_version: 1", "families:", "  ams:", "    params: {}", 'a: &a ["lol","lol","lol","lol","lol","lol",'
+    lines = ["schema_version: 1", "families:", "  ams:", "    params: {}",
+             'a: &a ["lol","lol","lol","lol","lol","lol",'
              '"lol","lol","lol"]']
     names = "abcdefghi"
     for prev, cur in zip(names, names[1:]):
@@ -527,8 +566,10 @@ FIXTURES = {
     "space_list.yaml": ("text", lambda a: "- 1\n- 2\n"),
     "space_empty.yaml": ("text", lambda a: ""),
     "space_family.yaml": ("text", lambda a: "schema_version: 1\nfamilies:\n  quantum:\n    params: {}\n"),
-    "space_len.yaml": ("text", lambda a: SPACE_HEAD + "      window: {type: int, low: 1, high: 'len(\"x\" * 10**15)'}\n"),
-    "space_pow.yaml": ("text", lambda a: SPACE_HEAD + '      window: {type: int, low: 1, high: "((((10**64)**64)**64)**64)"}\n'),
+    "space_len.yaml": ("text", lambda a: SPACE_HEAD + "      window: {type: int, low: 1, "
+                       "high: 'len(\"x\" * 10**15)'}\n"),
+    "space_pow.yaml": ("text", lambda a: SPACE_HEAD + '      window: {type: int, low: 1, '
+                       'high: "((((10**64)**64)**64)**64)"}\n'),
     "space_repeat.yaml": ("text", lambda a: "schema_version: 1\nfamilies:\n  budgets:\n    params:\n"
                           "      layer_weights: {type: float, low: 0.25, high: 4.0, repeat: 100000000}\n"),
     "space_bomb.yaml": ("text", lambda a: _alias_bomb()),
@@ -567,9 +608,10 @@ def _make_databases(d: Path) -> None:
         "import sys, optuna, mlflow\n"
         "optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
         "optuna.create_study(study_name='s1', storage='sqlite:///' + sys.argv[1] + '/study.db')\n"
-        "mlflow.tracking.MlflowClient(tracking_uri='sqlite:///' + sys.argv[1] + '/mlflow.db').create_experiment('x')\n")
-    res = subprocess.run([sys.executable, "-c", code, str(d)], env=_subprocess_env(), capture_output=True, text=True,
-                         timeout=300)
+        "mlflow.tracking.MlflowClient(tracking_uri='sqlite:///' + sys.argv[1] + '/mlflow.db')"
+        ".create_experiment('x')\n")
+    res = subprocess.run([sys.executable, "-c", code, str(d)], env=_subprocess_env(), capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr
 
 
@@ -594,8 +636,8 @@ def snapshot(root: Path) -> dict:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        out[rel] = "dir" if p.is_dir() and not p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest() \
-            if p.is_file() else "other"
+        out[rel] = "dir" if p.is_dir() and not p.is_symlink() else \
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "other"
     return out
 
 
@@ -630,8 +672,9 @@ def _limit_memory() -> None:
 
 def run_subprocess(row: Row, cwd: Path) -> tuple[int, str, str]:
     try:
-        res = subprocess.run([sys.executable, "-m", "tuner", *row.argv], cwd=cwd, env=_subprocess_env(row.env),
-                             capture_output=True, text=True, timeout=SUB_TIMEOUT_S, preexec_fn=_limit_memory)
+        res = subprocess.run([sys.executable, "-m", "tuner", *row.argv], cwd=cwd,
+                             env=_subprocess_env(row.env), capture_output=True, text=True,
+                             timeout=SUB_TIMEOUT_S, preexec_fn=_limit_memory)
     except subprocess.TimeoutExpired as exc:
         return -1, str(exc.stdout or ""), f"timed out after {SUB_TIMEOUT_S} s\n{exc.stderr or ''}"
     return res.returncode, res.stdout, res.stderr
@@ -688,8 +731,8 @@ def test_table_is_large_and_covers_every_subcommand():
     assert len(ids) == len(set(ids)), "row ids must be unique"
     assert len(ROWS) >= 150
     commands = {" ".join(r.argv[:2]) if r.argv[0] == "policy" else r.argv[0] for r in ROWS}
-    for command in ("search", "studies", "show", "generate", "evaluate", "plan", "policy show", "policy validate",
-                    "policy check", "calibrate", "presets", "bench"):
+    for command in ("search", "studies", "show", "generate", "evaluate", "plan", "policy show",
+                    "policy validate", "policy check", "calibrate", "presets", "bench"):
         assert command in commands, command
     assert all(r.code == 2 for r in ROWS)
 
@@ -721,17 +764,19 @@ def test_search_creates_a_new_storage_directory_after_validation(tmp_path):
     from tests.search.helpers import TOY_SPACE
 
     (tmp_path / "toy.yaml").write_text(TOY_SPACE)
-    args = [sys.executable, "-m", "tests.search.cli_entry", "search", "--mem-target", "60%", "--space", "toy.yaml",
-            "--trials", "2", "--workers", "0", "--samples", "2", "--final-samples", "2", "--device", "cpu",
-            "--mlflow-uri", "none", "--no-presets", "--no-progress", "--evaluator", "tests.search.fake_eval:build",
-            "--out", "out", "--storage", "sqlite:///newdir/deeper/s.db"]
-    res = subprocess.run(args, cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=180)
+    args = [sys.executable, "-m", "tests.search.cli_entry", "search", "--mem-target", "60%", "--space",
+            "toy.yaml", "--trials", "2", "--workers", "0", "--samples", "2", "--final-samples", "2",
+            "--device", "cpu", "--mlflow-uri", "none", "--no-presets", "--no-progress", "--evaluator",
+            "tests.search.fake_eval:build", "--out", "out", "--storage", "sqlite:///newdir/deeper/s.db"]
+    res = subprocess.run(args, cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True,
+                         timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "newdir" / "deeper" / "s.db").is_file()
 
 
 def test_plan_heatmap_into_a_new_directory(tmp_path, monkeypatch):
-    row = Row("plan-heatmap-newdir", ["plan", "--family", "full", "--heatmap", "new/deeper/h.png"], "", code=0)
+    row = Row("plan-heatmap-newdir", ["plan", "--family", "full", "--heatmap", "new/deeper/h.png"], "",
+              code=0)
     code, out, err = run_in_process(row, tmp_path, monkeypatch)
     assert code == 0, out + err
     assert (tmp_path / "new" / "deeper" / "h.png").is_file()

@@ -48,7 +48,8 @@ def test_generate_matches_library_call(tmp_path, small_ckpts, small_model):
     r = run("generate", *ckpt_args(small_ckpts), "--classes", "4,5", "--seed", "7", "--cfg", "2",
             "--top-k", "10", "--top-p", "0.9", "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    ref = generate(small_model.var, small_model.vae, torch.tensor([4, 5]), seed=7, cfg=2.0, top_k=10, top_p=0.9)
+    ref = generate(small_model.var, small_model.vae, torch.tensor([4, 5]), seed=7, cfg=2.0, top_k=10,
+                   top_p=0.9)
     assert np.allclose(np.load(out / "samples.npz")["images"], ref.images.numpy(), atol=1e-6)
 
 

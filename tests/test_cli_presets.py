@@ -10,7 +10,8 @@ import pytest
 from tests.test_cli_generate import assert_user_error, ckpt_args, run
 
 PRESET_NAMES = {"ams", "window_at_ams", "sink_window_at_ams", "scalekv_10", "window_at_scalekv_10",
-                "sink_window_at_scalekv_10", "scalekv_20", "window_at_scalekv_20", "sink_window_at_scalekv_20"}
+                "sink_window_at_scalekv_10", "scalekv_20", "window_at_scalekv_20",
+                "sink_window_at_scalekv_20"}
 SHIPPED = Path(__file__).resolve().parents[1] / "tuner" / "assets" / "presets" / "tiny"
 
 
@@ -28,10 +29,11 @@ def test_every_preset_file_generates_with_the_planned_kv_bytes(tmp_path, small_c
     for f in files:
         doc = json.loads(f.read_text())
         assert doc["provenance"]["preset"] == f.stem.replace("_at_", "@")
-        g = run("generate", *ckpt_args(small_ckpts), "--policy", f, "--classes", "1,2", "--out", tmp_path / f.stem)
+        g = run("generate", *ckpt_args(small_ckpts), "--policy", f, "--classes", "1,2", "--out",
+                tmp_path / f.stem)
         assert g.exit_code == 0, g.output
-        b = run("bench", *ckpt_args(small_ckpts), "--policy", f, "--batch", "2", "--warmup", "0", "--repeats", "1",
-                "--device", "cpu", "--json")
+        b = run("bench", *ckpt_args(small_ckpts), "--policy", f, "--batch", "2", "--warmup", "0", "--repeats",
+                "1", "--device", "cpu", "--json")
         assert b.exit_code == 0, b.output
         res = json.loads(b.output)
         assert res["kv_bytes_allocated"] == res["kv_bytes_planned"]
@@ -54,7 +56,8 @@ def test_presets_fitted_to_a_target_use_at_most_that_memory(tmp_path):
 
 def test_presets_bad_input(tmp_path):
     assert_user_error(run("presets", "--mem-target", "150%", "--out", tmp_path / "x"), "--mem-target")
-    assert_user_error(run("presets", "--calibration-samples", "0", "--out", tmp_path / "y"), "--calibration-samples")
+    assert_user_error(run("presets", "--calibration-samples", "0", "--out", tmp_path / "y"),
+                      "--calibration-samples")
 
 
 def test_shipped_tiny_presets_load_for_tiny_and_are_refused_for_d16():

@@ -132,7 +132,8 @@ def test_model_policies_and_quality_never_import_the_search_stack():
 
 
 def test_help_needs_no_heavy_import():
-    code = ("import sys\nfrom tuner.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom tuner.cli import main\ntry:\n    main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -76,7 +76,8 @@ def test_parse_size_and_targets():
     assert t.bytes_per_image == 41_943_040 and t.fraction is None
     assert parse_mem_target("100%").fraction == 1.0
     for bad, match in [("0", "outside"), ("150%", "outside"), ("abc", "not a size"), ("0MiB", "positive"),
-                       ("2", "more than the full cache"), ("%", "not a percentage"), ("12 parsecs", "not a size")]:
+                       ("2", "more than the full cache"), ("%", "not a percentage"),
+                       ("12 parsecs", "not a size")]:
         with pytest.raises(UserError, match=match) as info:
             parse_mem_target(bad)
         assert "\n" not in str(info.value)

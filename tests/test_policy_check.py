@@ -46,11 +46,13 @@ def test_committed_references_are_valid_and_cover_the_shipped_targets():
 
 
 def test_committed_policies_pass_against_themselves():
-    r = run("policy", "check", *sorted(POLICIES.glob("*.json")), "--reference", POLICIES, "--model", "tiny", *FAST)
+    r = run("policy", "check", *sorted(POLICIES.glob("*.json")), "--reference", POLICIES, "--model", "tiny",
+            *FAST)
     assert r.exit_code == 0, r.output
     assert r.output.count("  ok") == 3 and "REGRESSION" not in r.output, r.output
     rows = [ln.split() for ln in r.output.splitlines() if ln.startswith(str(POLICIES / "tiny-"))]
-    assert [row[2] for row in rows] == ["10%", "15%", "25%"], r.output  # the target column, as the user wrote it
+    # the target column, as the user wrote it
+    assert [row[2] for row in rows] == ["10%", "15%", "25%"], r.output
     assert r.output.strip().splitlines()[-1].startswith("ok: 3 policies"), r.output
 
 
@@ -63,7 +65,8 @@ def test_worse_policies_fail_with_exit_1(tmp_path):
     assert r.exit_code == 1, r.output
     lines = {ln.split()[0]: ln for ln in r.output.splitlines() if ln.strip()}
     assert lines[str(REF_10)].rstrip().endswith("ok"), r.output
-    assert "REGRESSION:" in lines[str(low_quality)] and "psnr" in lines[str(low_quality)].split("REGRESSION")[1]
+    assert ("REGRESSION:" in lines[str(low_quality)]
+            and "psnr" in lines[str(low_quality)].split("REGRESSION")[1])
     assert "REGRESSION: memory" in lines[str(big)], r.output
     assert "2 regression(s) in 3 policies" in r.output
 

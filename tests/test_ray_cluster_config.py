@@ -237,8 +237,8 @@ def test_gpus_flag_asks_the_autoscaler_and_waits_for_the_nodes(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.autoscaler.sdk", sdk)
     monkeypatch.setattr("time.sleep", grow_after_two_polls)
 
-    pool = RayPool("tests.nothing:factory", {"model": "d30"}, workers=None, address="auto", trial_timeout_s=60,
-                   gpus=2)
+    pool = RayPool("tests.nothing:factory", {"model": "d30"}, workers=None, address="auto",
+                   trial_timeout_s=60, gpus=2)
     pool.start()
     pool.close()
     assert requested == [[{"GPU": 1}, {"GPU": 1}]]

@@ -31,8 +31,8 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(src)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(out), str(src)], check=True, timeout=600)
     (path,) = out.glob("varkv_tuner-*.whl")
     return path
 
@@ -54,16 +54,19 @@ def test_search_runs_from_a_non_editable_install(wheel, tmp_path):
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     (Path(site) / "deps-from-the-test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, timeout=300)
     work = tmp_path / "work"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TUNER_WEIGHTS_DIR", "MLFLOW_TRACKING_URI")}
-    where = subprocess.run([str(py), "-c", "import tuner, search_spaces; print(tuner.__file__, search_spaces.__file__)"],
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "TUNER_WEIGHTS_DIR", "MLFLOW_TRACKING_URI")}
+    where = subprocess.run([str(py), "-c",
+                            "import tuner, search_spaces; print(tuner.__file__, search_spaces.__file__)"],
                            cwd=work, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert all(p.startswith(site) for p in where), where
-    res = subprocess.run([str(venv / "bin" / "tuner"), "search", "--mem-target", "15%", "--trials", "2", "--samples", "2",
-                          "--final-samples", "2", "--workers", "0", "--no-progress", "--mlflow-uri", "none"],
+    res = subprocess.run([str(venv / "bin" / "tuner"), "search", "--mem-target", "15%", "--trials", "2",
+                          "--samples", "2", "--final-samples", "2", "--workers", "0", "--no-progress",
+                          "--mlflow-uri", "none"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "policy written to" in res.stdout + res.stderr

@@ -123,8 +123,9 @@ class Calibration:
     def check_geometry(self, geometry: CacheGeometry) -> None:
         """``ValueError`` if these statistics were computed for another layer/scale layout."""
         if (self.num_layers, tuple(self.patch_nums)) != (geometry.num_layers, tuple(geometry.patch_nums)):
-            raise ValueError(f"calibration is for {self.num_layers} layers with patch_nums {list(self.patch_nums)}, "
-                             f"the model has {geometry.num_layers} layers with {list(geometry.patch_nums)}")
+            raise ValueError(f"calibration is for {self.num_layers} layers with patch_nums "
+                             f"{list(self.patch_nums)}, the model has {geometry.num_layers} layers with "
+                             f"{list(geometry.patch_nums)}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -163,8 +164,8 @@ class Calibration:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read calibration file {path}: {exc}; delete it and run `tuner calibrate` "
-                            f"again") from None
+            raise UserError(f"cannot read calibration file {path}: {exc}; delete it and run "
+                            f"`tuner calibrate` again") from None
 
 
 class CalibrationObserver:
@@ -251,9 +252,11 @@ class CalibrationObserver:
         """The averaged statistics; ``ValueError`` if some layer or scale was never observed."""
         g = self.geometry
         if any(c == 0 for row in self._density_count for c in row):
-            raise ValueError("calibration observed no attention for some (layer, scale); was the full policy used?")
+            raise ValueError("calibration observed no attention for some (layer, scale); was the full policy "
+                             "used?")
         car = tuple(tuple(None if s == 0 else v for s, v in enumerate(row)) for row in self._table("car"))
-        density = tuple(tuple(tuple(v / self._density_count[layer][j] for v in row) for j, row in enumerate(m))
+        density = tuple(tuple(tuple(v / self._density_count[layer][j] for v in row)
+                              for j, row in enumerate(m))
                         for layer, m in enumerate(self._density))
         return Calibration(self.model_name, tuple(g.patch_nums), g.num_layers, self._table("sim"), car,
                            self._table("htk"), density, self.spec, self.checkpoint_sha256)
@@ -281,8 +284,8 @@ def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
     spec = spec or CalibrationSpec(samples=samples, seed=seed)
     geometry = CacheGeometry.from_var_config(model_cfg.var)
     softmax_scale = float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
-    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec, checkpoint_sha256=checkpoint_sha256,
-                              softmax_scale=softmax_scale)
+    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec,
+                              checkpoint_sha256=checkpoint_sha256, softmax_scale=softmax_scale)
     device = next(var.parameters()).device
     labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
     done = 0
@@ -301,7 +304,8 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "varkv-tuner") / "calibration"
 
 
-def cache_path(model_cfg, checkpoint_sha256: str, spec: CalibrationSpec, cache_dir: str | Path | None = None) -> Path:
+def cache_path(model_cfg, checkpoint_sha256: str, spec: CalibrationSpec,
+               cache_dir: str | Path | None = None) -> Path:
     """Where the statistics of this checkpoint + spec live."""
     model_key = hashlib.sha256(checkpoint_sha256.encode()).hexdigest()[:16]
     return Path(cache_dir or default_cache_dir()) / f"{model_cfg.name}_{model_key}_{spec.key()}.json"

@@ -23,16 +23,19 @@ def calibration_markdown(cal: Calibration) -> str:
     rank = {layer: i for i, layer in enumerate(sorted(range(cal.num_layers), key=lambda x: (sims[x], x)))}
     scales = range(len(cal.patch_nums))
     lines = [f"# Calibration of {cal.model_name}", "",
-             f"checkpoint sha256: {cal.checkpoint_sha256 or 'none (random weights)'}; samples {cal.spec.samples}, "
+             f"checkpoint sha256: {cal.checkpoint_sha256 or 'none (random weights)'}; "
+             f"samples {cal.spec.samples}, "
              f"seed {cal.spec.seed}, cfg {cal.spec.cfg}, top-k {cal.spec.top_k}, top-p {cal.spec.top_p}, "
              f"K' = {cal.spec.htk_fraction:g} of the history", "",
              "## Inter-scale key similarity (negative L2; lower = more cache-demanding)", "",
              "| layer | mean | rank | " + " | ".join(f"s{s}" for s in scales) + " |",
              "|---|---|---|" + "---|" * len(cal.patch_nums)]
     for layer, row in enumerate(cal.key_similarity):
-        lines.append(f"| {layer} | {sims[layer]:.4f} | {rank[layer]} | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines.append(f"| {layer} | {sims[layer]:.4f} | {rank[layer]} | " + " | ".join(_fmt(v) for v in row)
+                     + " |")
     lines += ["", "## Attention selectivity index (CAR × HTK; low = drafter)", "",
-              "| layer | " + " | ".join(f"s{s}" for s in scales) + " |", "|---|" + "---|" * len(cal.patch_nums)]
+              "| layer | " + " | ".join(f"s{s}" for s in scales) + " |",
+              "|---|" + "---|" * len(cal.patch_nums)]
     for layer, row in enumerate(cal.asi):
         lines.append(f"| {layer} | " + " | ".join(_fmt(v, 4) for v in row) + " |")
     return "\n".join(lines) + "\n"
@@ -53,8 +56,10 @@ def plot_calibration(cal: Calibration, out_dir: str | Path) -> list[Path]:
         return np.array([[np.nan if v is None else v for v in row] for row in table], dtype=float)
 
     density = np.array(cal.density, dtype=float).mean(axis=0)
-    panels = [("key_similarity.png", grid(cal.key_similarity), "inter-scale key similarity", "scale", "layer"),
-              ("asi_z.png", grid(cal.asi_z()), "ASI z-score per scale (low = drafter)", "query scale", "layer"),
+    panels = [("key_similarity.png", grid(cal.key_similarity), "inter-scale key similarity", "scale",
+               "layer"),
+              ("asi_z.png", grid(cal.asi_z()), "ASI z-score per scale (low = drafter)", "query scale",
+               "layer"),
               ("density.png", np.log10(np.where(density > 0, density, np.nan)),
                "log10 attention density (mean over layers)", "key scale", "query scale")]
     paths = []

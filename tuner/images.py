@@ -32,7 +32,8 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
     grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
     for i in range(b):
         r, col = divmod(i, ncol)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
     return grid
 
 

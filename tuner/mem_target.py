@@ -1,4 +1,5 @@
-"""Memory targets as users write them: ``15%``, ``0.15`` (of the full cache) or ``40MiB`` (KV bytes per image).
+"""Memory targets as users write them: ``15%``, ``0.15`` (of the full cache) or ``40MiB`` (KV bytes per
+image).
 
 :class:`MemTarget` is the one type the search, preset fitting (``tuner presets --mem-target``) and
 ``tuner policy check`` read targets through; :func:`parse_size` is also the grammar of

@@ -62,8 +62,8 @@ def resolve_device(name: str | None, hint: str = "use --device cpu") -> str:
     dev = torch.device(name)
     if dev.type == "cuda":  # counted without creating a CUDA context (search drivers stay off the GPU)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
-                            f"from 0; {hint}")
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0; {hint}")
     elif dev.type == "meta":
         raise UserError(f"--device {name} holds no data and cannot generate images; {hint}")
     elif dev.type != "cpu":

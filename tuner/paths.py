@@ -54,12 +54,14 @@ def writable_dir(path: str | Path, flag: str = "--out") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output directory {p} is not writable ({exc.strerror or exc}); pass a writable {flag}") from None
+        raise UserError(f"output directory {p} is not writable ({exc.strerror or exc}); "
+                        f"pass a writable {flag}") from None
     return p
 
 
 # What matplotlib's savefig writes (chosen by the file suffix); no suffix means PNG.
-IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = ("", ".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif",
+                  ".tiff", ".webp")
 
 
 def check_writable_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
@@ -82,17 +84,21 @@ def check_writable_file(path: str | Path, flag: str, suffixes: tuple[str, ...] |
         return p
     probe = _nearest_existing(p.parent)
     if not probe.is_dir():
-        raise UserError(f"{flag} {p} cannot be written ({probe} is a file, not a directory); pass a writable path")
+        raise UserError(f"{flag} {p} cannot be written ({probe} is a file, not a directory); "
+                        f"pass a writable path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {p} cannot be written (no write permission in {probe}); pass a writable path")
+        raise UserError(f"{flag} {p} cannot be written (no write permission in {probe}); "
+                        f"pass a writable path")
     return p
 
 
 def ensure_parent(path: str | Path, flag: str) -> Path:
-    """Make the parent directories of an output file (after :func:`check_writable_file` and every other check)."""
+    """Make the parent directories of an output file (after :func:`check_writable_file` and every other
+    check)."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"{flag} {p} cannot be written ({exc.strerror or exc}); pass a writable path") from None
+        raise UserError(f"{flag} {p} cannot be written ({exc.strerror or exc}); "
+                        f"pass a writable path") from None
     return p

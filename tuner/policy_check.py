@@ -131,26 +131,30 @@ def load_references(paths: list[str], model_cfg: Any = None) -> dict[tuple, Entr
         elif p.is_file():
             files.append(p)
         else:
-            raise UserError(f"reference {p} does not exist; pass --reference with the policies/ directory or files")
+            raise UserError(f"reference {p} does not exist; pass --reference with the policies/ directory "
+                            f"or files")
     if not files:
-        raise UserError(f"no reference policy files (*.json) in {', '.join(paths)}; pass --reference policies/")
+        raise UserError(f"no reference policy files (*.json) in {', '.join(paths)}; "
+                        f"pass --reference policies/")
     refs: dict[tuple, Entry] = {}
     for f in files:
         e = load_entry(f, model_cfg)
         if e.key in refs:
-            raise UserError(f"references {refs[e.key].path} and {f} are for the same model and target; keep one")
+            raise UserError(f"references {refs[e.key].path} and {f} are for the same model and target; "
+                            f"keep one")
         refs[e.key] = e
     return refs
 
 
-def match(candidates: list[Entry], refs: dict[tuple, Entry], allow_new: bool) -> list[tuple[Entry, Entry | None]]:
+def match(candidates: list[Entry], refs: dict[tuple, Entry],
+          allow_new: bool) -> list[tuple[Entry, Entry | None]]:
     """Pair every candidate with its reference; a candidate without one is an error unless ``allow_new``."""
     pairs = []
     for c in candidates:
         r = refs.get(c.key)
         if r is None and not allow_new:
-            raise UserError(f"no reference policy for {c.path} ({c.model}, target {c.describe_target()}); add one "
-                            f"to the reference directory after review, or pass --allow-new")
+            raise UserError(f"no reference policy for {c.path} ({c.model}, target {c.describe_target()}); "
+                            f"add one to the reference directory after review, or pass --allow-new")
         if r is not None and r.info.checkpoint_sha256 != c.info.checkpoint_sha256:
             raise UserError(f"{c.path} and its reference {r.path} were tuned on different checkpoints; "
                             f"regenerate the references for the current weights")
@@ -167,8 +171,8 @@ def _with_file_calibration(evaluator: Any, entry: Entry) -> Any:
     return dataclasses.replace(evaluator, spec_for=lambda policy: spec)
 
 
-def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[str], Any], samples: int, seed: int,
-            batch_size: int, tol: Tolerances, metric: str | None = None,
+def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[str], Any], samples: int,
+            seed: int, batch_size: int, tol: Tolerances, metric: str | None = None,
             guards: tuple[str, ...] = ("psnr",)) -> list[CheckRow]:
     """Re-evaluate each pair on one paired spec (identical policies once) and judge the candidate.
 
@@ -187,9 +191,11 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
             ev = evaluator_for(entry.model)
             sha = ev.loaded.checkpoint_sha256
             if entry.info.checkpoint_sha256 and sha and entry.info.checkpoint_sha256 != sha:
-                raise UserError(f"{entry.path} was tuned on checkpoint {entry.info.checkpoint_sha256[:12]}…, the "
-                                f"loaded {entry.model} weights are {sha[:12]}…; pass the weights it was made for")
-            cache[key] = _with_file_calibration(ev, entry).evaluate(entry.policy.family, entry.policy.params(), spec)
+                raise UserError(f"{entry.path} was tuned on checkpoint {entry.info.checkpoint_sha256[:12]}…, "
+                                f"the loaded {entry.model} weights are {sha[:12]}…; "
+                                f"pass the weights it was made for")
+            cache[key] = _with_file_calibration(ev, entry).evaluate(entry.policy.family,
+                                                                    entry.policy.params(), spec)
         return cache[key]
 
     rows = []
@@ -205,8 +211,9 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
         names = [name, *(g for g in guards if g != name)]
         missing = [n for n in names if n not in mc or n not in mr]
         if missing:
-            raise UserError(f"metric {missing[0]} is not measured for {cand.model} here (got {', '.join(sorted(mc))}); "
-                            f"pass --metric psnr or ssim and --guard-metrics psnr")
+            raise UserError(f"metric {missing[0]} is not measured for {cand.model} here "
+                            f"(got {', '.join(sorted(mc))}); pass --metric psnr or ssim and "
+                            f"--guard-metrics psnr")
         # the planner's figures for the files' own budget tables (loading proved them equal to the plan)
         cand_mem, ref_mem = float(mc["memory_fraction"]), float(mr["memory_fraction"])
         problems = []
@@ -214,7 +221,8 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
             problems.append(f"memory {100 * cand_mem:.2f}% > {100 * ref_mem:.2f}% + {100 * tol.memory:g} pts")
         for n in names:
             vc, vr, allowed = mc[n], mr[n], tol.allowed(n, mr[n])
-            worse = 0.0 if vc == vr else vr - vc if METRICS[n].higher_is_better else vc - vr  # inf == inf: PSNR of full
+            # inf == inf: PSNR of full
+            worse = 0.0 if vc == vr else vr - vc if METRICS[n].higher_is_better else vc - vr
             if not worse <= allowed:  # also catches NaN
                 problems.append(f"{n} {vc:.4g} vs {vr:.4g} (worse by {worse:.3g} > {allowed:.3g})")
         rows.append(CheckRow(cand.path, ref.path, cand.describe_target(), name, cand_mem, ref_mem,
@@ -227,7 +235,8 @@ def format_rows(rows: list[CheckRow]) -> str:
     head = ("candidate", "reference", "target", "memory cand/ref", "metric cand/ref", "verdict")
     body = []
     for r in rows:
-        mem = f"{100 * r.cand_memory:.2f}%" + (f" / {100 * r.ref_memory:.2f}%" if r.ref_memory is not None else "")
+        mem = f"{100 * r.cand_memory:.2f}%" + (f" / {100 * r.ref_memory:.2f}%" if r.ref_memory is not None
+                                               else "")
         met = ", ".join(f"{n} {c:.4g} / {v:.4g}" for n, c, v in r.values) or f"{r.metric} -"
         body.append((r.candidate, r.reference or "-", r.target, mem, met, r.verdict))
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head) - 1)]

@@ -94,12 +94,14 @@ def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy
     geometry: CacheGeometry = as_geometry(model_cfg)
     name = getattr(model_cfg, "name", "")
     if calibration is None:
-        raise UserError(f"the paper presets of {name or 'this model'} need its calibration statistics (AMS-KV "
-                        f"key similarity, ScaleKV ASI); run `tuner calibrate` first or pass --no-presets")
+        raise UserError(f"the paper presets of {name or 'this model'} need its calibration statistics "
+                        f"(AMS-KV key similarity, ScaleKV ASI); run `tuner calibrate` first or pass "
+                        f"--no-presets")
     try:
         calibration.check_geometry(geometry)
     except ValueError as exc:
-        raise UserError(f"calibration does not fit {name or 'this model'}: {exc}; recalibrate this model") from None
+        raise UserError(f"calibration does not fit {name or 'this model'}: {exc}; "
+                        f"recalibrate this model") from None
     spec = PolicySpec(geometry, name, calibration)
     out: dict[str, KVPolicy] = {}
     for preset, policy in method_presets().items():

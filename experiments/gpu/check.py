@@ -49,7 +49,8 @@ PROFILES = {
     "dry": dict(budget_s=240, limits=dict(env=60, imports=90, pytest=90, kernels=60, e2e=90),
                 min_start=dict(env=5, imports=5, pytest=5, kernels=5, e2e=5),
                 kernel_runs="quick:bf16;quick:fp16",
-                # Fake budget: weights + the planner's 1 GiB reserve + room for about 60 full-cache toy images.
+                # Fake budget: weights + the planner's 1 GiB reserve + room for about 60 full-cache toy
+                # images.
                 e2e=dict(model="toy", device="cpu", batch=1, warmup=0, repeats=1, calibration_samples=1,
                          maxbatch_mem="1040MiB", max_probes=12, probe_limit_s=10)),
 }
@@ -61,8 +62,11 @@ def parse_args(argv):
     p.add_argument("outdir", type=Path, help="where the tables go (created; existing files are replaced)")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, toy sizes (a test)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget of the driver, s (run.sh: 470 minus the install; else GPU 450, dry run 240)")
-    p.add_argument("--kernel-runs", default=None, help="MODEL:DTYPE:BATCHES;... (see experiments/gpu/kernel_table.py)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="time budget of the driver, s (run.sh: 470 minus the install; else GPU 450, "
+                        "dry run 240)")
+    p.add_argument("--kernel-runs", default=None,
+                   help="MODEL:DTYPE:BATCHES;... (see experiments/gpu/kernel_table.py)")
     p.add_argument("--preset", default="ams", help="the paper preset to compare (a tuner presets name)")
     p.add_argument("--mem-target", default="15%")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="end-to-end dtype")
@@ -70,12 +74,14 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=None, help="equal batch of the images/s comparison (GPU 64)")
     p.add_argument("--maxbatch-mem", default=None, help="memory of the max-batch search: a size or 'device'")
     p.add_argument("--block-imports", action=argparse.BooleanOptionalAction, default=None,
-                   help="run every step with optuna/ray/mlflow/sqlalchemy blocked (default: on in the dry run)")
-    p.add_argument("--install-status", default="not run", help="what run.sh's pip install did (for the summary)")
+                   help="run every step with optuna/ray/mlflow/sqlalchemy blocked "
+                        "(default: on in the dry run)")
+    p.add_argument("--install-status", default="not run",
+                   help="what run.sh's pip install did (for the summary)")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     p.add_argument("--test-only-plan-offset", type=int, default=0, metavar="BYTES",
-                   help="TEST ONLY: add BYTES to every planned KV-per-image figure, so a test can prove that a "
-                        "planned/allocated mismatch makes the check exit 1; never set it for a real run")
+                   help="TEST ONLY: add BYTES to every planned KV-per-image figure, so a test can prove that "
+                        "a planned/allocated mismatch makes the check exit 1; never set it for a real run")
     args = p.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if not steps or any(s not in STEPS for s in steps):
@@ -105,7 +111,8 @@ class Driver:
         self.env = self._env()
 
     def _env(self) -> dict:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", TUNER_CACHE_DIR=str(self.work / "cache"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg",
+                   TUNER_CACHE_DIR=str(self.work / "cache"))
         paths = [str(ROOT)] + ([p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         if self.args.block_imports:
             paths.insert(0, str(write_blocker(self.work / "blocker")))
@@ -126,7 +133,8 @@ class Driver:
                                                    f"{self.args.budget_s:.0f}")
             print(f"[{name}] skipped ({res.note})", flush=True)
         else:
-            res = run_logged(name, cmd, timeout_s=limit, log_path=self.work / "logs" / f"{name.replace(':', '_')}.log",
+            res = run_logged(name, cmd, timeout_s=limit,
+                             log_path=self.work / "logs" / f"{name.replace(':', '_')}.log",
                              env=self.env, cwd=ROOT)
         self.steps.append(res)
         return res
@@ -140,7 +148,8 @@ def pytest_counts(xml_path: Path) -> dict:
 
 
 def check_pytest(res: StepResult, xml_path: Path, dry_run: bool) -> None:
-    """On a GPU every selected test must run (a skip means CUDA or triton was not seen); the dry run skips all."""
+    """On a GPU every selected test must run (a skip means CUDA or triton was not seen); the dry run
+    skips all."""
     if res.status in ("skipped", "timeout") or not xml_path.is_file():
         return
     counts = pytest_counts(xml_path)
@@ -163,7 +172,8 @@ def run_all(d: Driver) -> dict:
     if not a.dry_run and not env_res.ok:
         return machine  # the env step's own failure says why
     if not a.dry_run and not machine.get("cuda"):
-        env_res.status, env_res.note = "failed", "no CUDA GPU visible: run on a GPU machine, or pass --dry-run"
+        env_res.status, env_res.note = ("failed",
+                                        "no CUDA GPU visible: run on a GPU machine, or pass --dry-run")
         return machine
     if "imports" in a.steps:
         d.step("imports", "imports", [py, "-m", "experiments.gpu.cli_smoke", str(work / "cli")])
@@ -182,8 +192,8 @@ def run_all(d: Driver) -> dict:
         limit = min(a.profile["limits"]["e2e"], d.left())
         cmd = [py, "-m", "experiments.gpu.e2e", "--out", str(work / "e2e"), "--model", e["model"],
                "--device", e["device"], "--dtype", a.dtype, "--backend", a.backend,
-               "--batch", str(a.batch or e["batch"]), "--warmup", str(e["warmup"]), "--repeats", str(e["repeats"]),
-               "--mem-target", a.mem_target, "--preset", a.preset,
+               "--batch", str(a.batch or e["batch"]), "--warmup", str(e["warmup"]), "--repeats",
+               str(e["repeats"]), "--mem-target", a.mem_target, "--preset", a.preset,
                "--calibration-samples", str(e["calibration_samples"]),
                "--maxbatch-mem", a.maxbatch_mem or e["maxbatch_mem"], "--max-probes", str(e["max_probes"]),
                "--probe-limit-s", str(e["probe_limit_s"]), "--deadline-s", f"{max(1.0, limit - 20):.0f}",
@@ -215,7 +225,8 @@ def write_outputs(d: Driver, machine: dict) -> int:
                                                                          "error": "no e2e.json"}
     targets = kernel_table.target_rows(ksum, kmodel, kbatch) + report.e2e_targets(e2e)
 
-    mismatches = [f"step {s.name}: {s.status}" + (f" ({s.note})" if s.note else "") for s in d.steps if not s.ok]
+    mismatches = [f"step {s.name}: {s.status}" + (f" ({s.note})" if s.note else "")
+                  for s in d.steps if not s.ok]
     mismatches += list(e2e.get("mismatches", []))
     if e2e.get("error") and "e2e" in a.steps:  # a rerun of other steps only has no e2e result, rightly
         mismatches.append(f"e2e: {e2e['error']}")
@@ -228,17 +239,18 @@ def write_outputs(d: Driver, machine: dict) -> int:
     steps = [{"name": "install", "status": a.install_status, "seconds": 0.0, "note": "run.sh (pip install)"}]
     steps += [s.as_dict() for s in d.steps]
     (out / "kernels.md").write_text("\n".join(head("GPU check: attention kernels")) + "\n"
-                                    + ("Latency = sum over one forward's scales, one layer; `python -m kernels.bench`."
-                                       "\n\n" + kernel_table.markdown(ksum) if ksum else "No kernel result.\n"))
+                                    + ("Latency = sum over one forward's scales, one layer; "
+                                       "`python -m kernels.bench`.\n\n"
+                                       + kernel_table.markdown(ksum) if ksum else "No kernel result.\n"))
     (out / "e2e.md").write_text("\n".join(head("GPU check: end to end")) + "\n" + report.e2e_markdown(e2e))
     (out / "maxbatch.md").write_text("\n".join(head("GPU check: max batch, measured vs planned")) + "\n"
                                      + report.maxbatch_markdown(e2e))
     total = time.monotonic() - d.t0
-    (out / "summary.md").write_text(report.summary_markdown(head("GPU check: summary"), steps, mismatches, targets,
-                                                            dry_run=a.dry_run, total_s=total))
+    (out / "summary.md").write_text(report.summary_markdown(head("GPU check: summary"), steps, mismatches,
+                                                            targets, dry_run=a.dry_run, total_s=total))
     (out / "results.json").write_text(json.dumps(
-        {"dry_run": a.dry_run, "machine": machine, "steps": steps, "mismatches": mismatches, "targets": targets,
-         "kernels": ksum, "e2e": e2e, "total_s": total}, indent=1, default=str) + "\n")
+        {"dry_run": a.dry_run, "machine": machine, "steps": steps, "mismatches": mismatches,
+         "targets": targets, "kernels": ksum, "e2e": e2e, "total_s": total}, indent=1, default=str) + "\n")
     with tarfile.open(out / "raw.tar.gz", "w:gz") as tar:
         for sub in ("logs", "kernels", "e2e", "pytest.xml"):
             if (d.work / sub).exists():

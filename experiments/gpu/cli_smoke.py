@@ -21,8 +21,8 @@ def commands(work: Path) -> list[list[str]]:
          "--gpu-mem", "24GiB", "--json"],
         ["bench", "--model", "tiny", "--random-weights", "--batch", "1", "--warmup", "0", "--repeats", "1",
          "--device", "cpu", "--attention-backend", "torch", "--json"],
-        ["presets", "--model", "tiny", "--random-weights", "--mem-target", "15%", "--calibration-samples", "1",
-         "--device", "cpu", "--out", str(work / "presets-tiny")],
+        ["presets", "--model", "tiny", "--random-weights", "--mem-target", "15%", "--calibration-samples",
+         "1", "--device", "cpu", "--out", str(work / "presets-tiny")],
     ]
 
 

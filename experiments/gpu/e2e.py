@@ -36,14 +36,16 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-target", default="15%")
-    p.add_argument("--preset", default="ams", help="paper preset fitted to --mem-target (tuner presets names)")
+    p.add_argument("--preset", default="ams",
+                   help="paper preset fitted to --mem-target (tuner presets names)")
     p.add_argument("--joint-file", type=Path, default=DEFAULT_JOINT_FILE)
     p.add_argument("--calibration-samples", type=int, default=2)
     p.add_argument("--maxbatch-mem", default="24GiB",
                    help="device memory of the max-batch search: a size (the allocator is capped to it) or "
                         "'device' (all of it); on CPU the fake budget of the allocation probe")
     p.add_argument("--max-probes", type=int, default=8, help="per policy")
-    p.add_argument("--probe-limit-s", type=float, default=40.0, help="no probe predicted to take longer starts")
+    p.add_argument("--probe-limit-s", type=float, default=40.0,
+                   help="no probe predicted to take longer starts")
     p.add_argument("--resolution", type=float, default=0.05, help="stop bisecting within this fraction")
     p.add_argument("--deadline-s", type=float, default=300.0, help="start no new stage/probe after this")
     p.add_argument("--plan-offset", type=int, default=0,
@@ -73,7 +75,8 @@ def planned(candidate, cfg, *, dtype: str, batch: int, offset: int):
     from tuner.memory import memory_report
 
     report = memory_report(candidate.policy, cfg, dtype=dtype, cfg=True, batch=batch, spec=candidate.spec)
-    return dataclasses.replace(report, kv_bytes_per_image=report.kv_bytes_per_image + offset) if offset else report
+    return (dataclasses.replace(report, kv_bytes_per_image=report.kv_bytes_per_image + offset) if offset
+            else report)
 
 
 def bench_one(loaded, c, args, dtype, rec: Recorder, entry: dict) -> None:
@@ -117,17 +120,19 @@ def maxbatch_one(loaded, c, args, dtype, mem_bytes: int, deadline: float, rec: R
     report = planned(c, cfg, dtype=args.dtype, batch=1, offset=args.plan_offset)
     est = max_batch(report, cfg, mem_bytes, args.dtype, backend=args.backend)
     if args.device.startswith("cuda"):
-        probe = cuda_probe(lambda b: run_bench(loaded, c.policy, c.spec, batch=b, device=args.device, dtype=dtype,
-                                               backend=args.backend, warmup=0, repeats=1))
+        probe = cuda_probe(lambda b: run_bench(loaded, c.policy, c.spec, batch=b, device=args.device,
+                                               dtype=dtype, backend=args.backend, warmup=0, repeats=1))
     else:
         true_report = planned(c, cfg, dtype=args.dtype, batch=1, offset=0)
         true_est = max_batch(true_report, cfg, mem_bytes, args.dtype, backend=args.backend)
-        probe = allocation_probe(plan=true_report.plan, geometry=true_report.geometry, dtype=dtype, policy=c.policy,
-                                 backend=args.backend, fixed_bytes=true_est.weights_bytes + true_est.reserve_bytes,
+        probe = allocation_probe(plan=true_report.plan, geometry=true_report.geometry, dtype=dtype,
+                                 policy=c.policy, backend=args.backend,
+                                 fixed_bytes=true_est.weights_bytes + true_est.reserve_bytes,
                                  activation_bytes_per_image=true_est.activation_bytes_per_image,
                                  device_mem_bytes=mem_bytes)
     print(f"  {c.name}: tuner plan predicts max batch {est.batch} on {mem_bytes / 2**30:.2f} GiB", flush=True)
-    entry["maxbatch"] = {"planned": est.batch, "device_mem_bytes": mem_bytes, "estimate": dataclasses.asdict(est),
+    entry["maxbatch"] = {"planned": est.batch, "device_mem_bytes": mem_bytes,
+                         "estimate": dataclasses.asdict(est),
                          "search": {"measured": 0, "upper": None, "complete": False, "stop_reason": "running",
                                     "probes": []}}
 
@@ -147,7 +152,8 @@ def maxbatch_one(loaded, c, args, dtype, mem_bytes: int, deadline: float, rec: R
     if res.measured == 0:
         rec.mismatch(f"{c.name}: no max batch measured ({res.stop_reason})")
     first = res.probes[0] if res.probes else None
-    if first is not None and first.batch == est.batch and est.batch > 0 and not first.fits and not first.error:
+    if (first is not None and first.batch == est.batch and est.batch > 0 and not first.fits
+            and not first.error):
         rec.mismatch(f"{c.name}: out of memory at the planned max batch {est.batch}")
     for p in res.probes:
         if p.error:
@@ -194,7 +200,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         loaded = load(args.model, args.device)
         cal = calibrate(loaded, args.calibration_samples)
-        cands = make_candidates(loaded, mem_target=args.mem_target, preset=args.preset, joint_file=args.joint_file,
+        cands = make_candidates(loaded, mem_target=args.mem_target, preset=args.preset,
+                                joint_file=args.joint_file,
                                 calibration=cal, out=args.out / "policies", dtype=args.dtype)
         rec.data["stages"]["load_s"] = round(time.monotonic() - t0, 2)
         entries = []

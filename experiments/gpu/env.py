@@ -67,7 +67,8 @@ def machine_info() -> dict:
         info.update(device=torch.cuda.get_device_name(0), total_memory=int(props.total_memory),
                     capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count)
     else:
-        info.update(device=f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)",
+        info.update(device=f"CPU {platform.processor() or platform.machine()} "
+                           f"({os.cpu_count()} logical cores)",
                     total_memory=None, capability=None, sms=None)
     return info
 
@@ -92,8 +93,10 @@ class StepResult:
         return asdict(self)
 
 
-def run_logged(name: str, cmd: list[str], *, timeout_s: float, log_path: Path, env: dict, cwd: Path) -> StepResult:
-    """Run ``cmd`` with its output both echoed (prefixed) and written to ``log_path``, killed after ``timeout_s``.
+def run_logged(name: str, cmd: list[str], *, timeout_s: float, log_path: Path, env: dict,
+               cwd: Path) -> StepResult:
+    """Run ``cmd`` with its output both echoed (prefixed) and written to ``log_path``, killed after
+    ``timeout_s``.
 
     The child gets its own process group so that a timeout ends everything it started (pytest's
     workers, a Triton compile) and nothing else.
@@ -122,7 +125,8 @@ def run_logged(name: str, cmd: list[str], *, timeout_s: float, log_path: Path, e
             status = "timeout"
         reader.join(timeout=10)
     seconds = time.monotonic() - t0
-    note = f"killed after {timeout_s:.0f} s" if status == "timeout" else ("" if rc == 0 else f"exit status {rc}")
+    note = f"killed after {timeout_s:.0f} s" if status == "timeout" else (
+        "" if rc == 0 else f"exit status {rc}")
     print(f"[{name}] {status} in {seconds:.1f} s {note}".rstrip(), flush=True)
     return StepResult(name, status, seconds, rc, note, str(log_path))
 

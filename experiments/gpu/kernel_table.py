@@ -1,4 +1,5 @@
-"""The kernel step: which ``python -m kernels.bench`` runs to make, and their CSVs as one table with the targets.
+"""The kernel step: which ``python -m kernels.bench`` runs to make, and their CSVs as one table with the
+targets.
 
 A run is ``MODEL:DTYPE:BATCHES`` (``d30:bf16:16,64``), one ``kernels.bench`` process each, so a run
 that hits its time limit loses only itself; ``quick:DTYPE`` is ``kernels.bench --quick`` (the dry
@@ -27,7 +28,8 @@ class KernelRun:
 
     @property
     def label(self) -> str:
-        return f"{self.model}-{self.dtype}" + (f"-b{'-'.join(map(str, self.batches))}" if self.batches else "")
+        return f"{self.model}-{self.dtype}" + (f"-b{'-'.join(map(str, self.batches))}" if self.batches
+                                               else "")
 
     def command(self, python: str, out: Path, fractions=FRACTIONS, device: str = "cuda") -> list[str]:
         cmd = [python, "-m", "kernels.bench", "--device", device, "--dtype", self.dtype, "--out", str(out)]
@@ -46,7 +48,8 @@ def parse_runs(text: str) -> list[KernelRun]:
             runs.append(KernelRun("quick", bits[1]))
             continue
         if len(bits) != 3 or not bits[2]:
-            raise ValueError(f"kernel run {part!r}: expected MODEL:DTYPE:BATCHES (d30:bf16:16,64) or quick:DTYPE")
+            raise ValueError(f"kernel run {part!r}: expected MODEL:DTYPE:BATCHES (d30:bf16:16,64) "
+                             f"or quick:DTYPE")
         runs.append(KernelRun(bits[0], bits[1], tuple(int(b) for b in bits[2].split(","))))
     if not runs:
         raise ValueError("no kernel runs given")
@@ -85,7 +88,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def target_rows(summary: list[dict], model: str, batch: int) -> list[dict]:
-    """The targets at ``model``/``batch`` for every dtype measured: measured ratio, limit, met (None: not measured)."""
+    """The targets at ``model``/``batch`` for every dtype measured: measured ratio, limit, met (None: not
+    measured)."""
     out = []
     for dtype in sorted({s["dtype"] for s in summary}) or ["-"]:
         for fraction, limit in sorted(TARGETS.items()):

@@ -28,7 +28,8 @@ OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLO
 
 @dataclass
 class Probe:
-    """One tried batch: whether it fit, how long it took, the memory it peaked at, the KV bytes it allocated."""
+    """One tried batch: whether it fit, how long it took, the memory it peaked at, the KV bytes it
+    allocated."""
 
     batch: int
     fits: bool
@@ -120,12 +121,14 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _attempt(fn: Callable[[], dict]) -> tuple[dict | None, str | None, bool]:
-    """``(result, error, oom)`` of ``fn()``; only strings leave the ``except`` so no frame (and no tensor) survives."""
+    """``(result, error, oom)`` of ``fn()``; only strings leave the ``except`` so no frame (and no tensor)
+    survives."""
     try:
         return fn(), None, False
     except Exception as exc:  # noqa: BLE001 - an OOM is data; anything else is reported as the probe's error
         oom = _is_oom(exc)
-        return None, None if oom else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}", oom
+        return None, None if oom else (f"{type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"), oom
 
 
 def free_cuda_memory() -> None:

@@ -66,7 +66,8 @@ def transplant_joint(params: dict[str, Any], geometry):
 
     p = dict(params)
     if p.get("table") is not None:
-        raise ValueError("the joint policy is an explicit budget table; it cannot be carried to another model")
+        raise ValueError("the joint policy is an explicit budget table; it cannot be carried to another "
+                         "model")
     curve = list(p.get("scale_curve") or [])
     if len(curve) != geometry.num_scales - 1:
         if not curve or len(set(curve)) != 1:
@@ -93,7 +94,8 @@ class Candidate:
 
 def make_candidates(loaded, *, mem_target: str, preset: str, joint_file: Path, calibration, out: Path,
                     dtype: str) -> list[Candidate]:
-    """``[full, preset, joint]`` for ``loaded``; the compressed two written to ``out/*.json`` and read back."""
+    """``[full, preset, joint]`` for ``loaded``; the compressed two written to ``out/*.json`` and read
+    back."""
     from tuner.cli.model_opts import load_policy_option
     from tuner.mem_target import parse_mem_target
     from tuner.memory import memory_report
@@ -127,7 +129,8 @@ def make_candidates(loaded, *, mem_target: str, preset: str, joint_file: Path, c
                                (f"joint@{mem_target}", joint, f"form of {Path(joint_file).name} refitted to "
                                 f"{mem_target}")):
         path = out / f"{name.replace('@', '_at_').replace('%', 'pct')}.json"
-        write_policy_file(path, policy, cfg, checkpoint_sha256=loaded.checkpoint_sha256, calibration=calibration,
+        write_policy_file(path, policy, cfg, checkpoint_sha256=loaded.checkpoint_sha256,
+                          calibration=calibration,
                           dtype=dtype, provenance={"preset": name, "mem_target": mem_target,
                                                    "note": "GPU check (experiments/gpu); random weights"})
         pol, pspec = load_policy_option(str(path), loaded)

@@ -15,8 +15,8 @@ def header(title: str, machine: dict, *, dry_run: bool, command: str, date: str)
     """Title, DRY RUN banner, device and versions: the first lines of every file the check writes."""
     lines = [f"# {title}", ""]
     if dry_run:
-        lines += ["**DRY RUN** (CPU, Triton interpreter, toy sizes): these numbers test the script, they measure "
-                  "nothing about a GPU.", ""]
+        lines += ["**DRY RUN** (CPU, Triton interpreter, toy sizes): these numbers test the script, they "
+                  "measure nothing about a GPU.", ""]
     lines += [f"- device: {machine.get('device', '?')}",
               f"- torch {machine.get('torch', '?')} (CUDA {machine.get('cuda_runtime')}), triton "
               f"{machine.get('triton', '?')}, Python {machine.get('python', '?')}",
@@ -41,11 +41,14 @@ def e2e_markdown(e2e: dict) -> str:
     full = _full(pols)
     base = full["bench"]["images_per_s"] if full else None
     lines = [f"`tuner bench --model {a['model']} --random-weights --dtype {a['dtype']} --attention-backend "
-             f"{a['backend']} --batch {a['batch']} --warmup {a['warmup']} --repeats {a['repeats']} [--policy FILE]`"
+             f"{a['backend']} --batch {a['batch']} --warmup {a['warmup']} --repeats {a['repeats']} "
+             f"[--policy FILE]`"
              f" (library calls, one process). Peak = `torch.cuda.max_memory_allocated` over the run; planned "
-             f"peak = weights + batch × (KV + activations) from `tuner plan`'s terms; unplanned = peak − what was "
-             f"resident before the run − batch × (KV + activations): memory the planner does not count.", "",
-             "| policy | family | cache % | batch | images/s | × full | total ms | KV planned (B) | KV allocated (B) "
+             f"peak = weights + batch × (KV + activations) from `tuner plan`'s terms; unplanned = peak − "
+             f"what was resident before the run − batch × (KV + activations): memory the planner does not "
+             f"count.", "",
+             "| policy | family | cache % | batch | images/s | × full | total ms | KV planned (B) "
+             "| KV allocated (B) "
              "| equal | peak alloc (MiB) | planned peak (MiB) | peak / planned | unplanned (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pols:
@@ -56,14 +59,16 @@ def e2e_markdown(e2e: dict) -> str:
             if b.get("peak_bytes") and b.get("resident_bytes_before") is not None else None
         lines.append(f"| {p['name']} | {p['family']} | {100 * p['fraction']:.2f} | {b['batch']} | "
                      f"{b['images_per_s']:.3f} | {speed} | {b['total_ms']:.1f} | {b['kv_bytes_planned']:,} | "
-                     f"{b['kv_bytes_allocated']:,} | {'yes' if b['kv_bytes_planned'] == b['kv_bytes_allocated'] else 'NO'}"
-                     f" | {_mib(b.get('peak_bytes'))} | {_mib(b['planned_peak_bytes'])} | {ratio} | {_mib(unplanned)} |")
+                     f"{b['kv_bytes_allocated']:,} | "
+                     f"{'yes' if b['kv_bytes_planned'] == b['kv_bytes_allocated'] else 'NO'}"
+                     f" | {_mib(b.get('peak_bytes'))} | {_mib(b['planned_peak_bytes'])} | {ratio} | "
+                     f"{_mib(unplanned)} |")
     lines += ["", "Latency per scale (ms, median of the timed runs): where the time goes.", "",
               "| scale | " + " | ".join(p["name"] for p in pols) + " |", "|---|" + "---|" * len(pols)]
     n = max(len(p["bench"]["per_scale_ms"]) for p in pols)
     for s in range(n):
-        cells = " | ".join(f"{p['bench']['per_scale_ms'][s]:.2f}" if s < len(p["bench"]["per_scale_ms"]) else "-"
-                           for p in pols)
+        cells = " | ".join(f"{p['bench']['per_scale_ms'][s]:.2f}" if s < len(p["bench"]["per_scale_ms"])
+                           else "-" for p in pols)
         lines.append(f"| {s} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -85,13 +90,16 @@ def maxbatch_markdown(e2e: dict) -> str:
     f_meas = full["maxbatch"]["search"]["measured"] if full else None
     f_plan = full["maxbatch"]["planned"] if full else None
     lines = [f"Device memory for the search: {mem.get('bytes', 0) / 2**30:.2f} GiB ({mem.get('how', '?')}); "
-             f"planned = `tuner plan --gpu-mem` (`tuner.memory.max_batch`, backend {e2e['args']['backend']}). "
+             f"planned = `tuner plan --gpu-mem` (`tuner.memory.max_batch`, "
+             f"backend {e2e['args']['backend']}). "
              + ("A probe allocates the engine's KV buffers for that batch and adds the planner's other terms "
-                "(dry run: no memory to run out of)." if not str(e2e["args"]["device"]).startswith("cuda") else
-                "A probe is one generation at that batch (warm-up 0, 1 run); OOM = torch.cuda.OutOfMemoryError."),
+                "(dry run: no memory to run out of)."
+                if not str(e2e["args"]["device"]).startswith("cuda") else
+                "A probe is one generation at that batch (warm-up 0, 1 run); "
+                "OOM = torch.cuda.OutOfMemoryError."),
              "",
-             "| policy | cache % | planned max batch | measured max batch | measured / planned | × full measured "
-             "| × full planned | probes (batch: fits / OOM, s) |",
+             "| policy | cache % | planned max batch | measured max batch | measured / planned "
+             "| × full measured | × full planned | probes (batch: fits / OOM, s) |",
              "|---|---|---|---|---|---|---|---|"]
     for p in pols:
         m = p["maxbatch"]
@@ -102,8 +110,8 @@ def maxbatch_markdown(e2e: dict) -> str:
         ratio = f"{meas / plan:.2f}" if plan else "-"
         x_meas = f"{meas / f_meas:.2f}" if f_meas else "-"
         x_plan = f"{plan / f_plan:.2f}" if f_plan else "-"
-        lines.append(f"| {p['name']} | {100 * p['fraction']:.2f} | {plan} | {_bounds(s)} | {ratio} | {x_meas} | "
-                     f"{x_plan} | {probes} |")
+        lines.append(f"| {p['name']} | {100 * p['fraction']:.2f} | {plan} | {_bounds(s)} | {ratio} | "
+                     f"{x_meas} | {x_plan} | {probes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -115,16 +123,17 @@ def e2e_targets(e2e: dict) -> list[dict]:
     speed = [(p["bench"]["images_per_s"] / full["bench"]["images_per_s"], p["name"])
              for p in pols if p is not full and "bench" in p] if full and "bench" in full else []
     best = max(speed) if speed else None
-    rows.append(dict(what=f"end to end: images/s at batch {e2e.get('args', {}).get('batch')}, best compressed / "
-                          f"full >= {E2E_SPEEDUP_TARGET}", measured=best[0] if best else None,
+    rows.append(dict(what=f"end to end: images/s at batch {e2e.get('args', {}).get('batch')}, "
+                          f"best compressed / full >= {E2E_SPEEDUP_TARGET}",
+                     measured=best[0] if best else None,
                      by=best[1] if best else None, limit=E2E_SPEEDUP_TARGET,
                      met=None if best is None else best[0] >= E2E_SPEEDUP_TARGET))
     ok = full is not None and "maxbatch" in full and full["maxbatch"]["search"]["measured"] > 0
     ratios = [(p["maxbatch"]["search"]["measured"] / full["maxbatch"]["search"]["measured"], p["name"])
               for p in pols if p is not full and "maxbatch" in p] if ok else []
     best = max(ratios) if ratios else None
-    rows.append(dict(what=f"max batch: best compressed / full >= {MAXBATCH_TARGET}", measured=best[0] if best else None,
-                     by=best[1] if best else None, limit=MAXBATCH_TARGET,
+    rows.append(dict(what=f"max batch: best compressed / full >= {MAXBATCH_TARGET}",
+                     measured=best[0] if best else None, by=best[1] if best else None, limit=MAXBATCH_TARGET,
                      met=None if best is None else best[0] >= MAXBATCH_TARGET))
     return rows
 
@@ -133,18 +142,18 @@ def summary_markdown(head: list[str], steps: list[dict], mismatches: list[str], 
                      dry_run: bool, total_s: float) -> str:
     """Steps, mismatches (the exit status) and targets (the finding)."""
     lines = list(head) + [f"Total {total_s:.0f} s. Exit status {'1' if mismatches else '0'}: "
-                          f"{'see the mismatches below' if mismatches else 'no mismatch, every step ran'}.", "",
-                          "## Steps", "", "| step | status | seconds | note |", "|---|---|---|---|"]
+                          f"{'see the mismatches below' if mismatches else 'no mismatch, every step ran'}.",
+                          "", "## Steps", "", "| step | status | seconds | note |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.1f} | {s['note']} |" for s in steps]
     lines += ["", "## Mismatches (any one makes the exit status 1)", ""]
     lines += [f"- {m}" for m in mismatches] or ["- none"]
-    lines += ["", "## Targets (issue 20" + ("; DRY RUN: toy sizes on a CPU, meaningless" if dry_run else "") + ")",
-              "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "## Targets (issue 20" + ("; DRY RUN: toy sizes on a CPU, meaningless" if dry_run else "")
+              + ")", "", "| target | measured | met |", "|---|---|---|"]
     for t in targets:
         measured = "not measured" if t["measured"] is None else f"{t['measured']:.3f}" + \
             (f" ({t['by']})" if t.get("by") else "")
         met = "-" if t["met"] is None else ("yes" if t["met"] else f"NO (limit {t['limit']})")
         lines.append(f"| {t['what']} | {measured} | {met} |")
-    lines += ["", "Tables: `kernels.md` (attention kernels), `e2e.md` (end to end, peak memory), `maxbatch.md` "
-              "(measured vs planned max batch); raw data: `results.json`, `raw.tar.gz`."]
+    lines += ["", "Tables: `kernels.md` (attention kernels), `e2e.md` (end to end, peak memory), "
+              "`maxbatch.md` (measured vs planned max batch); raw data: `results.json`, `raw.tar.gz`."]
     return "\n".join(lines) + "\n"

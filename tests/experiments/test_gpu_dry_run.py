@@ -1,4 +1,5 @@
-"""experiments/gpu/run.sh --dry-run: the GPU check's code paths on the CPU, so the script works when a GPU comes.
+"""experiments/gpu/run.sh --dry-run: the GPU check's code paths on the CPU, so the script works when a GPU
+comes.
 
 The dry run is the real driver (subprocess, Triton interpreter, toy sizes, optuna/ray/mlflow/sqlalchemy
 blocked); these tests read the tables it writes, prove that a planned/allocated mismatch makes it exit 1
@@ -65,7 +66,8 @@ def test_every_step_ran_and_nothing_mismatched(dry_run):
     assert set(statuses) == {"env", "imports", "pytest", "e2e", "kernels:quick-bf16", "kernels:quick-fp16"}
     assert set(statuses.values()) == {"ok"}
     pytest_step = next(s for s in res["steps"] if s["name"] == "pytest")
-    assert pytest_step["details"]["tests"] > 0 and pytest_step["details"]["skipped"] == pytest_step["details"]["tests"]
+    assert (pytest_step["details"]["tests"] > 0
+            and pytest_step["details"]["skipped"] == pytest_step["details"]["tests"])
     summary = (out / "summary.md").read_text()
     assert "## Mismatches (any one makes the exit status 1)\n\n- none" in summary
     assert {t["what"].split(":")[0] for t in res["targets"]} >= {"end to end", "max batch"}
@@ -93,8 +95,10 @@ def test_e2e_table_compares_the_three_policies_at_equal_batch(dry_run):
     assert set(rows) == {"full", "ams@15%", "joint@15%"}
     assert {r[head.index("batch")] for r in rows.values()} == {"1"}
     assert all(r[head.index("equal")] == "yes" for r in rows.values())
-    assert rows["full"][head.index("× full")] == "1.00" and rows["joint@15%"][head.index("family")] == "budgets"
-    assert float(rows["ams@15%"][head.index("cache %")]) <= 15.0 and "n/a" in rows["full"][head.index("peak alloc (MiB)")]
+    assert (rows["full"][head.index("× full")] == "1.00"
+            and rows["joint@15%"][head.index("family")] == "budgets")
+    assert (float(rows["ams@15%"][head.index("cache %")]) <= 15.0
+            and "n/a" in rows["full"][head.index("peak alloc (MiB)")])
     assert "| scale |" in md  # the per-scale latency table
 
 
@@ -145,7 +149,8 @@ def test_bad_arguments_are_usage_errors():
             parse_args(argv)
         assert exc.value.code == 2
     args = parse_args(["out", "--dry-run", "--steps", "e2e,kernels"])
-    assert args.steps == ["e2e", "kernels"] and args.block_imports and [r.model for r in args.runs] == ["quick"] * 2
+    assert (args.steps == ["e2e", "kernels"] and args.block_imports
+            and [r.model for r in args.runs] == ["quick"] * 2)
     gpu = parse_args(["out"])
     assert not gpu.block_imports and gpu.runs[0].label == "d30-bf16-b16-64" and gpu.budget_s <= 480
 
@@ -156,8 +161,8 @@ def test_import_blocker_blocks(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(write_blocker(tmp_path)))
     code = "import importlib, sys\nfor n in sys.argv[1:]:\n    try:\n        importlib.import_module(n)\n" \
            "    except ImportError:\n        print('blocked', n)\n"
-    proc = subprocess.run([sys.executable, "-c", code, *BLOCKED_MODULES], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code, *BLOCKED_MODULES], env=env, capture_output=True,
+                          text=True, timeout=60)
     assert proc.stdout.split("\n")[:-1] == [f"blocked {n}" for n in BLOCKED_MODULES], proc.stderr
 
 
@@ -175,7 +180,8 @@ def test_max_batch_search_doubles_bisects_and_respects_its_bounds():
                            time_left=lambda: 1e9)
     assert res.complete and 95 <= res.measured <= 100 and res.upper - res.measured <= 5
     assert [p.batch for p in res.probes[:3]] == [40, 80, 160]
-    down = search_max_batch(probe_for(7), 40, max_probes=20, resolution=0.0, probe_limit_s=1e9, time_left=lambda: 1e9)
+    down = search_max_batch(probe_for(7), 40, max_probes=20, resolution=0.0, probe_limit_s=1e9,
+                            time_left=lambda: 1e9)
     assert down.complete and down.measured == 7 and down.probes[0].fits is False
     capped = search_max_batch(probe_for(10_000), 40, max_probes=3, resolution=0.05, probe_limit_s=1e9,
                               time_left=lambda: 1e9)

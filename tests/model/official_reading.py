@@ -44,7 +44,8 @@ def official_infer(sd: dict, vae, patch_nums, labels, g_seed, cfg, top_k, top_p)
     cond = sd["class_emb.weight"][torch.cat((labels, torch.full_like(labels, n_cls)))]
     lvl_pos = sd["lvl_embed.weight"][sd["lvl_1L"]] + sd["pos_1LC"]
     first = patch_nums[0] ** 2
-    x_in = cond[:, None].expand(2 * B, first, C) + sd["pos_start"].expand(2 * B, first, C) + lvl_pos[:, :first]
+    x_in = (cond[:, None].expand(2 * B, first, C) + sd["pos_start"].expand(2 * B, first, C)
+            + lvl_pos[:, :first])
     caches = [None] * depth
     quant = vae.quantize
     z = quant.embedding.weight.shape[1]
@@ -81,5 +82,6 @@ def official_infer(sd: dict, vae, patch_nums, labels, g_seed, cfg, top_k, top_p)
         f_hat, nxt = quant.get_next_autoregressive_input(si, len(patch_nums), f_hat, h)
         if si != len(patch_nums) - 1:
             nxt = nxt.view(B, z, -1).transpose(1, 2)
-            x_in = (_lin(sd, "word_embed", nxt) + lvl_pos[:, cur:cur + patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
+            x_in = (_lin(sd, "word_embed", nxt)
+                    + lvl_pos[:, cur:cur + patch_nums[si + 1] ** 2]).repeat(2, 1, 1)
     return (vae.fhat_to_img(f_hat) + 1) * 0.5

@@ -75,7 +75,8 @@ def test_budget_at_least_full_is_bit_identical_to_full(small_model):
 def test_smaller_budget_changes_images(small_model):
     labels = torch.tensor([0, 5, 9])
     full = generate(small_model.var, small_model.vae, labels, seed=3, top_k=0, top_p=0.0)
-    small = generate(small_model.var, small_model.vae, labels, seed=3, top_k=0, top_p=0.0, policy=RecentTokens(2))
+    small = generate(small_model.var, small_model.vae, labels, seed=3, top_k=0, top_p=0.0,
+                     policy=RecentTokens(2))
     assert not torch.equal(full.images, small.images)
 
 

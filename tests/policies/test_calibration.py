@@ -78,10 +78,10 @@ def test_key_similarity_is_negative_l2_to_upsampled_previous_keys():
     const = torch.ones(1, 1, g.seq_len, 4) / 2
     for s2 in range(g.num_scales):
         n = g.tokens_through(s2)
-        obs2(0, s2, const[:, :, :g.scale_lengths[s2]].expand(1, 2, -1, -1), const[:, :, :n].expand(1, 2, -1, -1),
-             None, torch.arange(n).expand(1, 2, n))
-        obs2(1, s2, const[:, :, :g.scale_lengths[s2]].expand(1, 2, -1, -1), const[:, :, :n].expand(1, 2, -1, -1),
-             None, torch.arange(n).expand(1, 2, n))
+        obs2(0, s2, const[:, :, :g.scale_lengths[s2]].expand(1, 2, -1, -1),
+             const[:, :, :n].expand(1, 2, -1, -1), None, torch.arange(n).expand(1, 2, n))
+        obs2(1, s2, const[:, :, :g.scale_lengths[s2]].expand(1, 2, -1, -1),
+             const[:, :, :n].expand(1, 2, -1, -1), None, torch.arange(n).expand(1, 2, n))
     assert obs2.finalize().key_similarity[0][3] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -32,7 +32,8 @@ def _state(budget, n_old=20, scale=4, rows=2, heads=3, d=8, seed=0):
     k = torch.nn.functional.normalize(torch.randn(rows, heads, n_old + n_new, d, generator=gen), dim=-1)
     q = torch.randn(rows, heads, n_new, d, generator=gen)
     pos = torch.cat((torch.arange(n_old), torch.arange(g.scale_starts[scale], g.scale_starts[scale] + n_new)))
-    return SelectionState(layer=0, scale=scale, budget=budget, geometry=g, positions=pos.expand(rows, heads, -1),
+    return SelectionState(layer=0, scale=scale, budget=budget, geometry=g,
+                          positions=pos.expand(rows, heads, -1),
                           queries=q, k_old=k[:, :, :n_old], v_old=k[:, :, :n_old], k_new=k[:, :, n_old:],
                           v_new=k[:, :, n_old:], softmax_scale=0.7)
 
@@ -41,7 +42,8 @@ def naive_scores(state, window, pool):
     q = state.queries[:, :, window]
     attn = torch.softmax(q @ state.keys.transpose(-1, -2) * state.softmax_scale, dim=-1).sum(2)
     if pool:
-        attn = torch.nn.functional.max_pool1d(attn.flatten(0, 1).unsqueeze(1), pool, 1, pool // 2).view_as(attn)
+        attn = torch.nn.functional.max_pool1d(attn.flatten(0, 1).unsqueeze(1), pool, 1,
+                                              pool // 2).view_as(attn)
     return attn
 
 
@@ -65,7 +67,8 @@ def test_score_indices_match_naive_softmax_mass(budget, pool):
             # top-k up to ties (max-pooling makes neighbours share a score)
             assert len(kept) == budget - (len(win) if budget >= len(win) else 0)
             if kept and dropped:
-                assert min(float(scores[r, h, i]) for i in kept) >= max(float(scores[r, h, i]) for i in dropped) - 1e-6
+                assert (min(float(scores[r, h, i]) for i in kept)
+                        >= max(float(scores[r, h, i]) for i in dropped) - 1e-6)
     assert not torch.equal(idx[0, 0], idx[1, 2])  # rows and heads choose independently
 
 

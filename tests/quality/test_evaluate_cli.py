@@ -1,4 +1,5 @@
-"""`tuner evaluate` on the shipped tiny model end to end, its bad inputs, and the evaluator's reference cache."""
+"""`tuner evaluate` on the shipped tiny model end to end, its bad inputs, and the evaluator's reference
+cache."""
 from __future__ import annotations
 
 import json
@@ -66,7 +67,8 @@ def test_non_positive_samples(n):
 
 
 def test_non_positive_batch_size():
-    assert_user_error(run("--policy", "full", "--samples", 4, "--batch-size", 0), "--batch-size 0", "positive")
+    assert_user_error(run("--policy", "full", "--samples", 4, "--batch-size", 0), "--batch-size 0",
+                      "positive")
 
 
 def test_unknown_policy_name_lists_the_presets():
@@ -76,7 +78,8 @@ def test_unknown_policy_name_lists_the_presets():
 
 def test_missing_reference_file(tmp_path):
     missing = tmp_path / "nope.npz"
-    assert_user_error(run("--policy", "full", "--samples", 2, "--reference", missing), str(missing), "not found")
+    assert_user_error(run("--policy", "full", "--samples", 2, "--reference", missing), str(missing),
+                      "not found")
 
 
 def test_reference_of_the_wrong_resolution(tmp_path):
@@ -113,6 +116,8 @@ def test_full_cache_reference_is_generated_once_per_spec():
     second = ev.evaluate("sink_window", {"sink_scales": 1, "window": 1}, spec)
     assert batches[4:] == [("policy", 2), ("policy", 2)]  # no full-cache batch regenerated
     assert ev.reference_hits == 1
-    assert first["full_latency_s_per_image"] == second["full_latency_s_per_image"]  # the same cached reference
-    ev.evaluate("window", {"window": 2}, EvalSpec.balanced(10, 4, seed=4, batch_size=2))  # other seeds: new ref
+    # the same cached reference
+    assert first["full_latency_s_per_image"] == second["full_latency_s_per_image"]
+    ev.evaluate("window", {"window": 2},
+                EvalSpec.balanced(10, 4, seed=4, batch_size=2))  # other seeds: new ref
     assert [p for p, _ in batches[6:]].count("full cache") == 2

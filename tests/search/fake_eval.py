@@ -55,7 +55,8 @@ class FakeEvaluator:
         def table(fn):
             return tuple(tuple(None if j == 0 else fn(i, j) for j in range(s)) for i in range(n))
 
-        density = tuple(tuple(tuple(1.0 if k <= j else 0.0 for k in range(s)) for j in range(s)) for _ in range(n))
+        density = tuple(tuple(tuple(1.0 if k <= j else 0.0 for k in range(s)) for j in range(s))
+                        for _ in range(n))
         return Calibration(self.model_cfg.name, tuple(v.patch_nums), n,
                            key_similarity=table(lambda i, j: -1.0 - 0.37 * ((i * 5) % n)),
                            car=table(lambda i, j: 0.3 + 0.05 * ((i + j) % 4)),
@@ -74,14 +75,16 @@ class FakeEvaluator:
         from tuner.policies.base import CacheGeometry, PolicySpec
         from tuner.policies.registry import make_policy
 
-        if params.get("tag") == "crash" and self._once(self.crash_once) or params.get("tag") == "crash_always":
+        if (params.get("tag") == "crash" and self._once(self.crash_once)
+                or params.get("tag") == "crash_always"):
             os.kill(os.getpid(), signal.SIGKILL)
         if params.get("tag") == "hang" and self._once(self.hang_once):
             time.sleep(3600)
         if self.sleep:
             time.sleep(self.sleep)
         policy = make_policy(family, params)
-        pspec = PolicySpec(CacheGeometry.from_var_config(self.model_cfg.var), self.model_cfg.name, self.calibration())
+        pspec = PolicySpec(CacheGeometry.from_var_config(self.model_cfg.var), self.model_cfg.name,
+                           self.calibration())
         rep = memory_report(policy, self.model_cfg, dtype="fp16", cfg=True, spec=pspec)
         frac = float(rep.fraction)
         digest = hashlib.sha256(json.dumps([family, params], sort_keys=True).encode()).digest()

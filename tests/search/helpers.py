@@ -30,8 +30,8 @@ def config(tmp_path: Path, **kw):
 
     out = Path(kw.pop("out", tmp_path / "run"))
     ev_kwargs = {"log": str(out.parent / f"{out.name}-evals.log"), **kw.pop("evaluator_kwargs", {})}
-    defaults = dict(model="tiny", mem_target="40%", space=toy_space(tmp_path), trials=10, workers=0, samples=4,
-                    final_samples=6, final_top_k=2, device="cpu", mlflow_uri="none", seed=0,
+    defaults = dict(model="tiny", mem_target="40%", space=toy_space(tmp_path), trials=10, workers=0,
+                    samples=4, final_samples=6, final_top_k=2, device="cpu", mlflow_uri="none", seed=0,
                     evaluator="tests.search.fake_eval:build", evaluator_kwargs=ev_kwargs, out=str(out))
     defaults.update(kw)
     return resolve_config(**defaults)

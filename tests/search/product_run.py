@@ -52,15 +52,16 @@ class ProductSearch:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TUNER_", "MLFLOW_"))}
-        env.update(TUNER_RAY_TMPDIR=str(self.ray_tmp), RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
-                   PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+        env.update(TUNER_RAY_TMPDIR=str(self.ray_tmp), RAY_USAGE_STATS_ENABLED="0",
+                   MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         return env
 
     def start(self) -> subprocess.Popen:
         path = self.base / f"search-{len(self.logs)}.log"
         with open(path, "w") as log:
-            proc = subprocess.Popen(self.argv(), cwd=self.base, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(self.argv(), cwd=self.base, env=self.env(), stdout=log,
+                                    stderr=subprocess.STDOUT)
         self.logs[proc.pid] = path
         return proc
 
@@ -137,7 +138,8 @@ class ProductSearch:
         deadline = time.monotonic() + grace_s
         while True:
             alive = [p for p in map(_process, self.seen) if p is not None]
-            alive += [p for p in psutil.process_iter(["cmdline"]) if str(self.ray_tmp) in " ".join(p.info["cmdline"] or ())]
+            alive += [p for p in psutil.process_iter(["cmdline"])
+                      if str(self.ray_tmp) in " ".join(p.info["cmdline"] or ())]
             if not alive or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -207,7 +209,8 @@ def start_mlflow_server(base: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{base / 'srv.db'}",
                              "--artifacts-destination", str(base / "srv-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:

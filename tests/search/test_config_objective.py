@@ -43,7 +43,8 @@ def test_absolute_memory_target(tmp_path):
     ({}, "needs a target"),
     ({"mem_target": "15%", "trials": 0}, "--trials 0 must be at least 1"),
     ({"mem_target": "15%", "samples": 1}, "--samples 1 must be at least 2"),
-    ({"mem_target": "15%", "space": "/nonexistent/space.yaml"}, "--space /nonexistent/space.yaml: no such file"),
+    ({"mem_target": "15%", "space": "/nonexistent/space.yaml"},
+     "--space /nonexistent/space.yaml: no such file"),
 ])
 def test_bad_flags_are_one_line_user_errors(tmp_path, flags, message):
     with pytest.raises(UserError) as info:

@@ -17,7 +17,8 @@ from tuner.search.study import Preset
 @pytest.fixture
 def toy_presets(monkeypatch):
     presets = [Preset("toy-w3", "toy", {"window": 3, "odd_layers_half": True, "tag": "a"}),
-               Preset("toy-w9", "toy", {"window": 9, "odd_layers_half": False, "tag": "a"})]  # outside the space
+               Preset("toy-w9", "toy",
+                      {"window": 9, "odd_layers_half": False, "tag": "a"})]  # outside the space
     monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: presets)
     return presets
 
@@ -92,7 +93,8 @@ def test_resume_continues_and_never_reevaluates(tmp_path, toy_presets):
 
 
 def test_cache_shared_by_two_studies_in_one_database(tmp_path):
-    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
+    space = toy_space(tmp_path,
+                      "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
     a = config(tmp_path, space=space, trials=6, mem_target="60%", presets=False)
     ra = run_search(a, progress=False)
     assert ra.evaluations == 2  # only two distinct policies exist
@@ -192,7 +194,8 @@ def test_studies_and_show_commands(tmp_path, toy_presets):
 
 def test_a_preset_that_fits_beats_a_worse_search_result(tmp_path, monkeypatch):
     """The winner is chosen among the best trials and the presets that fit the memory target."""
-    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
+    space = toy_space(tmp_path,
+                      "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 2}\n")
     good = Preset("toy-w4", "toy", {"window": 4, "odd_layers_half": True, "tag": "a"})  # outside the space
     monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: [good])
     cfg = config(tmp_path, space=space, trials=3, mem_target="45%")
@@ -237,7 +240,8 @@ def test_memory_target_fits_every_policy_and_baselines_warm_start_the_joint_spac
 def test_a_winning_preset_is_exported_fitted_to_the_target(tmp_path, monkeypatch):
     """A preset outside the space that wins the final round is written as the fitted policy that was
     evaluated, not with the paper's own (larger) budget."""
-    space = toy_space(tmp_path, "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 1}\n")
+    space = toy_space(tmp_path,
+                      "families:\n  toy:\n    params:\n      window: {type: int, low: 1, high: 1}\n")
     wide = Preset("sink_window@wide", "sink_window", {"sink_scales": 2, "window": 7, "max_tokens": 150})
     monkeypatch.setattr(study_mod, "load_presets", lambda model_cfg, calibration=None: [wide])
     cfg = config(tmp_path, space=space, trials=2, mem_target="35%")

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.ray
 
 
 def test_local_workers_run_at_the_drivers_priority():
-    """Ray's default would start workers at nice 15: a search's evaluations then starve behind any other job."""
+    """Ray's default would start workers at nice 15: a search's evaluations then starve behind any other
+    job."""
     import ray
 
     assert start_ray(None), "Ray was already running in this process; this test needs a fresh local cluster"

@@ -35,8 +35,8 @@ def as_config(tmp_path, f: dict, **over):
     """The same search as ``f`` (flags), as an in-process config."""
     return config(tmp_path, model=f["model"], mem_target=f["mem_target"], space=f["space"], workers=0,
                   samples=f["samples"], final_samples=f["final_samples"], device="cpu", mlflow_uri="none",
-                  presets=False, evaluator=f["evaluator"], evaluator_kwargs=dict(f["evaluator_arg"]), out=f["out"],
-                  **over)
+                  presets=False, evaluator=f["evaluator"], evaluator_kwargs=dict(f["evaluator_arg"]),
+                  out=f["out"], **over)
 
 
 def wait_for(study_name, storage, pred, proc, timeout=90.0):
@@ -62,7 +62,8 @@ def evaluated(trials):
 def test_resume_after_sigkill_loses_nothing_and_evaluates_nothing_twice(tmp_path):
     f = flags(tmp_path, "killed")
     cfg = as_config(tmp_path, f, trials=12)
-    proc = subprocess.Popen(cli_args(f), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli_args(f), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     wait_for(cfg.study_name, cfg.storage,
              lambda ts: len(evaluated(ts)) >= 3 and any(t.state.name == "RUNNING" for t in ts), proc)
     proc.send_signal(signal.SIGKILL)
@@ -80,7 +81,8 @@ def test_resume_after_sigkill_loses_nothing_and_evaluates_nothing_twice(tmp_path
         assert after[number].state.name == "COMPLETE" and after[number].values == values
     for number in running:  # the killed driver's trial failed and came back as a retry
         assert after[number].state.name == "FAIL" and after[number].user_attrs["interrupted"] == "driver gone"
-        assert any(t.user_attrs.get("retry_of") == number and t.state.name == "COMPLETE" for t in after.values())
+        assert any(t.user_attrs.get("retry_of") == number and t.state.name == "COMPLETE"
+                   for t in after.values())
     assert not any(t.state.name == "RUNNING" for t in after.values())
     log = [e for e in eval_log(cfg) if e["seed"] == cfg.seed]  # screening (final runs use held-out seeds)
     counts = {}
@@ -96,14 +98,15 @@ def test_resume_after_sigkill_loses_nothing_and_evaluates_nothing_twice(tmp_path
 def test_ctrl_c_finishes_cleanly_with_a_resume_hint(tmp_path):
     f = flags(tmp_path, "interrupted", evaluator_arg={"log": str(tmp_path / "i.log"), "sleep": "1.0"})
     cfg = as_config(tmp_path, f, trials=30)
-    proc = subprocess.Popen(cli_args(f), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(cli_args(f), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     wait_for(cfg.study_name, cfg.storage,
              lambda ts: len(evaluated(ts)) >= 2 and any(t.state.name == "RUNNING" for t in ts), proc)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
-    hint = next(line for line in output.splitlines() if line.startswith("resume with: tuner search --model tiny "))
+    hint = next(line for line in output.splitlines()
+                if line.startswith("resume with: tuner search --model tiny "))
     assert f" --study-name {cfg.study_name} " in hint and f" --storage {cfg.storage} " in hint
     import optuna
 
@@ -124,8 +127,8 @@ def test_two_drivers_share_one_database_file(tmp_path):
                evaluator_arg={"log": str(tmp_path / "a.log"), "sleep": "0.1"})
     fb = flags(tmp_path, "b", storage=storage, trials=6, mem_target="70%",
                evaluator_arg={"log": str(tmp_path / "b.log"), "sleep": "0.1"})
-    procs = [subprocess.Popen(cli_args(x), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for x in (fa, fb)]
+    procs = [subprocess.Popen(cli_args(x), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for x in (fa, fb)]
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     import optuna
@@ -152,7 +155,8 @@ def test_command_line_errors_are_one_line_and_write_no_study(tmp_path, extra, me
     f = {k: v for k, v in f.items() if v is not None}
     env_ = env()
     env_.pop("RAY_ADDRESS", None)
-    env_["RAY_TMPDIR"] = str(tmp_path / "ray")  # where `auto` looks: empty, whatever else runs on this machine
+    # where `auto` looks: empty, whatever else runs on this machine
+    env_["RAY_TMPDIR"] = str(tmp_path / "ray")
     res = subprocess.run(cli_args(f), cwd=ROOT, env=env_, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]

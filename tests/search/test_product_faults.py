@@ -105,7 +105,8 @@ def test_two_searches_started_together_on_fresh_shared_stores(tmp_path):
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        runs.append(ProductSearch(tmp_path / name, storage=storage, mlflow=mlflow, trials=6, study=f"faults-{name}"))
+        runs.append(ProductSearch(tmp_path / name, storage=storage, mlflow=mlflow, trials=6,
+                                  study=f"faults-{name}"))
     try:
         procs = [r.start() for r in runs]
         threads = [threading.Thread(target=r.watch, args=(p, lambda ts: False), kwargs={"until_exit": True})

@@ -18,7 +18,8 @@ def test_search_with_the_real_evaluator_on_tiny(tmp_path, workers):
 
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cfg = resolve_config(model="tiny", mem_target="50%", family="all", trials=4, samples=2, final_samples=2,
-                         final_top_k=1, workers=workers, device="cpu", mlflow_uri=f"sqlite:///{tmp_path / 'ml.db'}",
+                         final_top_k=1, workers=workers, device="cpu",
+                         mlflow_uri=f"sqlite:///{tmp_path / 'ml.db'}",
                          out=str(tmp_path / "run"), eval_batch_size=8)
     result = run_search(cfg, progress=False)
     evaluated = [r for r in result.records if r.evaluated]

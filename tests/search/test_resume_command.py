@@ -40,7 +40,8 @@ def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypa
         fid_limit=3.25, metric="psnr", space=toy_space(tmp_path), trials=17, timeout_s=99.5, patience=4,
         samples=6, final_samples=10, final_top_k=5, workers=3, ray_address="127.0.0.1:6379", gpus=2,
         storage=f"sqlite:///{tmp_path / 'db' / 's.db'}", study_name="my study", mlflow_uri="none",
-        experiment="exp x", sampler="random", seed=7, out=str(tmp_path / "o u t"), device="cuda", dtype="bf16",
+        experiment="exp x", sampler="random", seed=7, out=str(tmp_path / "o u t"), device="cuda",
+        dtype="bf16",
         backend="torch", cfg=2.25, top_k=100, top_p=0.9, eval_batch_size=4, trial_timeout_s=123.0,
         presets=False, fit_memory=False, evaluator="tests.search.fake_eval:build",
         evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")})

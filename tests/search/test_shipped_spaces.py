@@ -13,7 +13,8 @@ from tuner.model.config import NAMED_MODELS, model_config
 from tuner.policies.base import CacheGeometry, PolicySpec
 from tuner.policies.registry import make_policy, registration
 from tuner.search.driver import run_search
-from tuner.search.space_files import family_choices, load_space, searchable_families, space_dir, space_path_for
+from tuner.search.space_files import (family_choices, load_space, searchable_families, space_dir,
+                                      space_path_for)
 from tuner.search.study import load_presets
 
 

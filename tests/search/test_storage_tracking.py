@@ -39,7 +39,8 @@ def test_sessions_alive_by_pid_and_dead_when_process_is_gone(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     with tables.engine.begin() as conn:  # a session of a driver process that has exited
-        conn.execute(tables.sessions.insert().values(session_id="gone", study_name="s", host=os.uname().nodename,
+        conn.execute(tables.sessions.insert().values(session_id="gone", study_name="s",
+                                                     host=os.uname().nodename,
                                                      pid=proc.pid, heartbeat=0.0, finished=0))
     assert tables.live_sessions("s") == {"me"}
     tables.heartbeat("me", finished=True)
@@ -90,7 +91,8 @@ def test_mlflow_parent_and_child_runs(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("families: {}\n")
     run_id = tr.start_study("st", {"model": "tiny", "trials": 3}, space_file=str(space), model_hash="abc")
-    tr.log_trial(0, params={"ams.window": 2}, metrics={"psnr": 31.0, "memory_fraction": 0.2, "bad": float("nan")},
+    tr.log_trial(0, params={"ams.window": 2},
+                 metrics={"psnr": 31.0, "memory_fraction": 0.2, "bad": float("nan")},
                  state="COMPLETE", tags={"tuner.family": "ams"})
     tr.log_trial(1, params={}, metrics={}, state="FAIL")
     png = tmp_path / "p.png"
@@ -119,7 +121,8 @@ def test_mlflow_parent_and_child_runs(tmp_path):
 
 
 def test_mlflow_pareto_front_on_parent_and_tags(tmp_path):
-    """finish() tags the feasible non-dominated trials and logs the front on the parent (to compare studies)."""
+    """finish() tags the feasible non-dominated trials and logs the front on the parent (to compare
+    studies)."""
     import mlflow
 
     from tuner.search.tracking import PARETO_TAG, open_tracker

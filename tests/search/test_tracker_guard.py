@@ -29,7 +29,8 @@ class Flaky:
 
 
 def rec(n, state="COMPLETE", **kw):
-    return TrialRecord(n, state, "ams", {"window": 1}, {"memory_fraction": 0.1, "psnr": 20.0}, [0.1], {}, **kw)
+    return TrialRecord(n, state, "ams", {"window": 1}, {"memory_fraction": 0.1, "psnr": 20.0}, [0.1], {},
+                       **kw)
 
 
 def test_outage_is_skipped_without_waiting_and_the_gap_is_logged_when_back():

@@ -27,7 +27,8 @@ def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         hw = torch.cuda.get_device_name(torch.device(device))
     else:
-        hw = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        hw = (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} threads")
     return f"{hw}; torch {torch.__version__}; python {platform.python_version()}"
 
 
@@ -48,8 +49,9 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for i in range(warmup + repeats):
-        res = generate(loaded.var, loaded.vae, labels, seed=seed + i, policy=policy, spec=spec, backend=backend,
-                       dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, cfg=SAMPLING.cfg)
+        res = generate(loaded.var, loaded.vae, labels, seed=seed + i, policy=policy, spec=spec,
+                       backend=backend, dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
+                       cfg=SAMPLING.cfg)
         if i >= warmup:
             runs.append(res.scale_seconds)
     per_scale = [statistics.median(r[s] for r in runs) for s in range(len(runs[0]))]
@@ -120,4 +122,5 @@ def bench(
             with open(ensure_parent(out, "--out"), "a") as f:
                 f.write(format_table(result) + "\n\n")
         except OSError as exc:
-            raise UserError(f"--out {out} cannot be written ({exc.strerror or exc}); pass a writable file") from None
+            raise UserError(f"--out {out} cannot be written ({exc.strerror or exc}); "
+                            f"pass a writable file") from None

@@ -13,8 +13,9 @@ from tuner.paths import check_writable_dir, writable_dir
 
 
 def register(app: typer.Typer) -> None:
-    app.command("calibrate", help="Compute (and cache) inter-scale key similarity, ScaleKV's ASI and attention "
-                                  "density from full-cache generations; writes heatmaps and a table.")(calibrate)
+    app.command("calibrate",
+                help="Compute (and cache) inter-scale key similarity, ScaleKV's ASI and attention "
+                     "density from full-cache generations; writes heatmaps and a table.")(calibrate)
 
 
 def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = False, quiet: bool = False):
@@ -41,7 +42,8 @@ def calibrate(
     random_weights: bool = mo.RandomWeightsOpt,
     samples: int = typer.Option(16, "--samples", help="Calibration images."),
     seed: int = typer.Option(0, "--seed", help="Calibration seed."),
-    out: str = typer.Option("calibration", "--out", help="Directory for calibration.json, heatmaps and table."),
+    out: str = typer.Option("calibration", "--out",
+                            help="Directory for calibration.json, heatmaps and table."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the on-disk cache."),
     device: str = mo.DeviceOpt,
 ) -> None:
@@ -51,7 +53,8 @@ def calibrate(
         raise UserError(f"--samples {samples} must be positive")
     check_seed(seed)
     check_writable_dir(out, "--out")
-    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, resolve_device(device))
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
+                                        resolve_device(device))
     cal = calibration_for(loaded, samples, seed, recompute)
     out_dir = writable_dir(out)  # only now: bad input leaves no directory behind
     cal.save(out_dir / "calibration.json")

@@ -16,8 +16,9 @@ from tuner.options import BACKENDS, DTYPE_NAMES, check_choice, check_seed, resol
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate", help="Paired evaluation of a policy against the full cache on the same labels and "
-                                 "seeds: memory fraction, KV bytes, fid_vs_full, delta_fid, PSNR, SSIM, latency.")(
+    app.command("evaluate",
+                help="Paired evaluation of a policy against the full cache on the same labels and "
+                     "seeds: memory fraction, KV bytes, fid_vs_full, delta_fid, PSNR, SSIM, latency.")(
         evaluate)
 
 
@@ -76,7 +77,8 @@ def progress_bar(evaluator, total_images: int, disable: bool):
     if disable:
         yield
         return
-    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("images"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as prog:
         task = prog.add_task("generating", total=total_images)
 
@@ -92,7 +94,8 @@ def progress_bar(evaluator, total_images: int, disable: bool):
 
 @user_errors
 def evaluate(
-    policy: str = typer.Option(..., "--policy", help="Policy file (JSON) or preset name (e.g. ams, scalekv_10)."),
+    policy: str = typer.Option(..., "--policy",
+                               help="Policy file (JSON) or preset name (e.g. ams, scalekv_10)."),
     model: str = mo.ModelOpt,
     var_ckpt: Optional[str] = mo.VarCkptOpt,
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
@@ -100,14 +103,17 @@ def evaluate(
     samples: int = typer.Option(64, "--samples", help="Images (paired with the full cache)."),
     seed: int = typer.Option(0, "--seed", help="Base seed (batch j uses seed + j)."),
     batch_size: int = typer.Option(32, "--batch-size"),
-    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", envvar="TUNER_INCEPTION_WEIGHTS",
-                                                    help="FID Inception weights (pt_inception-2015-12-05) for "
-                                                         "ImageNet models."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Reference batch .npz for fid/delta_fid."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights",
+                                                    envvar="TUNER_INCEPTION_WEIGHTS",
+                                                    help="FID Inception weights (pt_inception-2015-12-05) "
+                                                         "for ImageNet models."),
+    reference: Optional[str] = typer.Option(None, "--reference",
+                                            help="Reference batch .npz for fid/delta_fid."),
     device: str = mo.DeviceOpt,
     dtype: str = mo.DtypeOpt,
     attention_backend: str = mo.BackendOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (no progress bar: stdout stays pure JSON)."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print JSON (no progress bar: stdout stays pure JSON)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
 ) -> None:
     check_choice(dtype, DTYPE_NAMES, "--dtype")
@@ -121,8 +127,8 @@ def evaluate(
     if reference is not None and not Path(reference).is_file():
         raise UserError(f"reference batch {reference} not found; pass an existing .npz with --reference")
     if inception_weights is not None and not Path(inception_weights).is_file():
-        raise UserError(f"Inception weights {inception_weights} not found; pass the pt_inception-2015-12-05 file "
-                        f"with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
+        raise UserError(f"Inception weights {inception_weights} not found; pass the pt_inception-2015-12-05 "
+                        f"file with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
     check_policy_name(policy)
     check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=False)
     dev = resolve_device(device)

@@ -40,7 +40,8 @@ def placeholder_calibration(model_cfg):
     n, s = model_cfg.var.depth, model_cfg.var.num_scales
     sim = tuple(tuple(None if j == 0 else -float(layer + 1) for j in range(s)) for layer in range(n))
     car = tuple(tuple(None if j == 0 else 0.5 for j in range(s)) for _ in range(n))
-    htk = tuple(tuple(None if j == 0 else 0.1 + 0.01 * ((layer * 7 + j) % n) for j in range(s)) for layer in range(n))
+    htk = tuple(tuple(None if j == 0 else 0.1 + 0.01 * ((layer * 7 + j) % n) for j in range(s))
+                for layer in range(n))
     dens = tuple(tuple(tuple(1.0 if k <= q else 0.0 for k in range(s)) for q in range(s)) for _ in range(n))
     return Calibration(model_cfg.name, tuple(model_cfg.var.patch_nums), n, sim, car, htk, dens,
                        CalibrationSpec(samples=1), checkpoint_sha256="placeholder")

@@ -13,9 +13,10 @@ from tuner.paths import check_writable_dir, writable_dir
 
 
 def register(app: typer.Typer) -> None:
-    app.command("presets", help="Write the paper presets (AMS-KV default, ScaleKV 10%/20%) and the LLM baselines "
-                                "at their memory as policy files for one model (calibrating it if needed); with "
-                                "--mem-target, each fitted to that memory by its budget knob.")(presets)
+    app.command("presets",
+                help="Write the paper presets (AMS-KV default, ScaleKV 10%/20%) and the LLM baselines "
+                     "at their memory as policy files for one model (calibrating it if needed); with "
+                     "--mem-target, each fitted to that memory by its budget knob.")(presets)
 
 
 def smallest_preset_memory(model_cfg) -> tuple[str, float, int]:
@@ -61,8 +62,8 @@ def check_target_reachable(model_cfg, target, text: str) -> None:
 def _unreachable(model_cfg, target, text: str) -> UserError:
     name, fraction, nbytes = smallest_preset_memory(model_cfg)
     return UserError(f"--mem-target {text!r}: no preset can fit {target.describe()} on {model_cfg.name}; the "
-                     f"smallest achievable is {100 * fraction:.3g}% of the full cache ({nbytes / 2**20:.4g} MiB per "
-                     f"image, {name}); pass a larger --mem-target")
+                     f"smallest achievable is {100 * fraction:.3g}% of the full cache "
+                     f"({nbytes / 2**20:.4g} MiB per image, {name}); pass a larger --mem-target")
 
 
 def preset_policies(loaded, calibration, mem_target: Optional[str]) -> dict:
@@ -88,10 +89,12 @@ def presets(
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
-    mem_target: Optional[str] = typer.Option(None, "--mem-target", help="Fit each preset to this memory: 15%, "
-                                                                         "0.15 or 40MiB per image."),
-    calibration_samples: int = typer.Option(16, "--calibration-samples", help="Calibration images when the "
-                                                                              "model has no cached calibration."),
+    mem_target: Optional[str] = typer.Option(None, "--mem-target",
+                                             help="Fit each preset to this memory: 15%, "
+                                                  "0.15 or 40MiB per image."),
+    calibration_samples: int = typer.Option(16, "--calibration-samples",
+                                            help="Calibration images when the "
+                                                 "model has no cached calibration."),
     out: str = typer.Option(..., "--out", help="Directory for <preset>.json files."),
     device: str = mo.DeviceOpt,
 ) -> None:
@@ -105,7 +108,8 @@ def presets(
         raise UserError("--mem-target is empty; use a percentage like 15%, a fraction like 0.15 or 40MiB")
     target = parse_mem_target(mem_target) if mem_target is not None else None
     check_writable_dir(out, "--out")
-    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, resolve_device(device))
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
+                                        resolve_device(device))
     if target is not None:
         check_target_reachable(loaded.config, target, mem_target)
     cal = calibration_for(loaded, calibration_samples)

@@ -9,9 +9,11 @@ from typing import List, Optional
 
 import typer
 
+from tuner.cli import model_opts as mo
 from tuner.cli.common import user_errors
 from tuner.errors import UserError
 from tuner.options import SAMPLING
+from tuner.quality.metric_info import METRICS
 
 
 # --family's help names the searchable families: filled in by register() from the registry and the space
@@ -24,9 +26,11 @@ def register(app: typer.Typer) -> None:
     from tuner.search.space_files import family_help
 
     _FAMILY_OPTION.help = family_help()
-    app.command("search", help="Search KV-cache policies for a model under a memory target and/or quality limit.")(
+    app.command("search",
+                help="Search KV-cache policies for a model under a memory target and/or quality limit.")(
         search_command)
-    app.command("studies", help="List the searches (studies) in a storage with trial counts and best values.")(
+    app.command("studies",
+                help="List the searches (studies) in a storage with trial counts and best values.")(
         studies_command)
     app.command("show", help="Show a study's Pareto front and its exported policy file.")(show_command)
 
@@ -62,50 +66,67 @@ def _evaluator_args(items: List[str]) -> dict:
 
 @user_errors
 def search_command(
-    model: str = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36."),
-    weights_dir: Optional[str] = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
-                                              help="Directory with the official checkpoints."),
-    var_ckpt: Optional[str] = typer.Option(None, "--var-ckpt", help="VAR state dict (var_d*.pth)."),
-    vae_ckpt: Optional[str] = typer.Option(None, "--vae-ckpt", help="VQ-VAE state dict."),
+    model: str = mo.ModelOpt,
+    weights_dir: Optional[str] = mo.WeightsDirOpt,
+    var_ckpt: Optional[str] = mo.VarCkptOpt,
+    vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     mem_target: Optional[str] = typer.Option(None, "--mem-target",
-                                             help="KV memory target: 15%, 0.15 (of the full cache) or 40MiB per image."),
+                                             help="KV memory target: 15%, 0.15 (of the full cache) "
+                                                  "or 40MiB per image."),
     fid_limit: Optional[float] = typer.Option(None, "--fid-limit",
-                                              help="Quality limit on --metric (at most; at least for psnr/ssim)."),
-    metric: str = typer.Option("fid_vs_full", "--metric", help="fid_vs_full, delta_fid, fid, psnr or ssim."),
+                                              help="Quality limit on --metric (at most; "
+                                                   "at least for psnr/ssim)."),
+    metric: str = typer.Option("fid_vs_full", "--metric", help=f"Quality metric: {', '.join(METRICS)}."),
     family: str = _FAMILY_OPTION,
-    space: Optional[str] = typer.Option(None, "--space", help="A search-space YAML file (overrides --family)."),
+    space: Optional[str] = typer.Option(None, "--space",
+                                        help="A search-space YAML file (overrides --family)."),
     trials: int = typer.Option(40, "--trials", help="Total finished trials the study should reach."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop asking new trials after this many seconds."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N evaluated trials without improvement."),
+    timeout: Optional[float] = typer.Option(None, "--timeout",
+                                            help="Stop asking new trials after this many seconds."),
+    patience: Optional[int] = typer.Option(None, "--patience",
+                                           help="Stop after N evaluated trials without improvement."),
     samples: int = typer.Option(8, "--samples", help="Images per screening evaluation."),
-    final_samples: int = typer.Option(32, "--final-samples", help="Images per final (held-out) re-evaluation."),
-    final_top_k: Optional[int] = typer.Option(None, "--final-top-k", help="Best candidates re-evaluated on held-out "
+    final_samples: int = typer.Option(32, "--final-samples",
+                                      help="Images per final (held-out) re-evaluation."),
+    final_top_k: Optional[int] = typer.Option(None, "--final-top-k",
+                                              help="Best candidates re-evaluated on held-out "
                                               "seeds before export (default 3; 12 with --fid-limit alone)."),
     workers: Optional[int] = typer.Option(None, "--workers",
-                                          help="CPU workers (default: one per GPU, else half the cores; 0 = in-process)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join a Ray cluster: auto or host:port."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="Ask the cluster's autoscaler for N GPUs (one worker "
-                                                            "each) and wait for them before searching."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///<out>/study.db)."),
-    study_name: Optional[str] = typer.Option(None, "--study-name", help="Study name (default from model and target)."),
+                                          help="CPU workers (default: one per GPU, else half the cores; "
+                                               "0 = in-process)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="Join a Ray cluster: auto or host:port."),
+    gpus: Optional[int] = typer.Option(None, "--gpus",
+                                       help="Ask the cluster's autoscaler for N GPUs (one worker "
+                                            "each) and wait for them before searching."),
+    storage: Optional[str] = typer.Option(None, "--storage",
+                                          help="SQLAlchemy URL (default sqlite:///<out>/study.db)."),
+    study_name: Optional[str] = typer.Option(None, "--study-name",
+                                             help="Study name (default from model and target)."),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
-                                             help="MLflow tracking URI (default sqlite:///<out>/mlflow.db; none = off)."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default varkv-<model>)."),
+                                             help="MLflow tracking URI (default sqlite:///<out>/mlflow.db; "
+                                                  "none = off)."),
+    experiment: Optional[str] = typer.Option(None, "--experiment",
+                                             help="MLflow experiment (default varkv-<model>)."),
     sampler: str = typer.Option("tpe", "--sampler", help="tpe, nsga2, gp or random."),
     seed: int = typer.Option(0, "--seed", help="Sampler seed and base sampling seed."),
     out: Optional[str] = typer.Option(None, "--out", help="Output directory (default runs/<study>)."),
-    device: str = typer.Option("auto", "--device", help="Evaluation device: auto, cpu, cuda."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Evaluation dtype: fp32, fp16, bf16."),
-    attention_backend: str = typer.Option("auto", "--attention-backend", help="auto, torch or triton."),
+    device: str = mo.DeviceOpt,
+    dtype: str = mo.DtypeOpt,
+    attention_backend: str = mo.BackendOpt,
     cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance of the evaluation."),
     top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k sampling of the evaluation."),
     top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Top-p sampling of the evaluation."),
-    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Images per forward pass in evaluations."),
-    trial_timeout: float = typer.Option(3600.0, "--trial-timeout", help="Seconds before a worker counts as hung."),
+    eval_batch_size: int = typer.Option(32, "--eval-batch-size",
+                                        help="Images per forward pass in evaluations."),
+    trial_timeout: float = typer.Option(3600.0, "--trial-timeout",
+                                        help="Seconds before a worker counts as hung."),
     no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
-    no_fit: bool = typer.Option(False, "--no-fit", help="With --mem-target: do not fit each policy's budget knob "
-                                                         "(token cap, budget fraction, curve level) to the target."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live display (one line per trial only)."),
+    no_fit: bool = typer.Option(False, "--no-fit",
+                                help="With --mem-target: do not fit each policy's budget knob "
+                                      "(token cap, budget fraction, curve level) to the target."),
+    no_progress: bool = typer.Option(False, "--no-progress",
+                                     help="No live display (one line per trial only)."),
     evaluator: str = typer.Option("tuner.quality.evaluate:build_evaluator", "--evaluator", hidden=True),
     evaluator_arg: List[str] = typer.Option([], "--evaluator-arg", hidden=True),
 ) -> None:
@@ -115,7 +136,8 @@ def search_command(
     config = resolve_config(
         model=model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, mem_target=mem_target,
         fid_limit=fid_limit, metric=metric, family=family, space=space, trials=trials, timeout_s=timeout,
-        patience=patience, samples=samples, final_samples=final_samples, final_top_k=final_top_k, workers=workers,
+        patience=patience, samples=samples, final_samples=final_samples, final_top_k=final_top_k,
+        workers=workers,
         ray_address=ray_address, gpus=gpus, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
         experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
@@ -146,7 +168,8 @@ def studies_command(
     console = _console()
     console.print(table)
     for s in rows:  # full paths on their own lines: copyable, never wrapped inside a cell
-        console.print(f"{s.name}: exported policy {s.exported or '(none yet)'}", highlight=False, soft_wrap=True)
+        console.print(f"{s.name}: exported policy {s.exported or '(none yet)'}", highlight=False,
+                      soft_wrap=True)
 
 
 @user_errors
@@ -169,7 +192,8 @@ def show_command(
     for r in front:
         m = r.metrics
         table.add_row(str(r.number), r.family or "-", r.preset or "", f"{100 * m['memory_fraction']:.2f}%",
-                      f"{m.get('kv_bytes_per_image', 0) / 2**20:.3f}", f"{m.get(objective.metric, float('nan')):.4g}",
+                      f"{m.get('kv_bytes_per_image', 0) / 2**20:.3f}",
+                      f"{m.get(objective.metric, float('nan')):.4g}",
                       ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.params.items()))[:120])
     console.print(table)
     if not front:

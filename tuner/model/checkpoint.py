@@ -92,7 +92,8 @@ def _count_indexed(sd: dict, pattern: str) -> int:
     return 1 + max(int(m.group(1)) for k in sd if (m := re.match(pattern, k)))
 
 
-def infer_var_config(sd: dict[str, torch.Tensor], source: str = "VAR checkpoint") -> tuple[VARConfig, int, int]:
+def infer_var_config(sd: dict[str, torch.Tensor],
+                     source: str = "VAR checkpoint") -> tuple[VARConfig, int, int]:
     """Infer ``(VARConfig, vae_z, vocab)`` from an official-format VAR state dict."""
     _require_kind(sd, source, "VAR", "class_emb.weight", "VQ-VAE", looks_like_vae,
                   "--var-ckpt takes var_d*.pth, --vae-ckpt takes vae_*.pth", "var_d<N>.pth")

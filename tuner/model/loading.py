@@ -59,7 +59,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32, device=device)
         if name.endswith("scale_mul_1H11"):
             value = math.log(4.0) + 0.5 * noise
-        elif p.dim() >= 2 and not name.endswith(("class_emb.weight", "embedding.weight", "lvl_embed.weight")) \
+        elif p.dim() >= 2 \
+                and not name.endswith(("class_emb.weight", "embedding.weight", "lvl_embed.weight")) \
                 and "pos_" not in name and "ada_gss" not in name:
             fan_in = p[0].numel()
             value = noise / math.sqrt(fan_in) * (4.0 if name == "head.weight" else 1.0)
@@ -94,8 +95,8 @@ def load_checkpoints(var_ckpt: str | Path, vae_ckpt: str | Path, name: str | Non
     var_cfg, vae_z, vocab = infer_var_config(var_sd, f"VAR checkpoint {var_ckpt}")
     vae_cfg = infer_vae_config(vae_sd, f"VAE checkpoint {vae_ckpt}")
     if (vae_z, vocab) != (vae_cfg.z_channels, vae_cfg.vocab_size):
-        raise UserError(f"{var_ckpt} expects a VQ-VAE with {vocab} codes of width {vae_z}, but {vae_ckpt} has "
-                        f"{vae_cfg.vocab_size}×{vae_cfg.z_channels}; pass the matching --vae-ckpt")
+        raise UserError(f"{var_ckpt} expects a VQ-VAE with {vocab} codes of width {vae_z}, but {vae_ckpt} "
+                        f"has {vae_cfg.vocab_size}×{vae_cfg.z_channels}; pass the matching --vae-ckpt")
     label = name or f"d{var_cfg.depth}"
     if name in NAMED_MODELS and name != "tiny":
         expected = model_config(name).var
@@ -118,18 +119,20 @@ def resolve_weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Pat
         return ASSETS / "tiny" / "var_tiny.pth", ASSETS / "tiny" / "vae_tiny.pth"
     directory = weights_dir or os.environ.get("TUNER_WEIGHTS_DIR")
     if not directory:
-        raise UserError(f"--model {name} needs its weights: pass --weights-dir DIR (or set TUNER_WEIGHTS_DIR) "
-                        f"with var_{name}.pth and {VAE_FILE}, or use --random-weights")
+        raise UserError(f"--model {name} needs its weights: pass --weights-dir DIR (or set "
+                        f"TUNER_WEIGHTS_DIR) with var_{name}.pth and {VAE_FILE}, or use --random-weights")
     d = Path(directory)
     var_path, vae_path = d / f"var_{name}.pth", d / VAE_FILE
     for p in (var_path, vae_path):
         if not p.is_file():
-            raise UserError(f"{p.name} not found in {d}; put the official file there or pass --var-ckpt/--vae-ckpt")
+            raise UserError(f"{p.name} not found in {d}; put the official file there or pass "
+                            f"--var-ckpt/--vae-ckpt")
     return var_path, vae_path
 
 
 def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weights_dir=None,
-               random_weights: bool = False, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
+               random_weights: bool = False, seed: int = 0,
+               device: str | torch.device = "cpu") -> LoadedModel:
     """The one entry point the CLI and workers use to get a model."""
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")

@@ -30,10 +30,12 @@ def check_checkpoint_file(path: str | Path, what: str, flag: str) -> Path:
         kind = "is a directory" if p.is_dir() else "not found"
         raise UserError(f"{what} checkpoint {kind}: {p}; pass an existing file with {flag}")
     if not os.access(p, os.R_OK):
-        raise UserError(f"{what} checkpoint {p} is not readable; fix its permissions or pass another file with {flag}")
+        raise UserError(f"{what} checkpoint {p} is not readable; fix its permissions or pass another file "
+                        f"with {flag}")
     if not _is_torch_checkpoint(p):
-        raise UserError(f"{p} is not a readable PyTorch checkpoint (not a zip-format torch checkpoint: truncated, "
-                        f"corrupt or not a checkpoint); re-download or re-save it and pass it with {flag}")
+        raise UserError(f"{p} is not a readable PyTorch checkpoint (not a zip-format torch checkpoint: "
+                        f"truncated, corrupt or not a checkpoint); re-download or re-save it and pass it "
+                        f"with {flag}")
     return p
 
 
@@ -65,8 +67,8 @@ def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights
     if random_weights_flag:
         other += ", or use --random-weights"
     if not directory:
-        raise UserError(f"--model {model} needs its weights: pass --weights-dir DIR (or set TUNER_WEIGHTS_DIR) "
-                        f"with var_{model}.pth and {VAE_FILE}{other}")
+        raise UserError(f"--model {model} needs its weights: pass --weights-dir DIR "
+                        f"(or set TUNER_WEIGHTS_DIR) with var_{model}.pth and {VAE_FILE}{other}")
     d = Path(directory)
     if not d.is_dir():
         raise UserError(f"--weights-dir {d} is not a directory; pass the directory with var_{model}.pth and "

@@ -201,7 +201,8 @@ class KVPolicy:
 
     def params(self) -> dict[str, Any]:
         """Hyperparameters as a JSON-able dict (the dataclass fields)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: _jsonable(getattr(self, f.name))
+                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def memory_knob(self, geometry: CacheGeometry) -> MemoryKnob | None:
         """The knob that scales this policy's cache on a model of ``geometry``, or None: not fittable

@@ -1,4 +1,5 @@
-"""Paired evaluation of a policy against the full cache on the same labels and seeds (docs/design.md, Quality).
+"""Paired evaluation of a policy against the full cache on the same labels and seeds (docs/design.md,
+Quality).
 
 ``PolicyEvaluator`` loads a model once, generates (and caches) the full-cache reference images and
 features per :class:`EvalSpec`, and turns a policy into a plain dict of metrics — what the search
@@ -137,7 +138,8 @@ class PolicyEvaluator:
         policy = make_policy(family, params)
         ref = self.reference(spec)
         images, kv_bytes, sec = self.generate(policy, spec)
-        report = memory_report(policy, self.loaded.config, dtype="fp16", cfg=True, spec=self.policy_spec(policy))
+        report = memory_report(policy, self.loaded.config, dtype="fp16", cfg=True,
+                               spec=self.policy_spec(policy))
         out = {
             "memory_fraction": float(report.fraction),
             "kv_bytes_per_image": float(report.kv_bytes_per_image),
@@ -197,7 +199,8 @@ def tiny_reference_stats(features, samples: int = 2000, seed: int = 777):
     return FeatureStats.from_features(feats)
 
 
-def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae_ckpt=None, device: str = "cpu",
+def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae_ckpt=None,
+                    device: str = "cpu",
                     dtype: str = "fp32", backend: str = "auto", inception_weights=None, reference=None,
                     calibration_samples: int = 16, random_weights: bool = False) -> PolicyEvaluator:
     """Load a model and its feature network once; the factory the search workers call.

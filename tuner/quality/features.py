@@ -83,17 +83,17 @@ def load_feature_net(path: str | Path | None = None, map_location: str | torch.d
     p = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not p.is_file():
         raise UserError(f"feature network weights not found at {p}; pass an existing file or retrain with "
-                        "`python experiments/train_feature_net.py`")
+                        "`python -m experiments.train_feature_net`")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     # Truncated file, not a torch file, pickled objects refused by weights_only: all mean "bad file".
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot read feature network weights {p} ({type(exc).__name__}); the file is "
                         "corrupt or not a plain state dict: retrain with "
-                        "`python experiments/train_feature_net.py`") from None
+                        "`python -m experiments.train_feature_net`") from None
     if not isinstance(state, dict) or "embed.weight" not in state or "head.weight" not in state:
         raise UserError(f"{p} is not a FeatureNet state dict (missing embed/head weights); retrain with "
-                        "`python experiments/train_feature_net.py`")
+                        "`python -m experiments.train_feature_net`")
     num_features, num_classes = state["embed.weight"].shape[0], state["head.weight"].shape[0]
     net = FeatureNet(num_classes=num_classes, num_features=num_features)
     try:
@@ -101,6 +101,6 @@ def load_feature_net(path: str | Path | None = None, map_location: str | torch.d
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise UserError(f"{p} does not match the FeatureNet architecture ({first}); retrain with "
-                        "`python experiments/train_feature_net.py`") from None
+                        "`python -m experiments.train_feature_net`") from None
     net.eval().requires_grad_(False)
     return net.to(map_location)

@@ -21,8 +21,10 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
-    MetricInfo("fid_vs_full", False, 100.0, False, "Fréchet distance to the full cache's images (same seeds)"),
-    MetricInfo("delta_fid", False, 100.0, False, "FID of the policy minus FID of the full cache (reference set)"),
+    MetricInfo("fid_vs_full", False, 100.0, False,
+               "Fréchet distance to the full cache's images (same seeds)"),
+    MetricInfo("delta_fid", False, 100.0, False,
+               "FID of the policy minus FID of the full cache (reference set)"),
     MetricInfo("fid", False, 100.0, False, "FID against the reference set"),
     MetricInfo("psnr", True, 0.0, True, "PSNR against the full cache's image, dB"),
     MetricInfo("ssim", True, 0.0, True, "SSIM against the full cache's image"),

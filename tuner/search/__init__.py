@@ -1,1 +1,2 @@
-"""The search service (docs/design.md, Search): Optuna driver, Ray workers, SQL storage, MLflow tracking, export."""
+"""The search service (docs/design.md, Search): Optuna driver, Ray workers, SQL storage, MLflow tracking,
+export."""

@@ -73,7 +73,8 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.space is None:
-            from tuner.search.space_files import family_choices  # light: the registry imports no policy module
+            # light: the registry imports no policy module
+            from tuner.search.space_files import family_choices
 
             choices = family_choices()
             if self.family not in choices:
@@ -82,8 +83,8 @@ class SearchConfig:
         if self.mem_target is None and self.quality_limit is None:
             raise ValueError("give --mem-target (e.g. 15%) and/or --fid-limit: the search needs a target")
         if self.gpus is not None and self.ray_address is None:
-            raise ValueError("--gpus asks a cluster's autoscaler for GPUs: give --ray-address too (e.g. auto on the "
-                             "head node of `ray up ray_cluster.yaml`)")
+            raise ValueError("--gpus asks a cluster's autoscaler for GPUs: give --ray-address too (e.g. auto "
+                             "on the head node of `ray up ray_cluster.yaml`)")
         if self.quality_limit is not None:
             problem = quality_limit_problem(self.metric, self.quality_limit)
             if problem:
@@ -107,7 +108,8 @@ class SearchConfig:
             raise ValueError(f"--patience {self.patience} must be at least 1")
         if self.trial_timeout_s <= 0:
             raise ValueError("the per-trial timeout must be positive")
-        problem = sampling_problem(self.cfg, self.top_k, self.top_p) or seed_problem(self.seed, SAMPLER_SEED_MAX)
+        problem = (sampling_problem(self.cfg, self.top_k, self.top_p)
+                   or seed_problem(self.seed, SAMPLER_SEED_MAX))
         if problem:
             raise ValueError(problem)
         if ":" not in self.evaluator:

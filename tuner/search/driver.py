@@ -142,13 +142,15 @@ class SearchDriver:
         self._record(trial, "FAIL", family, params, {}, None, {}, error=error)
 
     def _record(self, trial, state, family, params, metrics, values, constraints, **flags) -> None:
-        rec = T.TrialRecord(trial.number, state, family, dict(params), dict(metrics), values, dict(constraints),
+        rec = T.TrialRecord(trial.number, state, family, dict(params), dict(metrics), values,
+                            dict(constraints),
                             preset=trial.user_attrs.get(T.A_PRESET), trial_params=dict(trial.params), **flags)
         self.records.append(rec)
         if rec.evaluated:
             self.since_improvement = 0 if self._improves(rec) else self.since_improvement + 1
         self.rt.tracker.log_record(rec)
-        note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible else (rec.error or ""))
+        note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible
+                                                   else (rec.error or ""))
         if self.view is not None:
             feasible = rec.feasible if state == "COMPLETE" and not rec.plan_infeasible else None
             self.view.line(trial_line(trial.number, state, family, metrics, self.cfg.metric, feasible,
@@ -172,7 +174,7 @@ class SearchDriver:
         self.front = [m for m in self.front if not dominates(rec.values, m.values)] + [rec]
         return True
 
-    # -- the loop ----------------------------------------------------------------------------------------------
+    # -- the loop --------------------------------------------------------------------------------------------
     def in_flight(self) -> int:
         return self.rt.evals.waiting
 
@@ -186,7 +188,8 @@ class SearchDriver:
         best = sorted(self.front, key=lambda r: (r.values[-1], r.values[0]))
         if best:
             b = best[0]
-            best_text = (f"trial {b.number} {b.family}: memory {b.metrics.get('memory_fraction', float('nan')):.4f}, "
+            best_text = (f"trial {b.number} {b.family}: "
+                         f"memory {b.metrics.get('memory_fraction', float('nan')):.4f}, "
                          f"{self.cfg.metric} {b.metrics.get(self.cfg.metric, float('nan')):.4g}")
         else:
             best_text = "none yet"
@@ -201,7 +204,8 @@ class SearchDriver:
     def loop(self, rule: StopRule) -> str:
         last_beat = time.monotonic()
         while True:
-            while self.rt.pool.idle > 0 and rule.can_ask(self.finished(), self.in_flight(), self.since_improvement):
+            while self.rt.pool.idle > 0 and rule.can_ask(self.finished(), self.in_flight(),
+                                                         self.since_improvement):
                 self.ask_one()
             reason = rule.reason(self.finished() + self.in_flight(), self.since_improvement)
             if reason is not None and not self.in_flight():
@@ -217,7 +221,8 @@ class SearchDriver:
                 self.view.update(self.snapshot(rule))
 
     def abandon_in_flight(self, why: str = "ctrl-c") -> list[int]:
-        """Ctrl-C or SIGTERM: fail every running trial and re-queue it for the next run of the same command."""
+        """Ctrl-C or SIGTERM: fail every running trial and re-queue it for the next run of the same
+        command."""
         from optuna.trial import TrialState
 
         from tuner.search.study import requeue
@@ -267,7 +272,8 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
             requeued = driver.abandon_in_flight(why) if interrupted else []
             result = SearchResult(cfg.study_name, cfg.storage, cfg.out_dir, reason, driver.records,
                                   interrupted=interrupted, mlflow_run_id=rt.tracker.run_id,
-                                  evaluations=driver.evaluations, exit_code=rule.exit_code if interrupted else 0)
+                                  evaluations=driver.evaluations,
+                                  exit_code=rule.exit_code if interrupted else 0)
             finish_search(rt, driver, result, requeued)
             rt.tracker.backfill(driver.records)
             status = "KILLED" if interrupted else "FINISHED"

@@ -73,7 +73,8 @@ class EvaluationService:
         task_id, self.next_id = self.next_id, self.next_id + 1
         self.jobs[task_id] = _Job(planned, spec, key[1], [waiter])
         self.by_key[key] = task_id
-        self.pool.submit({"task_id": task_id, "family": planned.family, "params": planned.params, "eval": spec})
+        self.pool.submit({"task_id": task_id, "family": planned.family, "params": planned.params,
+                          "eval": spec})
         return None
 
     def poll(self, timeout: float) -> list[Done]:

@@ -74,7 +74,8 @@ def final_candidates(rt: Any, best: list[T.TrialRecord]) -> list[Candidate]:
     Presets compete on the same held-out samples, so the exported policy is never worse there than
     a preset that fits the target (the search starts from the state of the art and must beat it).
     """
-    out = [Candidate(f"trial {r.number}", rt.planner.plan(r.family, r.params), trial=r.number, preset=r.preset)
+    out = [Candidate(f"trial {r.number}", rt.planner.plan(r.family, r.params), trial=r.number,
+                     preset=r.preset)
            for r in best]
     for p in rt.presets:
         try:
@@ -125,8 +126,8 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
     console.print(f"search stopped: {result.stop_reason}", highlight=False)
     best = T.best_records(records, cfg.final_top_k, objective.multi)
     if not best:
-        console.print(f"no feasible policy found ({objective.describe()}); loosen the target or raise --trials. "
-                      f"Pareto data: {csv_path}", highlight=False)
+        console.print(f"no feasible policy found ({objective.describe()}); loosen the target or raise "
+                      f"--trials. Pareto data: {csv_path}", highlight=False)
         return
     candidates = final_candidates(rt, best)
     items = [(c.label, c.planned.family, c.planned.params) for c in candidates if c.trial is not None]
@@ -168,11 +169,13 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
 
     cfg = rt.cfg
     policy = winner.planned.policy  # fitted to the target, exactly what was evaluated
-    tag = cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None else f"{cfg.metric}{cfg.quality_limit:g}"
+    tag = (cfg.mem_target.text.replace("%", "pct") if cfg.mem_target is not None
+           else f"{cfg.metric}{cfg.quality_limit:g}")
     path = cfg.out_dir / f"policy_{cfg.model}_{tag}.json"
     provenance = {"study": cfg.study_name, "trial": winner.trial, "preset": winner.preset,
                   "mlflow_run_id": rt.tracker.run_id, "storage": cfg.storage, "sampler": cfg.sampler,
-                  "seed": cfg.seed, "metric": cfg.metric,  # the search target: `tuner policy check` matches on it
+                  "seed": cfg.seed,
+                  "metric": cfg.metric,  # the search target: `tuner policy check` matches on it
                   "mem_target": cfg.mem_target.text if cfg.mem_target is not None else None,
                   "quality_limit": cfg.quality_limit}
     write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,

@@ -1,9 +1,9 @@
 """A tiny, safe arithmetic language for search-space files (``"num_scales - 2"``, ``"c_min + extra"``).
 
-Only numbers, strings, ``None``, names from a given environment, ``+ - * / // % **``, comparisons, ``and/or/not``,
-conditional expressions, subscripts of tuples (``scale_lengths[-1]``) and the functions below are
-allowed; anything else (attributes, lambdas, comprehensions, calls of other names) is rejected when
-the file is loaded. Never ``eval``: the file is user input.
+Only numbers, strings, ``None``, names from a given environment, ``+ - * / // % **``, comparisons,
+``and/or/not``, conditional expressions, subscripts of tuples (``scale_lengths[-1]``) and the functions
+below are allowed; anything else (attributes, lambdas, comprehensions, calls of other names) is rejected
+when the file is loaded. Never ``eval``: the file is user input.
 
 Every operation is bounded *before* it is computed, so no expression can exhaust CPU or memory:
 an expression has at most :data:`MAX_CHARS` characters, :data:`MAX_NODES` syntax nodes and
@@ -80,13 +80,14 @@ def parse(text: str) -> ast.Expression:
             or type(node) in _BINOPS or type(node) in _CMPOPS or type(node) in _UNARY
         if not ok:
             raise ExprError(f"expression {text!r} uses {type(node).__name__}, which is not allowed")
-        if isinstance(node, ast.Constant) and not (node.value is None or isinstance(node.value, (int, float, str))):
+        if isinstance(node, ast.Constant) and not (node.value is None
+                                                   or isinstance(node.value, (int, float, str))):
             raise ExprError(f"expression {text!r}: only numbers, strings and None are allowed as constants")
         if isinstance(node, ast.Constant) and isinstance(node.value, int) and abs(node.value) > MAX_INT:
             raise ExprError(f"expression {_short(text)}: integer constant over the limit of 10**18; "
                             f"use a smaller number")
-        if isinstance(node, ast.Call) and (not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS
-                                           or node.keywords):
+        if isinstance(node, ast.Call) and (not isinstance(node.func, ast.Name)
+                                           or node.func.id not in FUNCTIONS or node.keywords):
             raise ExprError(f"expression {text!r}: only calls of {', '.join(FUNCTIONS)} are allowed")
     return tree
 

@@ -55,7 +55,8 @@ class Objective:
         if self.metric not in metrics:
             raise ValueError(f"the evaluator returned no {self.metric!r} (got {', '.join(sorted(metrics))})")
         v = float(metrics[self.metric])
-        if self.maximize and v == math.inf:  # identical images: PSNR is +inf; Optuna stores finite values best
+        # identical images: PSNR is +inf; Optuna stores finite values best
+        if self.maximize and v == math.inf:
             v = 1e3
         return -v if self.maximize else v
 

@@ -88,7 +88,8 @@ def start_ray(address: str | None) -> bool:
     """Start a local Ray cluster (``address`` None) or join one; True when this call connected Ray.
 
     Local clusters get the loopback-only, no-telemetry, no-auth-token environment
-    (:func:`local_ray_environment`) and a small object store; the dashboard is off. ``auto`` or ``host:port`` with no cluster there is a one-line UserError.
+    (:func:`local_ray_environment`) and a small object store; the dashboard is off. ``auto`` or
+    ``host:port`` with no cluster there is a one-line UserError.
     """
     if address is None:
         local_ray_environment()
@@ -111,7 +112,8 @@ def start_ray(address: str | None) -> bool:
     try:
         ray.init(address=address, log_to_driver=False)
     except ConnectionError as exc:
-        raise UserError(f"--ray-address {address}: no running Ray cluster found ({str(exc).splitlines()[0]}); "
+        raise UserError(f"--ray-address {address}: no running Ray cluster found "
+                        f"({str(exc).splitlines()[0]}); "
                         f"start one with `ray start --head` or `ray up ray_cluster.yaml`, "
                         f"or omit --ray-address for a local cluster") from None
     return True
@@ -137,8 +139,9 @@ def wait_for_gpus(wanted: int, timeout_s: float, poll_s: float = 5.0) -> int:
         if have >= wanted:
             return have
         if time.monotonic() >= deadline:
-            raise UserError(f"--gpus {wanted}: the cluster has {have} GPU(s) after {timeout_s:.0f} s; raise the GPU "
-                            f"worker type's max_workers (ray_cluster.yaml) or your cloud quota, or ask for fewer")
+            raise UserError(f"--gpus {wanted}: the cluster has {have} GPU(s) after {timeout_s:.0f} s; "
+                            f"raise the GPU worker type's max_workers (ray_cluster.yaml) or your cloud "
+                            f"quota, or ask for fewer")
         time.sleep(poll_s)
 
 
@@ -193,18 +196,20 @@ class RayPool:
         try:
             infos = ray.get(refs, timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise UserError(f"the {n} Ray workers did not start within {READY_TIMEOUT_S:.0f} s; check the cluster "
-                            f"has the resources ({self.actor_options})") from None
+            raise UserError(f"the {n} Ray workers did not start within {READY_TIMEOUT_S:.0f} s; check the "
+                            f"cluster has the resources ({self.actor_options})") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             if isinstance(cause, UserError):
                 raise UserError(str(cause)) from None
-            raise UserError(f"a worker could not build the evaluator: {str(cause).splitlines()[-1]}") from None
+            raise UserError(f"a worker could not build the evaluator: "
+                            f"{str(cause).splitlines()[-1]}") from None
         for slot, info in zip(self.slots, infos):
             slot.pids.add(info.get("pid"))
         hashes = {i["model_hash"] for i in infos}
         if len(hashes) != 1:
-            raise UserError(f"workers loaded different checkpoints ({sorted(hashes)}); give every node the same weights")
+            raise UserError(f"workers loaded different checkpoints ({sorted(hashes)}); "
+                            f"give every node the same weights")
         return infos[0]
 
     def _new_actor(self):

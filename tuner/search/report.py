@@ -33,10 +33,11 @@ def write_pareto_csv(records: list[TrialRecord], objective: Objective, path: Pat
     metric_names = sorted({k for r in records for k in r.metrics})
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["trial", "state", "family", "preset", "feasible", "plan_infeasible", "pareto", *metric_names,
-                    "params"])
+        w.writerow(["trial", "state", "family", "preset", "feasible", "plan_infeasible", "pareto",
+                    *metric_names, "params"])
         for r in records:
-            w.writerow([r.number, r.state, r.family or "", r.preset or "", int(r.feasible), int(r.plan_infeasible),
+            w.writerow([r.number, r.state, r.family or "", r.preset or "", int(r.feasible),
+                        int(r.plan_infeasible),
                         int(r.number in front), *[r.metrics.get(k, "") for k in metric_names],
                         json.dumps(r.params, sort_keys=True)])
     return path
@@ -54,16 +55,16 @@ def write_pareto_png(records: list[TrialRecord], objective: Objective, path: Pat
     for feasible, color, label in ((True, "tab:blue", "feasible"), (False, "tab:orange", "infeasible")):
         pts = [r for r in evaluated if r.feasible == feasible]
         if pts:
-            ax.scatter([r.metrics["memory_fraction"] for r in pts], [_y(r.metrics[metric]) for r in pts], s=18,
-                       color=color, alpha=0.7, label=label)
+            ax.scatter([r.metrics["memory_fraction"] for r in pts], [_y(r.metrics[metric]) for r in pts],
+                       s=18, color=color, alpha=0.7, label=label)
     front = front_records(records, objective)
     if front:
         ax.plot([r.metrics["memory_fraction"] for r in front], [_y(r.metrics[metric]) for r in front], "-",
                 color="tab:green", lw=1.5, label="pareto front")
     for r in evaluated:
         if r.preset:
-            ax.scatter([r.metrics["memory_fraction"]], [_y(r.metrics[metric])], marker="*", s=140, color="tab:red",
-                       zorder=5)
+            ax.scatter([r.metrics["memory_fraction"]], [_y(r.metrics[metric])], marker="*", s=140,
+                       color="tab:red", zorder=5)
             ax.annotate(r.preset, (r.metrics["memory_fraction"], _y(r.metrics[metric])), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
     if objective.mem is not None and objective.mem.fraction is not None:
@@ -126,7 +127,8 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, P
 def comparison_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     from rich.table import Table
 
-    short = {"memory_fraction": "memory", "kv_bytes_per_image": "KV/img", "latency_s_per_image": "latency/img"}
+    short = {"memory_fraction": "memory", "kv_bytes_per_image": "KV/img",
+             "latency_s_per_image": "latency/img"}
     table = Table(title=title or None)
     for key in ("policy", "family", *TABLE_METRICS):
         table.add_column(short.get(key, key), justify="left" if key in ("policy", "family") else "right")

@@ -68,7 +68,8 @@ class ParamSpec:
 
     def suggest(self, trial: Any, name: str) -> Any:
         if self.kind == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1),
+                                     log=self.log)
         if self.kind == "float":
             return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
         return trial.suggest_categorical(name, list(self.choices))
@@ -143,7 +144,8 @@ class SearchSpace:
             if len(values) != len(names):
                 return None
             base.update(zip(names, values))
-        helpers = [(n, _helper_values(p)) for p in fam.params if p.name.startswith("_") for n in p.optuna_names(family)]
+        helpers = [(n, _helper_values(p)) for p in fam.params if p.name.startswith("_")
+                   for n in p.optuna_names(family)]
         total, width = 1, sum(p.repeat or 1 for p in fam.params)
         for _, vals in helpers:
             total *= len(vals)

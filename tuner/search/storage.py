@@ -74,7 +74,8 @@ def check_storage_url(url: str, flag: str = "--storage") -> None:
             if path.is_dir():
                 raise UserError(f"{flag} {url} is a directory; give a database file like sqlite:///study.db")
             if not _is_sqlite_file(path):
-                raise UserError(f"{flag} {url}: {path} is not an SQLite database (no 'SQLite format 3' header); "
+                raise UserError(f"{flag} {url}: {path} is not an SQLite database "
+                                f"(no 'SQLite format 3' header); "
                                 f"pass a new file name or a database a search wrote "
                                 f"(runs/<study>/{'mlflow' if flag == '--mlflow-uri' else 'study'}.db)")
         else:
@@ -98,7 +99,8 @@ def check_storage_url(url: str, flag: str = "--storage") -> None:
             conn.execute(sqlalchemy.text("SELECT 1"))
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{flag} {url}: cannot connect ({reason}); check the URL and that the server is up") from None
+        raise UserError(f"{flag} {url}: cannot connect ({reason}); check the URL and that the server "
+                        f"is up") from None
     finally:
         engine.dispose()
 
@@ -112,7 +114,8 @@ def _retry_schema_race(create, attempts: int = 5):
         try:
             return create()
         except (OperationalError, ProgrammingError, IntegrityError) as exc:
-            if attempt == attempts - 1 or "exist" not in str(exc).lower() and "unique" not in str(exc).lower():
+            if (attempt == attempts - 1
+                    or "exist" not in str(exc).lower() and "unique" not in str(exc).lower()):
                 raise
             time.sleep(0.2 * (attempt + 1))
 
@@ -212,21 +215,22 @@ class TunerTables:
         return None if row is None else json.loads(row[0])
 
     def store_metrics(self, model_hash: str, policy_hash: str, eval_key: str, family: str,
-                      params: dict[str, Any], metrics: dict[str, float], seconds: float | None = None) -> None:
+                      params: dict[str, Any], metrics: dict[str, float],
+                      seconds: float | None = None) -> None:
         """Insert once; a concurrent driver that stored the same key first wins (same numbers)."""
         from sqlalchemy.exc import IntegrityError
 
         row = dict(model_hash=model_hash, policy_hash=policy_hash, eval_key=eval_key, family=family,
-                   params_json=json.dumps(params, sort_keys=True), metrics_json=json.dumps(metrics, sort_keys=True),
-                   seconds=seconds)
+                   params_json=json.dumps(params, sort_keys=True),
+                   metrics_json=json.dumps(metrics, sort_keys=True), seconds=seconds)
         try:
             with self.engine.begin() as conn:
                 conn.execute(self.cache.insert().values(**row))
         except IntegrityError:
             pass
 
-    def log_evaluation(self, study_name: str, session_id: str, model_hash: str, policy_hash: str, eval_key: str,
-                       images: int, seconds: float | None) -> None:
+    def log_evaluation(self, study_name: str, session_id: str, model_hash: str, policy_hash: str,
+                       eval_key: str, images: int, seconds: float | None) -> None:
         with self.engine.begin() as conn:
             conn.execute(self.evaluations.insert().values(
                 study_name=study_name, session_id=session_id, model_hash=model_hash, policy_hash=policy_hash,

@@ -141,7 +141,8 @@ def list_studies(storage_url: str) -> list[StudySummary]:
                 best_text = f"pareto front of {len(best)}"
             else:
                 b = best[0]
-                best_text = (f"trial {b.number} {b.family}: memory {b.metrics.get('memory_fraction', 0):.4f}, "
+                best_text = (f"trial {b.number} {b.family}: "
+                             f"memory {b.metrics.get('memory_fraction', 0):.4f}, "
                              f"{objective.metric} {b.metrics.get(objective.metric, float('nan')):.4g}")
         exp = exports.get(s.study_name)
         out.append(StudySummary(s.study_name, len(study.trials), sum(r.state == "COMPLETE" for r in records),
@@ -162,7 +163,8 @@ def show_study(storage_url: str, name: str) -> tuple[Objective | None, list[T.Tr
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        raise UserError(f"no study {name!r} in {storage_url}; studies there: {', '.join(names) or 'none'}") from None
+        raise UserError(f"no study {name!r} in {storage_url}; "
+                        f"studies there: {', '.join(names) or 'none'}") from None
     objective = objective_of(study)
     records = T.load_records(study)
     front = front_records(records, objective) if objective is not None else []

@@ -17,8 +17,8 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.search import trials as T
 
-A_IDENTITY, A_PRESETS_DONE, A_MLFLOW_RUN, A_SPACE_DIGEST = "tuner_identity", "presets_enqueued", "mlflow_run_id", \
-    "space_digest"
+A_IDENTITY, A_PRESETS_DONE, A_MLFLOW_RUN, A_SPACE_DIGEST = "tuner_identity", "presets_enqueued", \
+    "mlflow_run_id", "space_digest"
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,8 @@ def budgets_forms(presets: list[Preset], geometry: Any, build: Any = None) -> li
             form = budgets_form((build or make_policy)(p.family, p.params), geometry)
         except ValueError:
             continue
-        if form is None or (p.family, form.rule) in seen:  # one per baseline kind: the knob is refitted anyway
+        # one per baseline kind: the knob is refitted anyway
+        if form is None or (p.family, form.rule) in seen:
             continue
         seen.add((p.family, form.rule))
         out.append(Preset(f"budgets:{p.name}", form.family, form.params()))

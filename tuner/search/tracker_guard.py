@@ -58,8 +58,8 @@ class GuardedTracker:
             self.failures += 1
             if not self.down:
                 self.down_since = now
-                self.warn(f"warning: MLflow tracking failed ({_reason(exc)}); the search goes on without it and "
-                          f"retries every {RETRY_S:.0f} s; what it misses is logged later")
+                self.warn(f"warning: MLflow tracking failed ({_reason(exc)}); the search goes on without it "
+                          f"and retries every {RETRY_S:.0f} s; what it misses is logged later")
             return False, None
         if self.down:
             self.down_since = None
@@ -93,6 +93,6 @@ class GuardedTracker:
         self.last_try = float("-inf")  # one last attempt, whatever the retry clock says
         ok, _ = self._call("finish", status)
         if not ok and self.enabled:
-            self.warn("warning: MLflow was unreachable at the end of the search: its study run may still show "
-                      "RUNNING and some trials have no run yet; re-run the same command when the server is "
-                      "back to log them")
+            self.warn("warning: MLflow was unreachable at the end of the search: its study run may still "
+                      "show RUNNING and some trials have no run yet; re-run the same command when the "
+                      "server is back to log them")

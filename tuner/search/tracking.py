@@ -1,4 +1,5 @@
-"""MLflow tracking of searches (docs/design.md, Tracking and export): experiment per model, parent run per study, child per trial.
+"""MLflow tracking of searches (docs/design.md, Tracking and export): experiment per model, parent run per
+study, child per trial.
 
 Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no fluent global run stack), so the
 driver can log trials as they finish in any order. Metric names are the evaluator's keys verbatim
@@ -57,11 +58,13 @@ def check_tracking_uri(uri: str) -> None:
                     raise UserError(f"--mlflow-uri {uri}: /health answered HTTP {resp.status}; "
                                     f"check the MLflow server")
         except urllib.error.HTTPError as exc:
-            raise UserError(f"--mlflow-uri {uri}: /health answered HTTP {exc.code}; check the MLflow server") from None
+            raise UserError(f"--mlflow-uri {uri}: /health answered HTTP {exc.code}; "
+                            f"check the MLflow server") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise UserError(f"--mlflow-uri {uri} is unreachable ({reason}); start the server "
-                            f"(mlflow server --host 127.0.0.1 --port 5000) or pass --mlflow-uri none") from None
+                            f"(mlflow server --host 127.0.0.1 --port 5000) or pass "
+                            f"--mlflow-uri none") from None
         return
     if uri.startswith(("sqlite", "postgresql", "mysql", "mssql")):
         from tuner.search.storage import check_storage_url
@@ -193,7 +196,8 @@ class MlflowTracker:
                 location = artifact_root.resolve().as_uri() if artifact_root is not None else None
                 self.experiment_id = self._create_experiment(experiment, location)
             elif exp.lifecycle_stage == "deleted":
-                raise UserError(f"--experiment {experiment!r} is deleted in {uri}; restore it or choose another name")
+                raise UserError(f"--experiment {experiment!r} is deleted in {uri}; restore it or choose "
+                                f"another name")
             else:
                 self.experiment_id = exp.experiment_id
         self.experiment = experiment
@@ -273,7 +277,8 @@ class MlflowTracker:
     def _child_runs(self) -> list[Any]:
         """The study run's child runs (its trials, resumed sessions included)."""
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=50000)
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+            max_results=50000)
 
     def backfill(self, records: list[Any]) -> list[int]:
         """Log every record that should have a child run and has none; returns their trial numbers."""
@@ -289,7 +294,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()])
+        self.client.log_batch(self.run_id,
+                              metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)

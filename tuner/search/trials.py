@@ -76,7 +76,8 @@ class TrialRecord:
     preset: str | None = None
     cache_hit: bool = False
     error: str | None = None
-    interrupted: str | None = None  # why it was cut short ("ctrl-c", "driver gone", ...): re-queued, not counted
+    # why it was cut short ("ctrl-c", "driver gone", ...): re-queued, not counted
+    interrupted: str | None = None
     trial_params: dict[str, Any] = field(default_factory=dict)  # the sampler's parameters (Optuna's view)
 
     @property

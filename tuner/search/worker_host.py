@@ -48,7 +48,8 @@ def build_eval_spec(spec_type: type, spec: dict[str, Any]) -> Any:
 class WorkerHost:
     """Owns one evaluator (model + full-cache references) for the life of the process."""
 
-    def __init__(self, factory: str, factory_kwargs: dict[str, Any] | None = None, num_threads: int | None = None):
+    def __init__(self, factory: str, factory_kwargs: dict[str, Any] | None = None,
+                 num_threads: int | None = None):
         self.factory = factory
         self.factory_kwargs = dict(factory_kwargs or {})
         self.num_threads = num_threads

@@ -96,7 +96,8 @@ class InlinePool:
         try:
             with _signals_abort():
                 res = self.host.evaluate(request)
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the request stays queued; the driver re-queues its trial
+        except KeyboardInterrupt:
+            # Ctrl-C / SIGTERM: the request stays queued; the driver re-queues its trial
             return []
         self.queue.pop(0)
         return [Outcome(request, result=res if "error" not in res else None, error=res.get("error"))]

@@ -71,7 +71,8 @@ def _walk(node: Any, where: tuple, lines: dict[tuple, int], located_path: Path) 
             line = key_node.start_mark.line + 1
             if key in seen:
                 dotted = _dotted(where + (key,))
-                raise LocatedError(f"{located_path}:{line}: {dotted}: duplicate key (first at line {seen[key]})")
+                raise LocatedError(f"{located_path}:{line}: {dotted}: duplicate key "
+                                   f"(first at line {seen[key]})")
             seen[key] = line
             lines[where + (key,)] = line
             _walk(value_node, where + (key,), lines, located_path)
