@@ -37,7 +37,7 @@ def placeholder_calibration(model_cfg):
     """
     from tuner.calibration import Calibration, CalibrationSpec
 
-    n, s = model_cfg.var.depth, model_cfg.var.num_scales
+    n, s = model_cfg.var.depth, model_cfg.var.geometry.num_scales
     sim = tuple(tuple(None if j == 0 else -float(layer + 1) for j in range(s)) for layer in range(n))
     car = tuple(tuple(None if j == 0 else 0.5 for j in range(s)) for _ in range(n))
     htk = tuple(tuple(None if j == 0 else 0.1 + 0.01 * ((layer * 7 + j) % n) for j in range(s))

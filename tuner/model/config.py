@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tuner.geometry import scale_lengths_of
+from tuner.geometry import CacheGeometry
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -77,19 +77,9 @@ class VARConfig:
         return self.embed_dim // self.num_heads
 
     @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def scale_lengths(self) -> tuple[int, ...]:
-        """Tokens per scale, ``pn**2``."""
-        return scale_lengths_of(self.patch_nums)
-
-    @property
-    def seq_len(self) -> int:
-        """Total tokens L over all scales (680 at 256px)."""
-        return sum(self.scale_lengths)
-
+    def geometry(self) -> CacheGeometry:
+        """The cache geometry (scales, token counts, ``seq_len`` L = 680 at 256px): the one type for it."""
+        return CacheGeometry.from_var_config(self)
 
 
 @dataclass(frozen=True)

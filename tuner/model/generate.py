@@ -142,7 +142,7 @@ class _ScaleStep:
         Returns ``(sampled indices [B, pn*pn], f_hat, the next scale's input map)``.
         """
         var, quant, b, z = self.var, self.quant, self.b, self.z
-        num_scales, patch_nums = var.cfg.num_scales, var.cfg.patch_nums
+        num_scales, patch_nums = var.cfg.geometry.num_scales, var.cfg.patch_nums
         self.cache.begin_scale(si)
         x = var.run_blocks(next_map, var.condition(self.cond_BD), cache=self.cache)
         logits = guided_logits(var.logits(x, self.cond_BD), b, self.cfg, si, num_scales)

@@ -143,21 +143,21 @@ class VARTransformer(nn.Module):
     def __init__(self, cfg: VARConfig, vae_z: int, vocab: int):
         super().__init__()
         self.cfg = cfg
-        c, L = cfg.embed_dim, cfg.seq_len
+        c, L = cfg.embed_dim, cfg.geometry.seq_len
         self.num_classes = cfg.num_classes
         self.first_l = cfg.patch_nums[0] ** 2
         self.word_embed = nn.Linear(vae_z, c)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, c)
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_l, c))
         self.pos_1LC = nn.Parameter(torch.zeros(1, L, c))
-        self.lvl_embed = nn.Embedding(cfg.num_scales, c)
+        self.lvl_embed = nn.Embedding(cfg.geometry.num_scales, c)
         self.shared_ada_lin = (
             nn.Sequential(nn.SiLU(), SharedAdaLin(c, 6 * c)) if cfg.shared_aln else nn.Identity()
         )
         self.blocks = nn.ModuleList([AdaLNSelfAttn(cfg) for _ in range(cfg.depth)])
         self.head_nm = AdaLNBeforeHead(c, cfg.norm_eps)
         self.head = nn.Linear(c, vocab)
-        levels = torch.cat([torch.full((n,), i) for i, n in enumerate(cfg.scale_lengths)]).view(1, L)
+        levels = torch.cat([torch.full((n,), i) for i, n in enumerate(cfg.geometry.scale_lengths)]).view(1, L)
         self.register_buffer("lvl_1L", levels.contiguous())
         mask = torch.where(levels.view(1, L, 1) >= levels.view(1, 1, L), 0.0, -torch.inf)
         self.register_buffer("attn_bias_for_masking", mask.reshape(1, 1, L, L).contiguous())

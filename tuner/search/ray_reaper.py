@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tuner.search.liveness import pid_alive
+
 MARKER = "TUNER_RAY_CLUSTER"
 GRACE_S = 3.0
 POLL_S = 0.5
@@ -52,19 +54,6 @@ def marked_pids(mark: str) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
 def reap(mark: str, grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM, then SIGKILL, every process carrying ``mark``; returns the pids it signalled."""
     deadline = time.monotonic() + grace_s
@@ -83,7 +72,7 @@ def reap(mark: str, grace_s: float = GRACE_S) -> list[int]:
 
 def main(argv: list[str]) -> int:
     driver, mark = int(argv[0]), argv[1]
-    while _alive(driver):
+    while pid_alive(driver):
         time.sleep(POLL_S)
     reap(mark)
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.search.liveness import pid_alive
 
 SQLITE_TIMEOUT_S = 30  # concurrent drivers on one SQLite file wait for the write lock instead of failing
 STALE_HEARTBEAT_S = 120.0
@@ -303,23 +304,7 @@ class TunerTables:
         for sid, h, pid, beat, finished in rows:
             if finished:
                 continue
-            alive = _pid_alive(pid) if h == host else now - beat < STALE_HEARTBEAT_S
+            alive = pid_alive(pid) if h == host else now - beat < STALE_HEARTBEAT_S
             if alive:
                 live.add(sid)
         return live
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed driver whose parent has not reaped it yet is a zombie: dead for our purpose
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "\nState:\tZ" not in status
