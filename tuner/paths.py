@@ -20,6 +20,17 @@ def _nearest_existing(p: Path) -> Path:
     return probe
 
 
+def _why_not_creatable(p: Path) -> str | None:
+    """Why ``p`` cannot be created as a directory (its nearest existing ancestor is a file, or not
+    writable), or None."""
+    probe = _nearest_existing(p)
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no write permission in {probe}"
+    return None
+
+
 def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
     """Prove ``path`` is (or can be created as) a writable directory, creating nothing.
 
@@ -32,13 +43,9 @@ def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
     if p.exists() and not p.is_dir():
         raise UserError(f"output directory {p} is not writable (a file of that name exists); pass a "
                         f"directory with {flag}")
-    probe = _nearest_existing(p)
-    if not probe.is_dir():
-        raise UserError(f"output directory {p} is not writable ({probe} is a file, not a directory); pass a "
-                        f"writable {flag}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {p} is not writable (no write permission in {probe}); pass a "
-                        f"writable {flag}")
+    why = _why_not_creatable(p)
+    if why:
+        raise UserError(f"output directory {p} is not writable ({why}); pass a writable {flag}")
     return p
 
 
@@ -82,13 +89,9 @@ def check_writable_file(path: str | Path, flag: str, suffixes: tuple[str, ...] |
         if not os.access(p, os.W_OK):
             raise UserError(f"{flag} {p}: the file is not writable; pass a writable path")
         return p
-    probe = _nearest_existing(p.parent)
-    if not probe.is_dir():
-        raise UserError(f"{flag} {p} cannot be written ({probe} is a file, not a directory); "
-                        f"pass a writable path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {p} cannot be written (no write permission in {probe}); "
-                        f"pass a writable path")
+    why = _why_not_creatable(p.parent)
+    if why:
+        raise UserError(f"{flag} {p} cannot be written ({why}); pass a writable path")
     return p
 
 
