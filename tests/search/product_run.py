@@ -143,7 +143,8 @@ class ProductSearch:
             if not alive or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert not alive, [(p.pid, p.ppid(), " ".join(p.cmdline())[:120]) for p in alive]
+        notes = "".join(f.read_text() for f in self.ray_tmp.glob("tuner-ray-reaper-*.log"))
+        assert not alive, ([(p.pid, p.ppid(), " ".join(p.cmdline())[:60].strip()) for p in alive], notes)
 
     def cleanup(self) -> None:
         for pid in self.seen:

@@ -53,9 +53,12 @@ def test_driver_sigkill_then_the_identical_command(search):
     proc.kill()
     proc.wait()
     search.assert_no_leftovers()  # Ray's processes go with their driver
+    # what the killed driver left RUNNING (almost always 1; 0 when its trial finished just before the kill)
+    left_running = [t.number for t in search.trials_now() if t.state.name == "RUNNING"]
     code, output = search.run()
     assert code == 0, output[-3000:]
-    assert "re-queued 1 trial(s) left running by an earlier driver" in output
+    if left_running:
+        assert f"re-queued {len(left_running)} trial(s) left running by an earlier driver" in output
     search.assert_whole()
 
 

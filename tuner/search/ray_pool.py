@@ -100,9 +100,9 @@ def start_ray(address: str | None) -> bool:
     if address is None:
         from tuner.search.ray_reaper import start_reaper
 
-        start_reaper()  # ends what Ray would leave behind if this process is killed
-        kwargs: dict[str, Any] = {}
         tmp = os.environ.get("TUNER_RAY_TMPDIR")
+        start_reaper(tmp)  # ends what Ray would leave behind if this process is killed
+        kwargs: dict[str, Any] = {}
         if tmp:
             kwargs["_temp_dir"] = tmp
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
