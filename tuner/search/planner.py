@@ -48,9 +48,18 @@ class Planner:
 
     def __init__(self, model_cfg: "ModelConfig", spec: "PolicySpec", mem: MemTarget | None, fit: bool):
         self.model_cfg, self.spec, self.mem, self.fit = model_cfg, spec, mem, fit and mem is not None
+        # Planning is deterministic and fitting bisects the knob (dozens of memory reports): the final
+        # round re-plans the screened trials and presets, and samplers propose the same point again.
+        self._planned: dict[str, Planned] = {}
 
     def plan(self, family: str, params: dict[str, Any]) -> Planned:
         """The policy the search evaluates for ``(family, params)``; ValueError when it is invalid."""
+        key = T.canonical_json([family, params])
+        if key not in self._planned:
+            self._planned[key] = self._plan(family, params)
+        return self._planned[key]
+
+    def _plan(self, family: str, params: dict[str, Any]) -> Planned:
         from tuner.policies.fit import fit_to_memory
         from tuner.policies.registry import make_policy
 

@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from tuner.model.config import ModelConfig
-    from tuner.policies.base import PolicySpec
     from tuner.search.evaluations import EvaluationService
     from tuner.search.objective import Objective
     from tuner.search.planner import Planner
@@ -180,10 +179,10 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         rt.pool = make_pool(cfg)
         rt.info = rt.pool.start()
         out = make_directories(cfg)  # after the pool: a worker that cannot start leaves nothing behind
-        spec = _set_up_planning(rt)
+        _set_up_planning(rt)
         _open_study(rt)
         rt.evals = EvaluationService(rt.tables, rt.pool, rt.model_hash, cfg.study_name, rt.session_id)
-        _enqueue_presets(rt, spec)
+        _enqueue_presets(rt)
         _start_tracking(rt, out)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_hash": rt.model_hash,
                                                       "space_digest": space.digest}, indent=2) + "\n")
@@ -196,11 +195,9 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         raise
 
 
-def _set_up_planning(rt: SearchRuntime) -> "PolicySpec":
-    """The screening and final evaluation specs and the planner, from the started workers' model description.
-
-    Returns the policy spec the planner plans against (the workers' calibration included).
-    """
+def _set_up_planning(rt: SearchRuntime) -> None:
+    """The screening and final evaluation specs and the planner (whose policy spec carries the started
+    workers' calibration), from the workers' model description."""
     from tuner.policies.base import CacheGeometry, PolicySpec
     from tuner.search.planner import Planner
 
@@ -211,7 +208,6 @@ def _set_up_planning(rt: SearchRuntime) -> "PolicySpec":
     rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
     spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
     rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
-    return spec
 
 
 def _open_study(rt: SearchRuntime) -> None:
@@ -241,10 +237,11 @@ def _open_study(rt: SearchRuntime) -> None:
                       highlight=False)
 
 
-def _enqueue_presets(rt: SearchRuntime, spec: "PolicySpec") -> None:
+def _enqueue_presets(rt: SearchRuntime) -> None:
     """Load the paper presets (unless ``--no-presets``) and enqueue them as the study's first trials."""
     from tuner.search import study as S
 
+    spec = rt.planner.spec
     rt.presets = S.load_presets(rt.model_cfg, spec.calibration) if rt.cfg.presets else []
     forms = S.budgets_forms(rt.presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
     S.enqueue_presets(rt.study, rt.space, rt.presets, forms)
