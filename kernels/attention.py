@@ -5,6 +5,12 @@ prefix (its length read from ``cache_lens`` at run time), stage 2 streams the sc
 tokens; an online softmax in exp2 form keeps one fp32 accumulator, so no attention matrix is ever
 materialized and the cache and new tokens never have to be concatenated.
 
+Cache formats (:mod:`kernels.quant`): a plain tensor cache in ``q``'s dtype runs the kernel below; an
+int8 / int4 :class:`~kernels.quant.QuantizedKV` cache runs :mod:`kernels.attention_quant`'s kernel,
+which loads the codes plus their fp16 scales (and zero points) and dequantizes stage-1 tiles in
+registers (its constexpr ``KV_FMT`` picks the format); stage 2 stays in ``q``'s dtype in both. A
+zero-capacity cache of either kind takes the plain kernel (nothing of the cache is read).
+
 Importing this module defines the kernel: ``TRITON_INTERPRET=1`` must be set before that for the
 CPU interpreter (see :mod:`kernels.dispatch`).
 """
@@ -15,6 +21,8 @@ import triton
 import triton.language as tl
 
 from kernels._launch import int32_lens, launch_flags, row_head_span
+from kernels.attention_quant import half_block, launch_quantized
+from kernels.quant import QuantizedKV
 
 _LOG2E = 1.4426950408889634
 
@@ -125,14 +133,32 @@ def block_config(lq: int, block_d: int, interpreted: bool, elt: int = 2) -> tupl
 def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                         softmax_scale: float) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked)."""
+    """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked).
+
+    ``k_cache``/``v_cache``: tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV` of one
+    format (dequantized in registers by :mod:`kernels.attention_quant`).
+    """
     r, h, lq, d = q.shape
     flags = launch_flags(q, is_interpreted())
     out = torch.empty(r, h, lq, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps, stages = block_config(lq, flags.block_d, flags.interpreted, q.element_size())
     lens = int32_lens(cache_lens, q.device)
+    qk_scale = float(softmax_scale) * _LOG2E
+    quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
+    if any(quantized) and (not all(quantized) or k_cache.fmt != v_cache.fmt):
+        raise ValueError("the triton backend needs k_cache and v_cache in one format, got "
+                         + " and ".join(t.fmt if isinstance(t, QuantizedKV) else str(t.dtype)
+                                        for t in (k_cache, v_cache)))
+    if all(quantized) and k_cache.shape[2] > 0:
+        # Two halves of half_block(d) columns each: as wide as BLOCK_D, or wider for head_dim < 32.
+        block_m, block_n, warps, stages = block_config(lq, 2 * half_block(d), flags.interpreted,
+                                                       q.element_size())
+        launch_quantized(q, k_cache, v_cache, lens, k_new, v_new, out, qk_scale, block_m=block_m,
+                         block_n=block_n, num_warps=warps, num_stages=stages, upcast=flags.upcast,
+                         ieee=flags.ieee)
+        return out
+    block_m, block_n, warps, stages = block_config(lq, flags.block_d, flags.interpreted, q.element_size())
     kc, vc = k_cache, v_cache
     if k_cache.shape[2] == 0:
         # A zero-capacity buffer may be a null pointer with odd strides: point at the new tokens
@@ -142,7 +168,7 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _kv_attention_kernel[grid](
         q, kc, vc, lens, k_new, v_new, out,
         *q.stride(), *kc.stride(), *vc.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
-        h, lq, kc.shape[2], float(softmax_scale) * _LOG2E,
+        h, lq, kc.shape[2], qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags.constexprs(),
     )
     return out

@@ -9,9 +9,17 @@ cached tokens plus their own. Providers:
 - ``torch``: :func:`kernels.kv_attention` with the PyTorch reference on the compressed cache;
 - ``triton``: the same op with the Triton kernel (on CPU only under ``TRITON_INTERPRET=1``).
 
+Cache formats (``--formats``, :mod:`kernels.quant`): ``compute`` is the cache in the run's dtype
+(the 16-bit cache with ``--dtype fp16/bf16``), measured by all three providers; ``int8`` / ``int4``
+quantize the same cached tokens (equal kept tokens) and are measured by the compressed provider only
+(``triton`` when it runs, else ``torch``), so the second table compares each format's latency and bytes
+read with the ``compute`` cache's at the same provider.
+
 Latency: ``triton.testing.do_bench`` medians on CUDA (warm-up call first, then the benchmarker's own
 synchronized warm-up), ``perf_counter`` medians on CPU. Bytes = K/V of the keys read + q read + out
-written; FLOPs = 4·R·H·Lq·keys·D. ``--quick`` runs tiny shapes (for CPU and tests).
+written (a quantized cache's K/V: its codes plus fp16 scales / zero points, :mod:`kernels.quant`);
+``read_bytes`` leaves the output out. FLOPs = 4·R·H·Lq·keys·D. ``--quick`` runs tiny shapes (for CPU
+and tests).
 """
 from __future__ import annotations
 
@@ -28,13 +36,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.quant import KV_FORMATS, format_info
+
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MODEL_HEADS = {"d16": 16, "d20": 20, "d24": 24, "d30": 30}
 HEAD_DIM = 64
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUICK = dict(models={"d2": 2}, batches=(1,), fractions=(1.0, 0.25), patch_nums=(1, 2, 3, 4))
 CSV_FIELDS = ("model", "batch", "rows", "heads", "head_dim", "dtype", "fraction", "scale", "lq", "cache_len",
-              "full_len", "provider", "ms", "gb_per_s", "tflop_per_s")
+              "full_len", "provider", "kv_format", "ms", "read_bytes", "gb_per_s", "tflop_per_s")
 
 
 def scale_shapes(patch_nums, fraction: float) -> list[tuple[int, int, int]]:
@@ -50,6 +60,16 @@ def scale_shapes(patch_nums, fraction: float) -> list[tuple[int, int, int]]:
 def traffic(rows: int, heads: int, lq: int, n_keys: int, d: int, elt: int) -> tuple[int, int]:
     """``(bytes, flops)`` of one attention call: K and V of ``n_keys`` keys, q and out of ``lq`` rows."""
     return elt * rows * heads * d * (2 * n_keys + 2 * lq), 4 * rows * heads * lq * n_keys * d
+
+
+def format_traffic(rows: int, heads: int, lq: int, cache_len: int, d: int, elt: int,
+                   fmt: str = "compute") -> tuple[int, int]:
+    """``(read, written)`` bytes of one call over ``cache_len`` cached tokens stored in ``fmt``: the
+    cache's K and V, the new tokens' K and V and q read (``elt`` bytes per unquantized element), out
+    written. With ``fmt="compute"`` they sum to :func:`traffic` of ``cache_len + lq`` keys."""
+    vector = format_info(fmt).vector_bytes(d, elt)
+    read = rows * heads * (2 * cache_len * vector + 3 * lq * d * elt)
+    return read, rows * heads * lq * d * elt
 
 
 def time_ms(fn, device: torch.device, reps: int) -> float:
@@ -86,9 +106,14 @@ def _cuda_event_ms(fn, reps: int) -> float:
 
 
 def bench_config(model: str, heads: int, batch: int, fraction: float, *, patch_nums, dtype, device, providers,
-                 reps: int) -> list[dict]:
-    """CSV rows (one per scale and provider) for one (model, batch, fraction)."""
+                 reps: int, formats=("compute",)) -> list[dict]:
+    """CSV rows (one per scale, provider and cache format) for one (model, batch, fraction).
+
+    ``compute`` rows come from every provider; each quantized format's from the compressed provider
+    (``triton`` when in ``providers``, else ``torch``), over the same kept tokens quantized once.
+    """
     from kernels import kv_attention
+    from kernels.quant import quantize
 
     gen = torch.Generator(device=device).manual_seed(0)
     rows, d, total = 2 * batch, HEAD_DIM, sum(p * p for p in patch_nums)
@@ -100,35 +125,51 @@ def bench_config(model: str, heads: int, batch: int, fraction: float, *, patch_n
     shapes = scale_shapes(patch_nums, fraction)
     cap = max(c for _, c, _ in shapes)
     k_cache, v_cache = k_full[:, :, :cap].clone(), v_full[:, :, :cap].clone()
-    scale = d ** -0.5
+    quantized = {f: (quantize(k_cache, f), quantize(v_cache, f)) for f in formats if f != "compute"}
+    fast = "triton" if "triton" in providers else "torch"
+    scale, elt = d ** -0.5, k_full.element_size()
     out = []
     for si, (lq, clen, prefix) in enumerate(shapes):
         q = rand(rows, heads, lq, d)
         k_new, v_new = k_full[:, :, prefix:prefix + lq], v_full[:, :, prefix:prefix + lq]
         lens = torch.full((rows, heads), clen, dtype=torch.int32, device=device)
-        calls = {
-            "sdpa_full": (lambda: F.scaled_dot_product_attention(
-                q, k_full[:, :, :prefix + lq], v_full[:, :, :prefix + lq], scale=scale), prefix + lq),
-            "torch": (lambda: kv_attention(q, k_cache, v_cache, lens, k_new, v_new, scale, backend="torch",
-                                           uniform_len=clen), clen + lq),
-            "triton": (lambda: kv_attention(q, k_cache, v_cache, lens, k_new, v_new, scale, backend="triton"),
-                       clen + lq),
-        }
-        for name in providers:
-            fn, n_keys = calls[name]
+
+        def compressed(kc, vc, backend):
+            if backend == "torch":
+                return lambda: kv_attention(q, kc, vc, lens, k_new, v_new, scale, backend="torch",
+                                            uniform_len=clen)
+            return lambda: kv_attention(q, kc, vc, lens, k_new, v_new, scale, backend="triton")
+
+        # (provider, format, call, cached tokens read in that format)
+        calls = [(name, "compute", compressed(k_cache, v_cache, name), clen) for name in providers
+                 if name != "sdpa_full" and "compute" in formats]
+        if "sdpa_full" in providers and "compute" in formats:
+            calls.insert(0, ("sdpa_full", "compute", lambda: F.scaled_dot_product_attention(
+                q, k_full[:, :, :prefix + lq], v_full[:, :, :prefix + lq], scale=scale), prefix))
+        calls += [(fast, f, compressed(kq, vq, fast), clen) for f, (kq, vq) in quantized.items()]
+        for name, fmt, fn, n_cached in calls:
             ms = time_ms(fn, device, reps)
-            nbytes, flops = traffic(rows, heads, lq, n_keys, d, k_full.element_size())
+            read, written = format_traffic(rows, heads, lq, n_cached, d, elt, fmt)
+            flops = traffic(rows, heads, lq, n_cached + lq, d, elt)[1]
             out.append(dict(model=model, batch=batch, rows=rows, heads=heads, head_dim=d,
                             dtype=str(dtype).removeprefix("torch."), fraction=fraction, scale=si, lq=lq,
-                            cache_len=clen, full_len=prefix + lq, provider=name, ms=ms,
-                            gb_per_s=nbytes / ms / 1e6, tflop_per_s=flops / ms / 1e9))
+                            cache_len=clen, full_len=prefix + lq, provider=name, kv_format=fmt, ms=ms,
+                            read_bytes=read, gb_per_s=(read + written) / ms / 1e6,
+                            tflop_per_s=flops / ms / 1e9))
     return out
 
 
+def _format_of(record: dict) -> str:
+    return record.get("kv_format") or "compute"  # CSVs written before the formats existed: compute
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Per (model, batch, fraction): total ms over scales per provider, triton/sdpa_full ratio, GB/s."""
+    """Per (model, batch, fraction): total ms over scales per provider, triton/sdpa_full ratio, GB/s.
+
+    Only the ``compute`` cache's records count here; :func:`format_summary` compares the formats.
+    """
     groups: dict[tuple, dict] = {}
-    for r in records:
+    for r in (r for r in records if _format_of(r) == "compute"):
         g = groups.setdefault((r["model"], r["batch"], r["fraction"]), {"ms": {}, "bytes": {}, "flops": {}})
         g["ms"][r["provider"]] = g["ms"].get(r["provider"], 0.0) + r["ms"]
         g["bytes"][r["provider"]] = g["bytes"].get(r["provider"], 0.0) + r["gb_per_s"] * r["ms"] * 1e6
@@ -146,13 +187,58 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def format_summary(records: list[dict]) -> list[dict]:
+    """Per (model, batch, fraction, format) of the compressed provider (triton when measured, else torch):
+    ms and bytes read summed over the scales, GB/s, and both as a ratio to the ``compute`` cache's at the
+    same provider (NaN when that was not measured). Empty when no quantized format was measured."""
+    if all(_format_of(r) == "compute" for r in records):
+        return []
+    groups: dict[tuple, dict] = {}
+    for r in records:
+        g = groups.setdefault((r["model"], r["batch"], r["fraction"]), {})
+        cell = g.setdefault((r["provider"], _format_of(r)), {"ms": 0.0, "read": 0.0, "moved": 0.0})
+        cell["ms"] += r["ms"]
+        cell["read"] += float(r.get("read_bytes") or "nan")  # NaN: a CSV from before read_bytes
+        cell["moved"] += r["gb_per_s"] * r["ms"] * 1e6
+    rows = []
+    for (model, batch, fraction), g in groups.items():
+        fast = "triton" if any(p == "triton" for p, _ in g) else "torch"
+        base = g.get((fast, "compute"))
+        for fmt in KV_FORMATS:
+            cell = g.get((fast, fmt))
+            if cell is None:
+                continue
+            rows.append(dict(model=model, batch=batch, fraction=fraction, kv_format=fmt, provider=fast,
+                             ms=cell["ms"], read_bytes=cell["read"],
+                             gb_per_s=cell["moved"] / cell["ms"] / 1e6,
+                             ms_ratio=cell["ms"] / base["ms"] if base else float("nan"),
+                             read_ratio=cell["read"] / base["read"] if base else float("nan")))
+    return rows
+
+
+def format_markdown(rows: list[dict], first_cols: tuple[str, ...] = ("model", "batch")) -> str:
+    """The cache-format table of :func:`format_summary` rows ("-": no compute cache to compare with)."""
+    def num(x: float) -> str:
+        return "-" if x != x else f"{x:.3f}"
+
+    lines = ["| " + " | ".join(first_cols) + " | cache % | format | provider | ms | ms / compute | MB read "
+             "| read / compute | GB/s |",
+             "|" + "---|" * (len(first_cols) + 8)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in first_cols) + f" | {100 * r['fraction']:g} | "
+                     f"{r['kv_format']} | {r['provider']} | {r['ms']:.4g} | {num(r['ms_ratio'])} | "
+                     f"{r['read_bytes'] / 1e6:.4g} | {num(r['read_ratio'])} | {r['gb_per_s']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
 
 
-def markdown(summary: list[dict], providers, device: torch.device, dtype_name: str, argv) -> str:
+def markdown(summary: list[dict], providers, device: torch.device, dtype_name: str, argv,
+             formats: list[dict] = ()) -> str:
     try:
         import triton
 
@@ -172,9 +258,14 @@ def markdown(summary: list[dict], providers, device: torch.device, dtype_name: s
         "|---|---|---|" + "---|" * len(providers) + "---|---|---|",
     ]
     for r in summary:
-        cells = " | ".join(f"{r['ms'][p]:.4g}" for p in providers)
+        cells = " | ".join(f"{r['ms'][p]:.4g}" if p in r["ms"] else "-" for p in providers)
         lines.append(f"| {r['model']} | {r['batch']} | {100 * r['fraction']:g} | {cells} | {r['ratio']:.3f} "
                      f"| {r['gb_per_s']:.4g} | {r['tflop_per_s']:.4g} |")
+    if formats:
+        lines += ["", "## Cache formats at equal kept tokens", "",
+                  f"int8 / int4 caches vs the {dtype_name} (compute) cache: same tokens, same provider; "
+                  "ms and MB read summed over the scales (MB read: cache K/V as stored, new K/V and q).", "",
+                  format_markdown(formats).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +306,9 @@ def parse_args(argv):
     p.add_argument("--fractions", type=_csv_list(float), default=(1.0, 0.5, 0.25, 0.15, 0.10))
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--reps", type=int, default=5, help="CPU repetitions per measurement (median)")
+    p.add_argument("--formats", type=_csv_list(str), default=KV_FORMATS,
+                   help=f"cache formats, comma-separated subset of {','.join(KV_FORMATS)} (quantized ones: "
+                        "compressed provider only)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write kernels_bench.{md,csv,png} here")
     args = p.parse_args(argv)
@@ -223,6 +317,8 @@ def parse_args(argv):
         p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODEL_HEADS)}")
     if any(not 0.0 <= f <= 1.0 for f in args.fractions) or any(b < 1 for b in args.batches) or args.reps < 1:
         p.error("--fractions must lie in [0, 1], --batches and --reps must be positive")
+    if not args.formats or any(f not in KV_FORMATS for f in args.formats):
+        p.error(f"--formats {','.join(args.formats)}: use a comma-separated subset of {','.join(KV_FORMATS)}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} requested but no CUDA GPU is visible; use --device cpu")
     return args
@@ -253,9 +349,9 @@ def main(argv=None) -> int:
             for fraction in fractions:
                 records += bench_config(model, heads, batch, fraction, patch_nums=patch_nums,
                                         dtype=DTYPES[dtype_name], device=device, providers=providers,
-                                        reps=args.reps)
+                                        reps=args.reps, formats=args.formats)
     summary = summarize(records)
-    table = markdown(summary, providers, device, dtype_name, argv)
+    table = markdown(summary, providers, device, dtype_name, argv, format_summary(records))
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +360,8 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(records)
-        plot(summary, args.out / "kernels_bench.png", f"{device_name(device)}, {dtype_name}")
+        if summary:  # none with --formats int8,int4 only
+            plot(summary, args.out / "kernels_bench.png", f"{device_name(device)}, {dtype_name}")
     return 0
 
 

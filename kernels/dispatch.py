@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from kernels.quant import QuantizedKV
 from kernels.reference import kv_attention_reference, token_scores_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -82,16 +83,31 @@ def _check_attention_args(q, k_cache, v_cache, cache_lens, k_new, v_new) -> None
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if tuple(t.shape) != (r, h, lq, d):
             raise ValueError(f"{name} must have q's shape {(r, h, lq, d)}, got {tuple(t.shape)}")
-    if k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (r, h) or k_cache.shape[3] != d:
+    if len(k_cache.shape) != 4 or tuple(k_cache.shape[:2]) != (r, h) or k_cache.shape[3] != d:
         raise ValueError(f"k_cache must be [{r}, {h}, C, {d}], got {tuple(k_cache.shape)}")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(t, QuantizedKV):
+            _check_quantized(name, t)
     if tuple(cache_lens.shape) != (r, h) or cache_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cache_lens must be int32 [{r}, {h}], got {cache_lens.dtype} "
                          f"{tuple(cache_lens.shape)}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
-        if t.dtype != q.dtype:
+        if not isinstance(t, QuantizedKV) and t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} differs from q's {q.dtype}")
+
+
+def _check_quantized(name: str, t: QuantizedKV) -> None:
+    r, h, c, d = t.shape
+    width = d // 2 if t.fmt == "int4" else d
+    want = torch.uint8 if t.fmt == "int4" else torch.int8
+    if tuple(t.data.shape) != (r, h, c, width) or t.data.dtype != want:
+        raise ValueError(f"{name}: {t.fmt} data must be {want} [{r}, {h}, {c}, {width}], got {t.data.dtype} "
+                         f"{tuple(t.data.shape)}")
+    if (t.zero is None) != (t.fmt != "int4") or (t.zero is not None and t.zero.shape != t.scale.shape):
+        raise ValueError(f"{name}: {t.fmt} needs {'a zero point' if t.fmt == 'int4' else 'no zero point'} "
+                         "of the scale's shape")
 
 
 def kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
@@ -102,8 +118,9 @@ def kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     Parameters
     ----------
     q: ``[R, H, Lq, D]`` queries of the current scale.
-    k_cache, v_cache: ``[R, H, C, D]`` buffers (``C`` may be 0; any strides); the first
-        ``cache_lens[r, h]`` tokens are valid.
+    k_cache, v_cache: ``[R, H, C, D]`` buffers (``C`` may be 0; any strides) in ``q``'s dtype, or
+        :class:`~kernels.quant.QuantizedKV` (int8 / int4 plus fp16 scales, dequantized on read: in
+        registers by the Triton kernel); the first ``cache_lens[r, h]`` tokens are valid.
     cache_lens: ``[R, H]`` int32, ragged per row and per head, 0 allowed.
     k_new, v_new: ``[R, H, Lq, D]`` the scale's own keys/values, all visible to all its queries.
     softmax_scale: multiplies ``q·kᵀ`` (1.0 for VAR, whose q carries the per-head scale).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.quant import QuantizedKV, dequantize
+
 
 def uniform_length(lens: torch.Tensor) -> int | None:
     """The common value of ``lens`` when all entries are equal, else ``None`` (one host sync)."""
@@ -30,7 +32,8 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Parameters
     ----------
     q, k_new, v_new: ``[R, H, Lq, D]``; the scale attends to all its own tokens (no causal mask).
-    k_cache, v_cache: ``[R, H, C, D]``; the first ``cache_lens[r, h]`` tokens are valid.
+    k_cache, v_cache: ``[R, H, C, D]`` tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV`
+        buffers (dequantized to ``q``'s dtype first); the first ``cache_lens[r, h]`` tokens are valid.
     cache_lens: ``[R, H]`` int32 (values above ``C`` count as ``C``).
     softmax_scale: multiplies ``q·kᵀ`` before the softmax.
     uniform_len: the caller's promise that every ``cache_lens`` entry equals this value (skips the
@@ -43,6 +46,12 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale=softmax_scale)``.
     """
     n = uniform_length(cache_lens) if uniform_len is None else int(uniform_len)
+    if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
+        # Dequantize only the prefix any (row, head) reads: a transient copy (the Triton kernel
+        # dequantizes in registers instead).
+        used = n if n is not None else int(cache_lens.max()) if cache_lens.numel() else 0
+        used = min(used, k_cache.shape[2])
+        k_cache, v_cache = (_dequantized_prefix(t, used, q.dtype) for t in (k_cache, v_cache))
     if n is not None:
         k = torch.cat((k_cache[:, :, :n], k_new), dim=2)
         v = torch.cat((v_cache[:, :, :n], v_new), dim=2)
@@ -56,6 +65,12 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pos = torch.arange(n_max + k_new.shape[2], device=q.device)
     visible = (pos.view(1, 1, -1) < lens.unsqueeze(-1)) | (pos >= n_max).view(1, 1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(2), scale=softmax_scale)
+
+
+def _dequantized_prefix(t, length: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(t, QuantizedKV):
+        return dequantize(t.narrow(0, length), dtype)
+    return t[:, :, :length]
 
 
 def token_scores_reference(q_obs: torch.Tensor, keys: torch.Tensor, key_lens: torch.Tensor,

@@ -86,6 +86,8 @@ def test_parse_size_and_targets():
 def test_plan_table_and_heatmap(tmp_path):
     r = memory_report(WindowPolicy(1), SMALL)
     text = format_plan_table(r)
-    assert "| 1 | 9 | 1 | 4 | 9 | 0 |" in text and "of the full cache" in text
+    assert "| 1 | compute | 9 | 1 | 4 | 9 | 0 |" in text and "of the full 16-bit cache" in text
+    q = format_plan_table(memory_report(WindowPolicy(1, kv_format=("int8", "int4")), SMALL))
+    assert "| 0 | int8 | 9 |" in q and "| 1 | int4 | 9 |" in q and "int8 ×1, int4 ×1 layers" in q
     png = plot_budget_heatmap(r.plan, tmp_path / "b.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

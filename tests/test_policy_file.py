@@ -88,6 +88,44 @@ def test_refusals(tmp_path, mutate, match):
     assert "\n" not in msg and ("re-export" in msg or "upgrade" in msg)
 
 
+@pytest.mark.parametrize("kv_format", ["int8", "int4", ["int8", "compute", "int4"]])
+def test_quantized_policies_round_trip_and_show_their_storage(tmp_path, kv_format):
+    policy, path = write(tmp_path, "sink_window", {"sink_scales": 2, "window": 7, "max_tokens": 20,
+                                                   "kv_format": kv_format})
+    doc = json.loads(path.read_text())
+    assert doc["kv_formats"] == list(policy.layer_formats(G)) and len(doc["kv_formats"]) == 6
+    loaded, info = load_policy_file(path, TINY)
+    assert loaded == policy and info.plan.formats == policy.layer_formats(G)
+    report = memory_report(policy, G)
+    assert info.memory["fraction"] == pytest.approx(report.fraction) and report.fraction < 0.2
+    shown = describe_policy_file(loaded, info)
+    storage = next(line for line in shown.splitlines() if line.startswith("storage:"))
+    assert all(f in storage for f in set(policy.layer_formats(G))) and "16-bit in deployment" not in shown
+
+
+def test_an_older_file_without_formats_loads_as_the_16_bit_cache_it_was(tmp_path):
+    policy, path = write(tmp_path, "window", {"window": 3})
+    edit(path, lambda d: d.pop("kv_formats"))
+    loaded, info = load_policy_file(path, TINY)
+    assert loaded.kv_format == "compute" and info.plan.formats == () and loaded == policy
+    assert "compute (every layer) (16-bit in deployment)" in describe_policy_file(loaded, info)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d.update(kv_formats=["int3"] * 6), "unknown KV storage formats int3"),
+    (lambda d: d.update(kv_formats=["int8"] * 5), "'kv_formats' has 5 entries"),
+    (lambda d: d.update(kv_formats=[8] * 6), r"'kv_formats\[0\]' must be a string"),
+    (lambda d: d.update(kv_formats=["int4"] * 6), "stored kv_formats differ"),  # params say int8
+    (lambda d: d["policy"]["params"].update(kv_format="fp8"), "unknown KV format 'fp8'"),
+])
+def test_unknown_or_edited_formats_are_refused(tmp_path, mutate, match):
+    _, path = write(tmp_path, "window", {"window": 3, "kv_format": "int8"})
+    edit(path, mutate)
+    with pytest.raises(UserError, match=match) as info:
+        load_policy_file(path, TINY)
+    assert "\n" not in str(info.value)
+
+
 def test_refuses_malformed_json_and_missing_file(tmp_path):
     _, path = write(tmp_path)
     path.write_text(path.read_text()[:200])

@@ -1,10 +1,16 @@
 """Exact KV memory of a plan (docs/design.md, Memory) and deployment sizing (the target grammar:
 :mod:`tuner.mem_target`).
 
-KV bytes per image = ``(Σ_l C[l] + max_s n_s) × 2 (K, V) × heads × head_dim × dtype bytes × rows``
-with ``C[l] = max_s budgets[l][s]`` and rows = 2 with classifier-free guidance; the ``full`` plan is
-the official layout, ``L × layers`` tokens and no workspace. The memory fraction is the ratio of the
-two for the same model, dtype and batch. These numbers are what the engine allocates.
+KV bytes per image = ``Σ_l C[l] × b(f_l) + max_s n_s × b(compute)`` with ``C[l] = max_s budgets[l][s]``
+and ``b(f)`` the bytes of one token in one layer (K and V, every head, rows = 2 with classifier-free
+guidance) in the layer's storage format ``f``: ``2 × rows × heads × vector_bytes(f)``, where an
+unquantized vector is ``head_dim × dtype bytes`` and a quantized one its codes plus fp16 scales
+(:mod:`kernels.quant`). The ``full`` plan is the official layout, ``L × layers`` tokens and no
+workspace. These numbers are what the engine allocates in a run of that dtype.
+
+The memory *fraction* always uses 16-bit K/V as the reference, whatever the run computes in: the full
+cache and every compute-format buffer count 2 bytes per element, int8 and int4 their own bytes. So an
+fp32 CPU run cannot make int8 look like a 4x saving: int8 is about half the 16-bit cache.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kernels.formats import REFERENCE_BITS, format_info
 from tuner.errors import UserError
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
 
@@ -44,6 +51,10 @@ class MemoryReport:
     scale ``s`` is computed (layers already done hold their new budget, the others the old one, plus
     the workspace with scale ``s``'s tokens), per image; the allocation itself is constant
     (``kv_bytes_per_image``).
+
+    ``bytes_per_token`` is one unquantized token (one layer, K and V, all rows of one image) in
+    ``dtype``; ``layer_token_bytes[l]`` the same in layer ``l``'s format. ``reference_*`` are the
+    16-bit-reference figures the ``fraction`` is computed from (equal to the others in fp16/bf16).
     """
 
     geometry: CacheGeometry
@@ -59,10 +70,15 @@ class MemoryReport:
     resident_bytes_per_scale: tuple[int, ...]
     family: str = ""
     params: Any = None
+    formats: tuple[str, ...] = ()
+    layer_token_bytes: tuple[int, ...] = ()
+    reference_kv_bytes_per_image: int = 0
+    reference_full_kv_bytes_per_image: int = 0
 
     @property
     def fraction(self) -> float:
-        return self.kv_bytes_per_image / self.full_kv_bytes_per_image
+        """KV bytes over the full cache's, both counted with 16-bit unquantized elements."""
+        return self.reference_kv_bytes_per_image / self.reference_full_kv_bytes_per_image
 
     @property
     def kv_bytes_total(self) -> int:
@@ -92,28 +108,47 @@ def memory_report(plan_or_policy: CachePlan | KVPolicy, model: Any, *, dtype: An
         family, params = plan_or_policy.family, plan_or_policy.params()
     plan.validate(g)
     rows = 2 if cfg else 1
-    per_token = 2 * g.num_heads * g.head_dim * dtype_bytes(dtype) * rows
+    formats = plan.layer_formats(g.num_layers)
+    elt, ref_elt = dtype_bytes(dtype), REFERENCE_BITS // 8
+
+    def token_bytes(fmt: str, compute_bytes: int) -> int:
+        return 2 * g.num_heads * rows * format_info(fmt).vector_bytes(g.head_dim, compute_bytes)
+
+    per_token, ref_token = token_bytes("compute", elt), token_bytes("compute", ref_elt)
+    layer_bytes = tuple(token_bytes(f, elt) for f in formats)
+    ref_layer_bytes = tuple(token_bytes(f, ref_elt) for f in formats)
     full_tokens = g.seq_len * g.num_layers
     if plan.full:
         caps, workspace = (g.seq_len,) * g.num_layers, 0
     else:
         caps, workspace = plan.capacities(), max(g.scale_lengths)
+
+    def total(per_layer: tuple[int, ...], ws_token: int) -> int:
+        return sum(c * b for c, b in zip(caps, per_layer)) + workspace * ws_token
+
     return MemoryReport(g, plan, str(dtype).replace("torch.", ""), rows, batch, per_token, caps, workspace,
-                        (sum(caps) + workspace) * per_token, full_tokens * per_token,
-                        tuple(t * per_token for t in resident_tokens_per_scale(plan, g)), family, params)
+                        total(layer_bytes, per_token), full_tokens * per_token,
+                        resident_bytes_per_scale(plan, g, layer_bytes, per_token), family, params,
+                        plan.formats, layer_bytes, total(ref_layer_bytes, ref_token), full_tokens * ref_token)
 
 
-def resident_tokens_per_scale(plan: CachePlan, g: CacheGeometry) -> tuple[int, ...]:
-    """Peak live tokens (all layers + workspace) during each scale, see :class:`MemoryReport`."""
+def resident_bytes_per_scale(plan: CachePlan, g: CacheGeometry, layer_bytes: tuple[int, ...],
+                             workspace_token_bytes: int) -> tuple[int, ...]:
+    """Peak live K/V bytes (all layers + workspace) during each scale, see :class:`MemoryReport`.
+
+    layer_bytes[l]: one token of layer ``l`` in its format; workspace_token_bytes: one unquantized token.
+    """
     out = []
     for s in range(g.num_scales):
         n = g.scale_lengths[s]
         if plan.full:
-            out.append(g.num_layers * g.tokens_through(s))
+            out.append(g.tokens_through(s) * sum(layer_bytes))
             continue
-        before = [plan.budgets[layer][s - 1] if s else 0 for layer in range(g.num_layers)]
-        after = [plan.budgets[layer][s] for layer in range(g.num_layers)]
-        live = [sum(after[:layer]) + sum(before[layer:]) + n for layer in range(g.num_layers)]
+        layers = range(g.num_layers)
+        before = [(plan.budgets[layer][s - 1] if s else 0) * layer_bytes[layer] for layer in layers]
+        after = [plan.budgets[layer][s] * layer_bytes[layer] for layer in layers]
+        ws = n * workspace_token_bytes
+        live = [sum(after[:layer]) + sum(before[layer:]) + ws for layer in range(g.num_layers)]
         out.append(max(live + [sum(after)]))
     return tuple(out)
 
@@ -172,14 +207,17 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
     logits = rows * n_last * model_cfg.vae.vocab_size * 4 * 2
     res = model_cfg.resolution
     decoder = model_cfg.vae.ch * model_cfg.vae.ch_mult[0] * res * res * act * 4
-    per_image = (report.kv_bytes_per_image * act // dtype_bytes(report.dtype)
-                 + max(hidden + scores + logits, decoder))
+    # The report may be in another dtype than the deployment: re-count its plan in ``dtype``
+    # (quantized layers cost the same in both).
+    kv = memory_report(report.plan, g, dtype=dtype, cfg=rows == 2).kv_bytes_per_image
+    per_image = kv + max(hidden + scores + logits, decoder)
     free = gpu_mem_bytes - weights - reserve_bytes
     batch = max(0, free // per_image) if per_image else 0
     assumptions = (
         f"weights in fp32 ({var_params + vae_params:,} parameters), runs in {dtype} under autocast "
         "as the official demo",
-        f"KV cache in {dtype}, {rows} rows per image (classifier-free guidance), exactly as planned",
+        f"KV cache in {dtype} (quantized layers: their codes + fp16 scales), {rows} rows per image "
+        "(classifier-free guidance), exactly as planned",
         f"transformer activations at the largest scale ({n_last} tokens): 10 × width {c} per token "
         f"and row in {dtype}",
         "attention scores materialised (torch backend), fp32" if scores else
@@ -190,7 +228,7 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
         f"{reserve_bytes / GIB:.2f} GiB reserved for the CUDA context and allocator slack",
     )
     return BatchEstimate(int(batch), int(gpu_mem_bytes), weights, reserve_bytes,
-                         report.kv_bytes_per_image * act // dtype_bytes(report.dtype),
+                         kv,
                          int(max(hidden + scores + logits, decoder)), assumptions)
 
 
@@ -201,19 +239,32 @@ def format_plan_table(report: MemoryReport, estimate: BatchEstimate | None = Non
     head = f"{report.family or 'plan'} {report.params or ''}".strip()
     lines = [f"**{head}**", "",
              f"KV per image: {report.kv_bytes_per_image:,} B ({report.kv_bytes_per_image / mib:.2f} MiB) = "
-             f"{100 * report.fraction:.2f}% of the full cache ({report.full_kv_bytes_per_image:,} B); "
+             f"{100 * report.fraction:.2f}% of the full 16-bit cache ({report.full_kv_bytes_per_image:,} B); "
              f"{report.dtype}, {report.rows_per_image} rows per image, "
-             f"workspace {report.workspace_tokens} tokens", "",
-             "| layer | capacity | "
+             f"workspace {report.workspace_tokens} tokens; storage {format_summary(report.formats)}", "",
+             "| layer | format | capacity | "
              + " | ".join(f"s{s} ({g.patch_nums[s]}²)" for s in range(g.num_scales)) + " |",
-             "|---|---|" + "---|" * g.num_scales]
+             "|---|---|---|" + "---|" * g.num_scales]
+    formats = report.plan.layer_formats(g.num_layers)
     for layer, row in enumerate(report.plan.budgets):
-        lines.append(f"| {layer} | {report.capacities[layer]} | " + " | ".join(str(b) for b in row) + " |")
-    lines.append("| resident MiB | | "
+        lines.append(f"| {layer} | {formats[layer]} | {report.capacities[layer]} | "
+                     + " | ".join(str(b) for b in row) + " |")
+    lines.append("| resident MiB | | | "
                  + " | ".join(f"{b / mib:.2f}" for b in report.resident_bytes_per_scale) + " |")
     if estimate is not None:
         lines += ["", estimate.describe()]
     return "\n".join(lines) + "\n"
+
+
+def format_summary(formats: tuple[str, ...]) -> str:
+    """``compute`` / ``int8`` (one format everywhere) or ``int8 ×4, int4 ×2`` (per layer, in order of
+    first appearance); an empty tuple is ``compute`` everywhere."""
+    if not formats or len(set(formats)) == 1:
+        return f"{formats[0] if formats else 'compute'} (every layer)"
+    counts: dict[str, int] = {}
+    for f in formats:
+        counts[f] = counts.get(f, 0) + 1
+    return ", ".join(f"{f} ×{n}" for f, n in counts.items()) + " layers"
 
 
 def plot_budget_heatmap(plan: CachePlan, path: str | Path, title: str = "") -> Path:

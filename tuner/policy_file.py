@@ -7,6 +7,7 @@ Layout (``schema_version`` 1)::
      "model": {"name", "depth", "patch_nums", "num_heads", "head_dim", "checkpoint_sha256"},
      "policy": {"family", "params"},
      "budgets": [[...per scale...] per layer], "full": false,
+     "kv_formats": ["compute" | "int8" | "int4", ... per layer],   # absent in older files: all compute
      "memory": {"dtype", "cfg", "kv_bytes_per_image", "full_kv_bytes_per_image", "fraction",
                 "capacities", "workspace_tokens"},
      "calibration": {...} | null,     # the statistics the family planned with (needed to re-plan)
@@ -14,8 +15,9 @@ Layout (``schema_version`` 1)::
      "provenance": {"study", "trial", "mlflow_run_id", "tuner_version", "git_sha", "created", ...}}
 
 Loading re-plans the policy from its family and params (with the embedded calibration) and refuses
-the file unless the result equals the stored budget table — the table is what memory was promised
-on, so a file can never silently run with other budgets.
+the file unless the result equals the stored budget table and storage formats — the table is what
+memory was promised on, so a file can never silently run with other budgets. A file written before
+quantized storage existed has no ``kv_formats`` and loads as the 16-bit (compute dtype) cache it was.
 
 The file is user input: :mod:`tuner.policy_schema` bounds its size and nesting and type-checks every
 field above before any of it is used, each refusal one line naming the file and the field.
@@ -96,6 +98,7 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
         "model": model_identity(model_cfg, checkpoint_sha256),
         "policy": {"family": policy.family, "params": policy.params()},
         "budgets": [list(row) for row in report.plan.budgets], "full": report.plan.full,
+        "kv_formats": list(report.plan.layer_formats(geometry.num_layers)),
         "memory": {"dtype": report.dtype, "cfg": True, "kv_bytes_per_image": report.kv_bytes_per_image,
                    "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
                    "capacities": list(report.capacities), "workspace_tokens": report.workspace_tokens},
@@ -197,9 +200,18 @@ def _embedded_calibration(where: str, doc: dict, geometry: CacheGeometry, redo: 
 
 def _stored_plan(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> CachePlan:
     """The file's budget table as a :class:`CachePlan`, validated against ``geometry``."""
+    from kernels.formats import KV_FORMATS
+
+    formats = tuple(doc.get("kv_formats") or ())
+    unknown = sorted({f for f in formats if f not in KV_FORMATS})
+    if unknown:
+        raise UserError(f"{where}: field 'kv_formats' names unknown KV storage formats {', '.join(unknown)} "
+                        f"(this tuner knows {', '.join(KV_FORMATS)}); upgrade varkv-tuner or {redo}")
+    if set(formats) == {"compute"}:
+        formats = ()
     try:
         plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]),
-                         bool(doc.get("full", False)))
+                         bool(doc.get("full", False)), formats)
         plan.validate(geometry)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: budget table does not fit the model ({exc}); {redo}") from None
@@ -215,6 +227,9 @@ def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec:
         report = memory_report(policy, spec.geometry, dtype=doc["memory"].get("dtype", "fp16"), spec=spec)
     except ValueError as exc:
         raise UserError(f"{where}: the {family} policy cannot be planned ({exc}); {redo}") from None
+    if report.plan.formats != plan.formats:
+        raise UserError(f"{where}: the stored kv_formats differ from what the {family} parameters plan "
+                        f"(kv_format {policy.kv_format!r}); {redo}")
     if report.plan != plan:
         raise UserError(f"{where}: the budget table differs from what the {family} parameters plan (edited "
                         f"or made by another tuner version); {redo}")
@@ -239,12 +254,16 @@ def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: An
 
 def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
     """Human summary for ``tuner policy show``."""
+    from tuner.memory import format_summary
+
     m, mem, prov = info.model, info.memory, info.provenance or {}
     lines = [f"policy file {info.path} (schema {info.schema_version})",
              f"model: {m.get('name')} depth {m.get('depth')} patch_nums {m.get('patch_nums')} "
              f"checkpoint {m.get('checkpoint_sha256') or 'none (random weights)'}",
              f"policy: {policy.family} {json.dumps(policy.params())}",
-             f"memory: {100 * float(mem.get('fraction', 0)):.2f}% of the full cache, "
+             f"storage: {format_summary(info.plan.formats)}"
+             + ("" if any(f != "compute" for f in info.plan.formats) else " (16-bit in deployment)"),
+             f"memory: {100 * float(mem.get('fraction', 0)):.2f}% of the full 16-bit cache, "
              f"{mem.get('kv_bytes_per_image')} B per image ({mem.get('dtype')}, CFG)"]
     if info.metrics:
         lines.append("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"

@@ -20,6 +20,7 @@ MAX_DEPTH = 16  # JSON nesting; policy files need 4 (calibration density tables)
 
 # JSON types of the fields (``?``: may be absent). Unknown fields are allowed (newer writers).
 _TOP = {"kind": "string?", "model": "object", "policy": "object", "budgets": "array", "full": "boolean?",
+        "kv_formats": "array?",
         "memory": "object", "calibration": "object|null?", "metrics": "object|null?",
         "eval_spec": "object|null?", "provenance": "object|null?"}
 _SECTIONS = {
@@ -141,6 +142,13 @@ def check_policy_schema(where: str, doc: dict, redo: str) -> None:
             if not _is(b, "integer"):
                 raise UserError(f"{where}: field 'budgets[{i}][{j}]' must be an integer, not "
                                 f"{_json_type(b)}; {redo}")
+    for i, f in enumerate(doc.get("kv_formats") or ()):
+        if not _is(f, "string"):
+            raise UserError(f"{where}: field 'kv_formats[{i}]' must be a string (a storage format per "
+                            f"layer), not {_json_type(f)}; {redo}")
+    if doc.get("kv_formats") and len(doc["kv_formats"]) != len(doc["budgets"]):
+        raise UserError(f"{where}: field 'kv_formats' has {len(doc['kv_formats'])} entries, the budget table "
+                        f"{len(doc['budgets'])} layers; {redo}")
     for key, value in (doc.get("metrics") or {}).items():
         if not any(_is(value, k) for k in ("number", "string", "null")):
             raise UserError(f"{where}: field 'metrics.{key}' must be a number, a string or null, not "

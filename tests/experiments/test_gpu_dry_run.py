@@ -37,6 +37,18 @@ def header_cells(md: str, first_cell: str) -> list[str]:
     return table_rows(md, first_cell)[0]
 
 
+def tables(md: str) -> list[str]:
+    """The markdown tables of ``md``, each as its own text (a table ends at the first non-table line)."""
+    out, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            out.append("\n".join(cur))
+            cur = []
+    return out
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-dry")
@@ -75,13 +87,33 @@ def test_every_step_ran_and_nothing_mismatched(dry_run):
 
 @pytest.mark.timeout(300)
 def test_kernel_table_has_both_dtypes_and_the_targets(dry_run):
-    md = (dry_run[0] / "kernels.md").read_text()
+    md = tables((dry_run[0] / "kernels.md").read_text())[0]
     head = header_cells(md, "model")
     assert head[:4] == ["model", "dtype", "batch", "cache %"]
     assert {"sdpa_full ms", "torch ms", "triton ms", "triton / sdpa_full", "target"} <= set(head)
     rows = table_rows(md, "d2")
     assert {(r[1], r[3]) for r in rows} == {(d, c) for d in ("bfloat16", "float16") for c in ("100", "25")}
     assert all(r[head.index("target")].startswith("<= 1.1") for r in rows if r[3] == "100")
+
+
+@pytest.mark.timeout(300)
+def test_kernel_format_table_compares_int8_int4_with_the_compute_cache(dry_run):
+    found = [t for t in tables((dry_run[0] / "kernels.md").read_text()) if "| format |" in t]
+    assert len(found) == 1
+    md = found[0]
+    head = header_cells(md, "model")
+    assert head[:5] == ["model", "dtype", "batch", "cache %", "format"]
+    assert {"ms", "ms / compute", "MB read", "read / compute"} <= set(head)
+    rows = table_rows(md, "d2")
+    assert {(r[1], r[3], r[4]) for r in rows} == {(d, c, f) for d in ("bfloat16", "float16")
+                                                  for c in ("100", "25") for f in ("compute", "int8", "int4")}
+    assert {r[head.index("provider")] for r in rows} == {"triton"}
+    read = {(r[1], r[3], r[4]): float(r[head.index("read / compute")]) for r in rows}
+    for dtype in ("bfloat16", "float16"):  # 16-bit cache: 128 B per vector vs 66 (int8) and 36 (int4)
+        assert read[(dtype, "100", "compute")] == 1.0
+        assert read[(dtype, "100", "int4")] < read[(dtype, "100", "int8")] < 1.0
+    res = json.loads((dry_run[0] / "results.json").read_text())
+    assert {k["kind"] for k in res["kernels"]} == {"latency", "format"}
 
 
 @pytest.mark.timeout(300)
@@ -153,6 +185,49 @@ def test_bad_arguments_are_usage_errors():
             and [r.model for r in args.runs] == ["quick"] * 2)
     gpu = parse_args(["out"])
     assert not gpu.block_imports and gpu.runs[0].label == "d30-bf16-b16-64" and gpu.budget_s <= 480
+
+
+def test_kernel_runs_take_cache_formats():
+    from experiments.gpu.kernel_table import KV_FORMATS, parse_runs
+    from kernels.quant import KV_FORMATS as QUANT_FORMATS
+
+    assert KV_FORMATS == QUANT_FORMATS
+    runs = parse_runs("d30:bf16:16,64;d30:bf16:64:int8,int4;quick:fp16;quick:fp16:int4")
+    plain, quant, quick, quick4 = runs
+    assert plain.formats == ("compute",) and quant.formats == ("int8", "int4") and quick.formats == KV_FORMATS
+    assert [r.label for r in runs] == ["d30-bf16-b16-64", "d30-bf16-b64-int8-int4", "quick-fp16",
+                                       "quick-fp16-int4"]
+    cmd = quant.command("python", Path("out"))
+    assert cmd[cmd.index("--formats") + 1] == "int8,int4" and cmd[cmd.index("--batches") + 1] == "64"
+    cmd = plain.command("python", Path("out"))
+    assert cmd[cmd.index("--formats") + 1] == "compute"  # the GPU runs' timings stay what they were
+    for bad in ("d30:bf16:64:int3", "d30:bf16:64:int8:x", "quick:fp16:", "d30:bf16:x"):
+        with pytest.raises(ValueError, match="kernel run"):
+            parse_runs(bad)
+
+
+def test_kernel_summary_counts_a_row_two_runs_measured_once():
+    from experiments.gpu.kernel_table import markdown, summarize, target_rows
+
+    def row(provider, fmt, ms, read):
+        return dict(model="d30", dtype="bfloat16", batch=64, rows=128, heads=30, head_dim=64, fraction=0.15,
+                    scale=9, lq=256, cache_len=64, full_len=680, provider=provider, kv_format=fmt, ms=ms,
+                    read_bytes=read, gb_per_s=read / ms / 1e6, tflop_per_s=1.0)
+
+    base = [row("sdpa_full", "compute", 2.0, 400), row("torch", "compute", 3.0, 200),
+            row("triton", "compute", 0.5, 200)]
+    quant = [row("triton", "int8", 0.4, 110), row("triton", "int4", 0.3, 60)]
+    summary = summarize(base + base[2:] + quant)  # the compute triton row also came from a second run
+    latency = [s for s in summary if s["kind"] == "latency"]
+    assert len(latency) == 1 and latency[0]["ms"]["triton"] == 0.5 and latency[0]["ratio"] == 0.25
+    fmts = {s["kv_format"]: s for s in summary if s["kind"] == "format"}
+    assert set(fmts) == {"compute", "int8", "int4"}
+    assert fmts["int8"]["ms_ratio"] == pytest.approx(0.8) and fmts["int4"]["read_ratio"] == pytest.approx(0.3)
+    assert [t["measured"] for t in target_rows(summary, "d30", 64)] == [0.25, None]
+    md = markdown(summary)
+    assert "| d30 | bfloat16 | 64 | 15 | int4 | triton | 0.3 | 0.600 | 6e-05 | 0.300 |" in md
+    only_quant = summarize(quant)  # no compute cache measured: the ratios are "-"
+    assert all(s["kind"] == "format" for s in only_quant) and "| 0.4 | - |" in markdown(only_quant)
 
 
 def test_import_blocker_blocks(tmp_path):

@@ -18,7 +18,7 @@ class RecentTokens(KVPolicy):
     per_head: bool = False
     family = "test-recent"
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         rows = []
         for _ in range(g.num_layers):

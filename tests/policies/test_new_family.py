@@ -46,7 +46,7 @@ class LayerStridePolicy(KVPolicy):
         check_int("window", self.window, 1)
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         windows = [g.num_scales if layer % self.stride == 0 else self.window for layer in range(g.num_layers)]
         return CachePlan(tuple(scale_window_row(g, w, 0, self.max_tokens) for w in windows))

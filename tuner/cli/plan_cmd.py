@@ -13,7 +13,8 @@ from tuner.errors import UserError
 
 def register(app: typer.Typer) -> None:
     app.command("plan", help="Memory of a policy (file or family + params): bytes per image, fraction of the "
-                             "full cache, per-scale resident curve, max batch for a GPU.")(plan)
+                             "full 16-bit cache, per-scale resident curve, max batch for a GPU. "
+                             "Quantized storage: --param kv_format=int8 (or int4).")(plan)
 
 
 @user_errors
@@ -27,7 +28,8 @@ def plan(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration JSON (from tuner "
                                               "calibrate); without it ams/scalekv plan with placeholder "
                                               "layer roles."),
-    dtype: str = typer.Option("fp16", "--dtype", help="K/V dtype: fp32, fp16 or bf16."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Compute dtype of unquantized K/V: fp32, fp16 or bf16 "
+                                                      "(the fraction always counts them as 16-bit)."),
     gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="GPU memory (e.g. 80GiB) to size the "
                                           "max batch."),
     heatmap: Optional[str] = typer.Option(None, "--heatmap", help="Write the budget heatmap PNG here."),
@@ -123,7 +125,9 @@ def _print_report(cfg, pol, report, estimate, dtype: str, note: str, as_json: bo
                "kv_bytes_per_image": report.kv_bytes_per_image,
                "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
                "resident_bytes_per_scale": list(report.resident_bytes_per_scale),
-               "capacities": list(report.capacities), "note": note or None}
+               "capacities": list(report.capacities),
+               "kv_formats": list(report.plan.layer_formats(report.geometry.num_layers)),
+               "note": note or None}
         if estimate is not None:
             out["max_batch"] = estimate.batch
         typer.echo(json.dumps(out, indent=2))

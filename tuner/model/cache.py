@@ -2,8 +2,10 @@
 Model engine and Memory).
 
 Layout: per layer a persistent K and V buffer ``[rows, heads, C[l], head_dim]`` with
-``C[l] = max_s budgets[l][s]``, and one workspace shared by all layers for the current scale's new
-K/V (``max_s n_s`` tokens). Attention of scale ``s`` at layer ``l`` reads the layer's kept tokens
+``C[l] = max_s budgets[l][s]``, in the layer's storage format (``plan.layer_formats``: the
+compute dtype, or int8 / int4 plus fp16 scales, see :mod:`tuner.model.kv_store`), and one
+workspace shared by all layers for the current scale's new K/V (``max_s n_s`` tokens, always in
+the compute dtype). Attention of scale ``s`` at layer ``l`` reads the layer's kept tokens
 plus the workspace; right after it, the policy chooses what the layer keeps and the buffer is
 compacted in place — per layer, so the current scale never sits in every layer at once.
 
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from tuner.model import kv_store
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, SelectionState
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -70,8 +73,11 @@ class KVCache:
         g = geometry
         shape = (rows, g.num_heads)
         caps = [g.seq_len] * g.num_layers if plan.full else list(plan.capacities())
-        self.k = [torch.empty(*shape, c, g.head_dim, dtype=dtype, device=device) for c in caps]
-        self.v = [torch.empty(*shape, c, g.head_dim, dtype=dtype, device=device) for c in caps]
+        self.formats = plan.layer_formats(g.num_layers)
+        self.k = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
+                  for f, c in zip(self.formats, caps)]
+        self.v = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
+                  for f, c in zip(self.formats, caps)]
         self.lens = [0] * g.num_layers
         if plan.full:
             self.ws_k = self.ws_v = None
@@ -88,7 +94,7 @@ class KVCache:
     @property
     def kv_bytes(self) -> int:
         """Bytes of every K/V buffer this cache allocated (layer buffers + workspace)."""
-        total = sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        total = sum(kv_store.nbytes(t) for t in (*self.k, *self.v))
         if self.ws_k is not None:
             total += 2 * self.ws_k.numel() * self.ws_k.element_size()
         return total
@@ -116,7 +122,11 @@ class KVCache:
             raise ValueError(f"scale {s} has {self.geometry.scale_lengths[s]} tokens, got {n}")
         kb, vb, length = self.k[layer], self.v[layer], self.lens[layer]
         q = q.to(self.dtype)
-        if self.plan.full:
+        if self.plan.full and self.formats[layer] != "compute":
+            # Official layout, quantized: the scale attends to its own tokens unquantized (they are
+            # this forward's activations) and stores them quantized after attention.
+            kn, vn = k_new.to(self.dtype), v_new.to(self.dtype)
+        elif self.plan.full:
             kb[:, :, length:length + n].copy_(k_new)
             vb[:, :, length:length + n].copy_(v_new)
             kn, vn = kb[:, :, length:length + n], vb[:, :, length:length + n]
@@ -132,6 +142,9 @@ class KVCache:
             kept = self._positions(layer, length)[:, :, :length]
             self.audit(AttendRecord(layer, s, q, k_new, v_new, kept, out, softmax_scale))
         if self.plan.full:
+            if self.formats[layer] != "compute":
+                kv_store.write(kb, length, kn)
+                kv_store.write(vb, length, vn)
             self.lens[layer] = length + n
         else:
             self._keep(layer, q, kn, vn, length, softmax_scale)
@@ -151,11 +164,12 @@ class KVCache:
         return torch.cat((old, new), dim=2)
 
     def _observe(self, layer: int, q, kn, vn, length: int) -> None:
-        kb, vb = self.k[layer], self.v[layer]
-        k_all = (torch.cat((kb[:, :, :length], kn), dim=2) if not self.plan.full
-                 else kb[:, :, :length + kn.shape[2]])
-        v_all = (torch.cat((vb[:, :, :length], vn), dim=2) if not self.plan.full
-                 else vb[:, :, :length + vn.shape[2]])
+        if self.plan.full and self.formats[layer] == "compute":
+            k_all = self.k[layer][:, :, :length + kn.shape[2]]
+            v_all = self.v[layer][:, :, :length + vn.shape[2]]
+        else:
+            k_all = torch.cat((kv_store.read(self.k[layer], length, self.dtype), kn), dim=2)
+            v_all = torch.cat((kv_store.read(self.v[layer], length, self.dtype), vn), dim=2)
         self.observer(layer, self.scale, q, k_all, v_all, self._positions(layer, length))
 
     def _keep(self, layer: int, q, kn, vn, length: int, softmax_scale: float) -> None:
@@ -163,15 +177,16 @@ class KVCache:
         n = kn.shape[2]
         kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
         if budget == length + n:  # keep everything: append the new scale
-            kb[:, :, length:budget].copy_(kn)
-            vb[:, :, length:budget].copy_(vn)
+            kv_store.write(kb, length, kn)
+            kv_store.write(vb, length, vn)
             start = self.geometry.scale_starts[self.scale]
             pos[:, :, length:budget] = torch.arange(start, start + n, device=self.device, dtype=torch.int32)
         elif budget > 0:
             state = SelectionState(
                 layer=layer, scale=self.scale, budget=budget, geometry=self.geometry,
                 positions=self._positions(layer, length), queries=q,
-                k_old=kb[:, :, :length], v_old=vb[:, :, :length], k_new=kn, v_new=vn,
+                k_old=kv_store.read(kb, length, self.dtype), v_old=kv_store.read(vb, length, self.dtype),
+                k_new=kn, v_new=vn,
                 softmax_scale=softmax_scale, backend=self.backend,
             )
             idx = self.policy.select(state)
@@ -184,25 +199,20 @@ class KVCache:
         self.lens[layer] = budget
 
     def _compact_shared(self, idx, layer, kn, vn, length, positions) -> None:
-        kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
+        pos = self.pos[layer]
         n_old = int((idx < length).sum())
         old, new = idx[:n_old], idx[n_old:] - length
         # Sorted indices: old survivors first, moved towards the front, then the chosen new tokens.
-        if n_old:
-            kb[:, :, :n_old] = kb[:, :, old]
-            vb[:, :, :n_old] = vb[:, :, old]
-        kb[:, :, n_old:idx.numel()] = kn[:, :, new]
-        vb[:, :, n_old:idx.numel()] = vn[:, :, new]
+        kv_store.compact_shared(self.k[layer], old, kn[:, :, new])
+        kv_store.compact_shared(self.v[layer], old, vn[:, :, new])
         pos[:, :, :idx.numel()] = positions[:, :, idx].to(torch.int32)
 
     def _compact_per_head(self, idx, layer, kn, vn, length, positions) -> None:
-        kb, vb, pos = self.k[layer], self.v[layer], self.pos[layer]
         k = idx.shape[-1]
-        gather = idx.unsqueeze(-1).expand(-1, -1, -1, kb.shape[-1])
         # Each (row, head) keeps its own tokens: gather from the candidates (transient copy).
-        kb[:, :, :k] = torch.cat((kb[:, :, :length], kn), dim=2).gather(2, gather)
-        vb[:, :, :k] = torch.cat((vb[:, :, :length], vn), dim=2).gather(2, gather)
-        pos[:, :, :k] = positions.gather(2, idx).to(torch.int32)
+        kv_store.compact_per_head(self.k[layer], length, kn, idx)
+        kv_store.compact_per_head(self.v[layer], length, vn, idx)
+        self.pos[layer][:, :, :k] = positions.gather(2, idx).to(torch.int32)
 
 
 def _check_indices(idx: torch.Tensor, budget: int, n_cand: int, rows: int, heads: int, policy) -> None:

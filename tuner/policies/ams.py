@@ -92,7 +92,7 @@ class AMSPolicy(KVPolicy):
         lowest = sorted(range(n), key=lambda layer: (sims[layer], layer))[:count]
         return tuple(layer in lowest for layer in range(n))
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         if self.n_condensed >= g.num_scales:
             raise ValueError(f"n_condensed={self.n_condensed} must be below the model's {g.num_scales} "

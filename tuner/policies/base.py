@@ -14,9 +14,10 @@ Nothing here imports optuna, ray or mlflow.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from kernels.formats import KV_FORMATS
 from tuner.geometry import CacheGeometry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,10 +49,18 @@ class CachePlan:
     full:
         The official layout: every layer holds every token of every scale (no workspace, no
         selection). Only the ``full`` policy sets it.
+    formats:
+        Storage format of each layer's persistent buffer (:data:`kernels.quant.KV_FORMATS`); ``()``
+        (the normal form when every layer is ``compute``) means the compute dtype everywhere.
     """
 
     budgets: tuple[tuple[int, ...], ...]
     full: bool = False
+    formats: tuple[str, ...] = ()
+
+    def layer_formats(self, num_layers: int) -> tuple[str, ...]:
+        """The format of every layer (``compute`` for all when ``formats`` is empty)."""
+        return self.formats or ("compute",) * num_layers
 
     def capacity(self, layer: int) -> int:
         """Persistent buffer size of ``layer`` in tokens: ``max_s budgets[layer][s]``."""
@@ -68,6 +77,7 @@ class CachePlan:
         """
         if len(self.budgets) != geometry.num_layers:
             raise ValueError(f"plan has {len(self.budgets)} layers, model has {geometry.num_layers}")
+        check_layer_formats(self.formats, geometry, allow_empty=True)
         if self.full:
             return
         for layer, row in enumerate(self.budgets):
@@ -167,20 +177,40 @@ def cached_before_last(geometry: CacheGeometry) -> int:
     return max(1, geometry.tokens_through(geometry.num_scales - 2))
 
 
+@dataclass(frozen=True)
 class KVPolicy:
     """Base class of all policy families (subclasses are frozen dataclasses).
 
-    Subclasses set ``family`` and implement :meth:`plan` and :meth:`select`, validate their fields
-    in ``__post_init__`` (``ValueError``), and are registered once with
+    Subclasses set ``family`` and implement :meth:`plan_tokens` and :meth:`select`, validate their
+    fields in ``__post_init__`` (``ValueError``), and are registered once with
     :func:`tuner.policies.registry.register`. Optional: :meth:`memory_knob` (without it the family
     is never fitted to a memory target) and :meth:`conformance_cases` (the tests' matrix).
+
+    Every family inherits ``kv_format`` (keyword-only), how its kept tokens are stored: one of
+    :data:`kernels.quant.KV_FORMATS` for every layer, or a tuple of ``G <= num_layers`` formats for
+    ``G`` contiguous layer groups (layer ``l`` takes ``kv_format[l * G // num_layers]``; ``G =
+    num_layers`` is per layer). The default ``compute`` is the 16-bit cache of every paper.
     """
+
+    kv_format: str | tuple[str, ...] = field(default="compute", kw_only=True)
 
     family: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
 
-    def plan(self, spec: PolicySpec) -> CachePlan:  # pragma: no cover - abstract
+    def plan(self, spec: PolicySpec) -> CachePlan:
+        """The policy's :class:`CachePlan`: :meth:`plan_tokens`' budgets with the layers' formats."""
+        plan = self.plan_tokens(spec)
+        formats = self.layer_formats(spec.geometry)
+        return dataclasses.replace(plan, formats=() if set(formats) == {"compute"} else formats)
+
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:  # pragma: no cover - abstract
+        """The token budgets (``formats`` left empty: :meth:`plan` adds them)."""
         raise NotImplementedError
+
+    def layer_formats(self, geometry: CacheGeometry) -> tuple[str, ...]:
+        """``kv_format`` resolved to one format per layer; ``ValueError`` for unknown formats or more
+        groups than layers."""
+        return resolve_kv_format(self.kv_format, geometry)
 
     def select(self, state: SelectionState) -> "torch.Tensor":  # pragma: no cover - abstract
         """Indices into the candidates to keep.
@@ -200,9 +230,14 @@ class KVPolicy:
         return {"family": self.family, "params": self.params()}
 
     def params(self) -> dict[str, Any]:
-        """Hyperparameters as a JSON-able dict (the dataclass fields)."""
-        return {f.name: _jsonable(getattr(self, f.name))
-                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        """Hyperparameters as a JSON-able dict (the dataclass fields). ``kv_format`` appears only when
+        it is not the default ``compute``, so a 16-bit policy reads as it always has (older policy
+        files and studies)."""
+        out = {f.name: _jsonable(getattr(self, f.name))
+               for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        if out.get("kv_format") == "compute":
+            del out["kv_format"]
+        return out
 
     def memory_knob(self, geometry: CacheGeometry) -> MemoryKnob | None:
         """The knob that scales this policy's cache on a model of ``geometry``, or None: not fittable
@@ -219,6 +254,33 @@ class KVPolicy:
         lists sized to ``geometry``). The number of cases must not depend on the geometry.
         """
         return []
+
+
+def resolve_kv_format(kv_format: Any, geometry: CacheGeometry) -> tuple[str, ...]:
+    """One format per layer from a ``kv_format`` value (see :class:`KVPolicy`)."""
+    n = geometry.num_layers
+    groups = (kv_format,) if isinstance(kv_format, str) else tuple(kv_format) if isinstance(
+        kv_format, (tuple, list)) else None
+    if not groups or len(groups) > n:
+        raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)} or a list of 1 to {n} of them "
+                         f"(layer groups), got {kv_format!r}")
+    formats = tuple(groups[layer * len(groups) // n] for layer in range(n))
+    check_layer_formats(formats, geometry)
+    return formats
+
+
+def check_layer_formats(formats: tuple[str, ...], geometry: CacheGeometry, allow_empty: bool = False) -> None:
+    """``ValueError`` unless ``formats`` names a known format for every layer (int4: even head_dim)."""
+    if allow_empty and not formats:
+        return
+    if len(formats) != geometry.num_layers:
+        raise ValueError(f"plan has formats for {len(formats)} layers, model has {geometry.num_layers}")
+    for layer, fmt in enumerate(formats):
+        if fmt not in KV_FORMATS:
+            raise ValueError(f"layer {layer}: unknown KV format {fmt!r}; use one of {', '.join(KV_FORMATS)}")
+        if fmt == "int4" and geometry.head_dim % 2:
+            raise ValueError(f"layer {layer}: int4 storage needs an even head_dim, the model has "
+                             f"{geometry.head_dim}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -86,7 +86,7 @@ class BudgetsPolicy(KVPolicy):
         check_int("window_size", self.window_size, 1)
         check_pool_kernel(self.pool_kernel)
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         if self.table is not None:
             plan = CachePlan(self.table)

@@ -15,7 +15,7 @@ class FullPolicy(KVPolicy):
 
     family = "full"
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         row = tuple(g.tokens_through(s) for s in range(g.num_scales))
         return CachePlan(budgets=tuple(row for _ in range(g.num_layers)), full=True)

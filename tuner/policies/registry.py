@@ -124,9 +124,13 @@ def policy_class(family: str) -> type[KVPolicy]:
 
 
 def make_policy(family: str, params: dict[str, Any] | None = None) -> KVPolicy:
-    """Instantiate a family from a params dict (lists become tuples); fields are validated."""
+    """Instantiate a family from a params dict (lists become tuples; a ``kv_format`` list of one repeated
+    format becomes that format); fields are validated."""
     cls = policy_class(family)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (params or {}).items()}
+    fmt = kwargs.get("kv_format")
+    if isinstance(fmt, tuple) and fmt and all(isinstance(f, str) and f == fmt[0] for f in fmt):
+        kwargs["kv_format"] = fmt[0]  # the same format for every layer group is that format
     try:
         return cls(**kwargs)
     except TypeError as exc:  # unknown / missing field names

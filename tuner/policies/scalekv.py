@@ -100,7 +100,7 @@ class ScaleKVPolicy(KVPolicy):
                          for layer in range(g.num_layers)))
         return frozenset((layer, s) for _, s, layer in ranked[:count])
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         n_layers, u = g.num_layers, self.uniform_budget(spec)
         compressed = set(self.compressed_scales(spec))

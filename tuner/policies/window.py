@@ -27,7 +27,7 @@ class WindowPolicy(KVPolicy):
         check_int("window", self.window, 1)  # window 0 is "no cache": use max_tokens for tiny budgets
         check_int("max_tokens", self.max_tokens, 1, allow_none=True)
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         row = scale_window_row(g, self.window, 0, self.max_tokens)
         return CachePlan(tuple(row for _ in range(g.num_layers)))
