@@ -38,6 +38,23 @@ def test_plan_max_batch_is_reported():
     assert "batch" in r.output.lower()
 
 
+def test_plan_quantized_storage_counts_16_bit_reference_and_fits_more_images():
+    full = json.loads(run("plan", "--model", "d30", "--family", "full", "--json").output)
+    r = run("plan", "--model", "d30", "--family", "full", "--param", "kv_format=int8", "--json",
+            "--dtype", "fp32", "--gpu-mem", "80GiB")
+    assert r.exit_code == 0, r.output
+    q = json.loads(r.output)
+    assert q["kv_formats"] == ["int8"] * 30 and q["fraction"] == pytest.approx(66 / 128)
+    assert q["kv_bytes_per_image"] == full["kv_bytes_per_image"] * 66 // 128  # no compute buffer at all
+    r16, r8 = (json.loads(run("plan", "--model", "d30", "--family", "full", "--gpu-mem", "80GiB", "--json",
+                              *extra).output) for extra in ((), ("--param", "kv_format=int8")))
+    assert r8["max_batch"] > 1.4 * r16["max_batch"]  # KV halves; the VAE decoder's activations stay
+    text = run("plan", "--model", "tiny", "--family", "window", "--param", 'kv_format=["int4","compute"]').output
+    assert "| 0 | int4 |" in text and "| 5 | compute |" in text and "int4 ×3, compute ×3 layers" in text
+    bad = run("plan", "--model", "tiny", "--family", "window", "--param", "kv_format=int2")
+    assert bad.exit_code == 2 and "unknown KV format 'int2'" in bad.output
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--family", "window", "--param", "window=0"], "window"),
     (["--family", "ams", "--param", "n_condensed=10"], "n_condensed"),

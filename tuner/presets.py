@@ -76,9 +76,11 @@ def budgets_form(policy: KVPolicy, geometry: CacheGeometry) -> KVPolicy | None:
     if policy.family not in ("window", "sink_window") or cap is None or policy.window < geometry.num_scales:
         return None
     ones = (1.0,) * (geometry.num_scales - 1)
+    fmt = policy.kv_format  # the same storage: the form plans the same bytes
     if policy.family == "window":
-        return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="recent")
-    return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="sink_recent", sink_scales=policy.sink_scales)
+        return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="recent", kv_format=fmt)
+    return BudgetsPolicy(scale_curve=ones, max_tokens=cap, rule="sink_recent", sink_scales=policy.sink_scales,
+                         kv_format=fmt)
 
 
 def paper_presets(model_cfg: Any, calibration: Any = None) -> dict[str, KVPolicy]:

@@ -17,7 +17,9 @@ def test_defaults_live_in_the_output_directory(tmp_path):
     assert cfg.study_name == "tiny-all-mem15pct"
     assert cfg.storage == f"sqlite:///{tmp_path / 'run' / 'study.db'}"
     assert cfg.mlflow_uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
-    assert cfg.experiment == "varkv-tiny" and cfg.sampler == "tpe" and cfg.metric == "fid_vs_full"
+    # paired PSNR under a memory target alone (low noise at few samples), FID under a quality limit
+    assert cfg.experiment == "varkv-tiny" and cfg.sampler == "tpe" and cfg.metric == "psnr"
+    assert resolve_config(fid_limit=1.0, out=str(tmp_path / "r2")).metric == "fid_vs_full"
     assert not (tmp_path / "run").exists()  # resolving writes nothing
     again = resolve_config(mem_target="0.15", out=str(tmp_path / "run"))
     assert again.study_name == cfg.study_name  # same command → same study (resume)

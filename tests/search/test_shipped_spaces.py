@@ -57,12 +57,15 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
 def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
     cfg = config(tmp_path, space=None, family="all", trials=8, mem_target="35%", final_top_k=1)
     result = run_search(cfg, progress=False)
-    first = result.records[:3]
-    assert [r.preset for r in first] == ["ams", "scalekv_10", "scalekv_20"]
-    assert [r.family for r in first] == ["ams", "scalekv", "scalekv"]
+    # the published presets first; scalekv_20 fits to the same policy as scalekv_10 at 35% (merged)
+    first = result.records[:4]
+    assert [r.preset for r in first] == ["ams", "scalekv_10", "budgets:window@ams", "budgets:sink_window@ams"]
+    assert [r.family for r in first] == ["ams", "scalekv", "budgets", "budgets"]
     names = [row["policy"] for row in result.comparison]
-    assert names[0] == "full cache" and len(names) == 1 + 9 + 1
-    assert {"window@ams", "sink_window@scalekv_10"} <= set(names)
+    assert names[0] == "full cache" and names[-1].startswith("winner (")
+    # every distinct fitted preset, then each one quantized ("just quantize the preset" rows)
+    distinct = ["ams", "window@ams", "sink_window@ams", "scalekv_10"]
+    assert names[1:-1] == distinct + [f"{n} + {f}" for n in distinct for f in ("int8", "int4")]
     assert result.policy_path is not None
     from tuner.policy_file import load_policy_file
 
@@ -78,4 +81,56 @@ def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
     log = TunerTables(cfg.storage).evaluation_log(cfg.study_name)
     keys = [(e["policy_hash"], e["eval_key"]) for e in log]
     assert len(keys) == len(set(keys)) == len(eval_log(cfg))
-    assert rows["window@ams"]["psnr"] == rows["window@scalekv_10"]["psnr"]
+    assert rows["window@ams"]["memory_fraction"] <= 0.35  # window@scalekv_10 fitted to it: merged above
+
+
+@pytest.mark.parametrize("model", ["tiny", "d30"])
+def test_storage_formats_are_searched_and_quantized_presets_enqueue_exactly(model):
+    """Every shipped space searches kv_format per layer group; a 16-bit preset enqueues with every group
+    ``compute`` and "preset + int4" with every group int4, and the trial runs exactly that policy."""
+    from tuner.search.study import Preset, budgets_forms, quantized_presets
+
+    mc = model_config(model)
+    g = CacheGeometry.from_var_config(mc.var)
+    cal = FakeEvaluator(model).calibration()
+    space = load_space(space_dir() / "all.yaml", g)
+    groups = min(3, g.num_layers)
+    for fam in space.families:
+        kv = next(p for p in fam.params if p.name == "kv_format")
+        assert kv.repeat == groups and set(kv.choices) == {"compute", "int8", "int4"}
+    presets = load_presets(mc, cal)
+    quantized = quantized_presets(presets)
+    assert [p.name for p in quantized[:2]] == [f"{presets[0].name} + int8", f"{presets[0].name} + int4"]
+    forms = budgets_forms(presets + quantized, g)
+    for p in [*presets, *quantized, *forms]:
+        params = space.trial_params(p.family, p.params)
+        if p.family not in space.family_names:
+            assert params is None
+            continue
+        assert params is not None, p.name
+        fmt = p.params["kv_format"]
+        assert [params[f"{p.family}.kv_format.{i}"] for i in range(groups)] == [fmt] * groups
+
+        class Replay:  # what Optuna does with an enqueued trial: returns the enqueued values
+            def suggest_int(self, name, *a, **k):
+                return params[name]
+
+            suggest_float = suggest_int
+
+            def suggest_categorical(self, name, choices):
+                return params[name]
+
+        family, got = space.suggest(Replay())
+        assert make_policy(family, got) == make_policy(p.family, p.params), p.name
+
+
+def test_a_preset_format_the_space_does_not_search_is_not_enqueued(tmp_path):
+    """The toy space has no kv_format: "w3 + int8" must not be enqueued as the 16-bit w3 (it is only
+    compared in the final round), while w3 itself still is."""
+    from tests.search.helpers import toy_space
+
+    g = CacheGeometry.from_var_config(model_config("tiny").var)
+    space = load_space(toy_space(tmp_path), g)
+    w3 = {"window": 3, "odd_layers_half": True, "tag": "a"}
+    assert space.trial_params("toy", {**w3, "kv_format": "compute"}) is not None
+    assert space.trial_params("toy", {**w3, "kv_format": "int8"}) is None

@@ -27,7 +27,7 @@ class ToyPolicy(KVPolicy):
         if self.tag == "invalid":
             raise ValueError("tag 'invalid' is rejected")
 
-    def plan(self, spec: PolicySpec) -> CachePlan:
+    def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
         rows = []
         for layer in range(g.num_layers):

@@ -76,7 +76,10 @@ def search_command(
     fid_limit: Optional[float] = typer.Option(None, "--fid-limit",
                                               help="Quality limit on --metric (at most; "
                                                    "at least for psnr/ssim)."),
-    metric: str = typer.Option("fid_vs_full", "--metric", help=f"Quality metric: {', '.join(METRICS)}."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", help=f"Quality metric: {', '.join(METRICS)}. Default: psnr (paired with the full "
+                               "cache per image, low noise at few samples) under --mem-target alone, "
+                               "fid_vs_full with --fid-limit."),
     family: str = _FAMILY_OPTION,
     space: Optional[str] = typer.Option(None, "--space",
                                         help="A search-space YAML file (overrides --family)."),

@@ -189,6 +189,16 @@ def check_search_device(device: str, ray_address: str | None, workers: int | Non
     resolve_device(device, hint=f"use --device cpu (or auto), or {where}--ray-address of a cluster with GPUs")
 
 
+MEM_TARGET_METRIC = "psnr"  # paired per image: its noise at 8 screening images is small (FID's is not)
+LIMIT_METRIC = "fid_vs_full"
+
+
+def default_metric(mem: MemTarget | None, limit: float | None) -> str:
+    """``--metric`` when not given: psnr when only a memory target is set, else fid_vs_full (the
+    mission's "memory subject to FID")."""
+    return MEM_TARGET_METRIC if mem is not None and limit is None else LIMIT_METRIC
+
+
 def default_study_name(model: str, space_label: str, mem: MemTarget | None, limit: float | None,
                        metric: str) -> str:
     """Deterministic, so that re-running the same command resumes the same study."""
@@ -198,7 +208,7 @@ def default_study_name(model: str, space_label: str, mem: MemTarget | None, limi
                               else f"{mem.bytes_per_image}B"))
     if limit is not None:
         parts.append(f"{metric}{limit:g}")
-    elif metric != "fid_vs_full":
+    elif metric != default_metric(mem, limit):
         parts.append(metric)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
@@ -233,7 +243,9 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
             raise UserError(f"--space {space}: no such file; pass a search-space YAML file")
         fields["space"] = str(Path(space).resolve())
     label = Path(space).stem if space else fields.get("family", "all")
-    name = study_name or default_study_name(model, label, mem, fid_limit, fields.get("metric", "fid_vs_full"))
+    if fields.get("metric") is None:
+        fields["metric"] = default_metric(mem, fid_limit)
+    name = study_name or default_study_name(model, label, mem, fid_limit, fields["metric"])
     out_dir = Path(out) if out else Path("runs") / name
     if fields.get("final_top_k", 0) is None:
         # Under a quality limit the cheapest screened trials sit at the limit and often miss it on the

@@ -238,13 +238,25 @@ def _open_study(rt: SearchRuntime) -> None:
 
 
 def _enqueue_presets(rt: SearchRuntime) -> None:
-    """Load the paper presets (unless ``--no-presets``) and enqueue them as the study's first trials."""
+    """Load the paper presets (unless ``--no-presets``) and their int8 / int4 variants, and enqueue those
+    the space can express as the study's first trials (all of them are compared in the final round)."""
     from tuner.search import study as S
 
     spec = rt.planner.spec
-    rt.presets = S.load_presets(rt.model_cfg, spec.calibration) if rt.cfg.presets else []
-    forms = S.budgets_forms(rt.presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
-    S.enqueue_presets(rt.study, rt.space, rt.presets, forms)
+    base = S.load_presets(rt.model_cfg, spec.calibration) if rt.cfg.presets else []
+    rt.presets, merged = S.distinct_presets(base + S.quantized_presets(base), rt.planner)
+    if merged:
+        rt.console.print("presets identical once fitted to the target (each evaluated once): "
+                         + ", ".join(f"{a} = {b}" for a, b in merged), highlight=False)
+    published = [p for p in rt.presets if p.params.get("kv_format", "compute") == "compute"]
+    quantized = [p for p in rt.presets if p not in published]
+
+    def forms(presets):
+        return S.budgets_forms(presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
+
+    # Warm starts in this order: the published presets, the baselines' budgets forms, then the same
+    # quantized (all of them are compared in the final round whether the space can express them or not).
+    S.enqueue_presets(rt.study, rt.space, published, forms(published) + quantized + forms(quantized))
 
 
 def _start_tracking(rt: SearchRuntime, out: Path) -> None:

@@ -140,7 +140,12 @@ class SearchSpace:
                 continue
             names = p.optuna_names(family)
             value = policy_params[p.name]
-            values = [value] if p.repeat is None else list(value or ())
+            if p.repeat is None:
+                values = [value]
+            elif isinstance(value, str):  # one value for every repeat (e.g. kv_format "int4")
+                values = [value] * p.repeat
+            else:
+                values = list(value or ())
             if len(values) != len(names):
                 return None
             base.update(zip(names, values))
@@ -177,7 +182,16 @@ class SearchSpace:
             got_family, got = self.suggest(_Fixed())
         except (KeyError, expr.ExprError, TypeError):
             return False
-        return got_family == family and all(wanted.get(k) == v for k, v in got.items())
+        if got_family != family or not all(_same(wanted.get(k), v) for k, v in got.items()):
+            return False
+        # A preset parameter the space does not search (e.g. kv_format "int8" in a 16-bit space) must
+        # be the policy's default there, or the trial would run another policy than the preset.
+        from tuner.policies.registry import make_policy
+
+        try:
+            return make_policy(family, got) == make_policy(family, wanted)
+        except ValueError:
+            return False
 
 
 MAX_HELPER_COMBINATIONS = 50_000
@@ -193,6 +207,13 @@ def _helper_values(p: ParamSpec) -> list[Any]:
         count = (int(p.high) - int(p.low)) // step + 1
         return list(range(int(p.low), int(p.high) + 1, step)) if count <= 5000 else [int(p.low), int(p.high)]
     return [p.low, p.high]
+
+
+def _same(wanted: Any, got: Any) -> bool:
+    """Equal, where a single string also equals a list repeating it (a repeated parameter given once)."""
+    if isinstance(wanted, str) and isinstance(got, list) and got:
+        return all(v == wanted for v in got)
+    return wanted == got
 
 
 def _plain(value: Any) -> Any:

@@ -116,8 +116,44 @@ def load_presets(model_cfg: Any, calibration: Any = None) -> list[Preset]:
             family, params = p.family, p.params()
         else:
             family, params = p.family, dict(p.params)
-        out.append(Preset(str(name or family), family, dict(params)))
+        params = dict(params)
+        params.setdefault("kv_format", "compute")  # explicit, so a space that searches it can enqueue it
+        out.append(Preset(str(name or family), family, params))
     return out
+
+
+def distinct_presets(presets: list[Preset], planner: Any) -> tuple[list[Preset], list[tuple[str, str]]]:
+    """The presets whose planned policy (fitted to the target, when there is one) differs from every
+    earlier one's, and ``(dropped, same as)`` name pairs: the baselines matched to different methods
+    often fit to one policy, and a duplicate would cost a trial and a table row for nothing."""
+    kept, merged, first = [], [], {}
+    for p in presets:
+        try:
+            key = planner.plan(p.family, p.params).key
+        except ValueError:  # cannot be planned here: kept, so the final round reports why
+            kept.append(p)
+            continue
+        if key in first:
+            merged.append((p.name, first[key]))
+            continue
+        first[key] = p.name
+        kept.append(p)
+    return kept, merged
+
+
+QUANTIZED_PRESET_FORMATS = ("int8", "int4")
+
+
+def quantized_presets(presets: list[Preset],
+                      formats: tuple[str, ...] = QUANTIZED_PRESET_FORMATS) -> list[Preset]:
+    """``<name> + int8`` / ``<name> + int4``: each 16-bit preset with its kept tokens stored quantized.
+
+    The paper presets themselves stay as published (16-bit); these rows show what the search adds
+    over "just quantize the preset" (under ``--mem-target`` their knob is refitted to the target
+    like every candidate's, so a quantized preset keeps more tokens in the same memory).
+    """
+    return [Preset(f"{p.name} + {fmt}", p.family, {**p.params, "kv_format": fmt})
+            for p in presets if p.params.get("kv_format", "compute") == "compute" for fmt in formats]
 
 
 def budgets_forms(presets: list[Preset], geometry: Any, build: Any = None) -> list[Preset]:
@@ -138,11 +174,14 @@ def budgets_forms(presets: list[Preset], geometry: Any, build: Any = None) -> li
             form = budgets_form((build or make_policy)(p.family, p.params), geometry)
         except ValueError:
             continue
-        # one per baseline kind: the knob is refitted anyway
-        if form is None or (p.family, form.rule) in seen:
+        if form is None:
             continue
-        seen.add((p.family, form.rule))
-        out.append(Preset(f"budgets:{p.name}", form.family, form.params()))
+        # one per baseline kind and storage format: the knob is refitted anyway
+        key = (p.family, form.rule, str(form.kv_format))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Preset(f"budgets:{p.name}", form.family, {"kv_format": "compute", **form.params()}))
     return out
 
 

@@ -1,9 +1,9 @@
 """Identities and records shared by the driver, the reports and ``tuner show``.
 
 - :func:`plan_hash`: the identity of what a policy makes the engine do (its compiled plan: the token
-  budget table plus the selection rule), the key of the evaluation cache together with the model hash
-  and :func:`eval_key`. Two parameter sets (or two families) that compile to the same plan share one
-  evaluation.
+  budget table, the storage formats and the selection rule), the key of the evaluation cache
+  together with the model hash and :func:`eval_key`. Two parameter sets (or two families) that
+  compile to the same plan share one evaluation.
 - :func:`policy_hash`: the identity of a policy's parameters (family + normalised parameters).
 - :func:`eval_spec`: the plain-dict description of an evaluation (labels, seed, sampling) sent to
   workers; screening and final (held-out) specs differ by seed and size.
@@ -41,6 +41,8 @@ def plan_hash(policy: Any, spec: Any) -> str:
     plan = policy.plan(spec)
     doc = {"budgets": [list(row) for row in plan.budgets], "full": plan.full,
            "selection": policy.selection(spec.geometry)}
+    if plan.formats:  # absent for 16-bit plans, so their keys are what they always were
+        doc["formats"] = list(plan.formats)
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()[:32]
 
 
