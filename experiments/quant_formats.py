@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     rows = []
     for name, (bits, fk, fv) in layouts.items():
         k_err = v_err = o_err = o_norm = kn = vn = 0.0
-        for layer, rec in last.items():
+        for layer in last:
             # the full K/V of this layer: earlier scales from the records, the last scale's own
             ks = torch.cat([r.k_new for r in records if r.layer == layer], dim=2).float()
             vs = torch.cat([r.v_new for r in records if r.layer == layer], dim=2).float()
@@ -85,10 +85,9 @@ def main(argv=None) -> None:
                 a, b = starts[r.scale], starts[r.scale + 1]
                 k_mix = torch.cat((kq[:, :, :a], ks[:, :, a:b]), 2)
                 v_mix = torch.cat((vq[:, :, :a], vs[:, :, a:b]), 2)
-                ref = torch.nn.functional.scaled_dot_product_attention(r.q.float(), ks[:, :, :b], vs[:, :, :b],
-                                                                       scale=r.softmax_scale)
-                got = torch.nn.functional.scaled_dot_product_attention(r.q.float(), k_mix, v_mix,
-                                                                       scale=r.softmax_scale)
+                sdpa = torch.nn.functional.scaled_dot_product_attention
+                ref = sdpa(r.q.float(), ks[:, :, :b], vs[:, :, :b], scale=r.softmax_scale)
+                got = sdpa(r.q.float(), k_mix, v_mix, scale=r.softmax_scale)
                 o_err += float((got - ref).pow(2).sum())
                 o_norm += float(ref.pow(2).sum())
         rows.append((name, bits, (k_err / kn) ** 0.5, (v_err / vn) ** 0.5, (o_err / o_norm) ** 0.5))

@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 
 from experiments.tiny_results import (CONCLUSION, SEEDS_A, SEEDS_B, SEEDS_C, TARGETS, _fmt, class_accuracy,
-                                      family_policies, floor_distances, floor_text, noise_floor, unpaired)
-from tuner.quality.evaluate import EvalSpec, build_evaluator
+                                      family_policies, floor_distances, floor_text, noise_floor, seed_sets,
+                                      unpaired)
+from tuner.quality.evaluate import build_evaluator
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("window", "sink_window", "ams", "scalekv")
@@ -150,8 +151,7 @@ def main(argv=None) -> None:
     search_minutes = (time.time() - t0) / 60
     ev = build_evaluator("tiny")
     n_cls = ev.loaded.config.var.num_classes
-    specs = [EvalSpec.balanced(n_cls, args.samples, seed=s, batch_size=args.batch_size)
-             for s in (SEEDS_A, SEEDS_B, SEEDS_C)]
+    specs = seed_sets(n_cls, args.samples, args.batch_size)
     floor = noise_floor(ev, *specs)
     rows = Rows(ev, specs[0], specs[1])
     from tuner.policy_file import load_policy_file

@@ -133,6 +133,12 @@ def noise_floor(ev, spec_a: EvalSpec, spec_b: EvalSpec, spec_c: EvalSpec) -> lis
     return rows
 
 
+def seed_sets(num_classes: int, samples: int, batch_size: int) -> tuple[EvalSpec, EvalSpec, EvalSpec]:
+    """Seed sets A, B and C: the same balanced labels, batch ``j`` seeded ``SEEDS_X + j``."""
+    return tuple(EvalSpec.balanced(num_classes, samples, seed=s, batch_size=batch_size)
+                 for s in (SEEDS_A, SEEDS_B, SEEDS_C))
+
+
 def floor_distances(rows: list[dict]) -> dict[str, float]:
     """The other-seed Fréchet distances between full-cache sets: {"A-B": .., "A-C": .., "B-C": ..}."""
     b, c = (r for r in rows if r["policy"].startswith("full cache"))
@@ -182,9 +188,7 @@ def main(argv=None) -> None:
     ev = build_evaluator(args.model, weights_dir=args.weights_dir, device=args.device,
                          inception_weights=args.inception_weights)
     n_cls = ev.loaded.config.var.num_classes
-    spec = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_A, batch_size=args.batch_size)
-    spec_b = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_B, batch_size=args.batch_size)
-    spec_c = EvalSpec.balanced(n_cls, args.samples, seed=SEEDS_C, batch_size=args.batch_size)
+    spec, spec_b, spec_c = seed_sets(n_cls, args.samples, args.batch_size)
     rows = noise_floor(ev, spec, spec_b, spec_c)
     for r in rows:
         print(r, flush=True)

@@ -49,7 +49,8 @@ def test_plan_quantized_storage_counts_16_bit_reference_and_fits_more_images():
     r16, r8 = (json.loads(run("plan", "--model", "d30", "--family", "full", "--gpu-mem", "80GiB", "--json",
                               *extra).output) for extra in ((), ("--param", "kv_format=int8")))
     assert r8["max_batch"] > 1.4 * r16["max_batch"]  # KV halves; the VAE decoder's activations stay
-    text = run("plan", "--model", "tiny", "--family", "window", "--param", 'kv_format=["int4","compute"]').output
+    text = run("plan", "--model", "tiny", "--family", "window", "--param",
+               'kv_format=["int4","compute"]').output
     assert "| 0 | int4 |" in text and "| 5 | compute |" in text and "int4 ×3, compute ×3 layers" in text
     bad = run("plan", "--model", "tiny", "--family", "window", "--param", "kv_format=int2")
     assert bad.exit_code == 2 and "unknown KV format 'int2'" in bad.output

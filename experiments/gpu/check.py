@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROFILES = {
     "gpu": dict(budget_s=450, limits=dict(env=60, imports=90, pytest=150, kernels=100, e2e=300),
                 min_start=dict(env=10, imports=20, pytest=30, kernels=30, e2e=90),
-                kernel_runs="d30:bf16:16,64;d16:bf16:16,64;d30:fp16:64;d16:fp16:64",
+                kernel_runs="d30:bf16:16,64;d30:bf16:64:int8,int4;d30:fp16:64;d16:fp16:64",
                 e2e=dict(model="d30", device="cuda", batch=64, warmup=1, repeats=3, calibration_samples=2,
                          maxbatch_mem="24GiB", max_probes=8, probe_limit_s=40)),
     "dry": dict(budget_s=240, limits=dict(env=60, imports=90, pytest=90, kernels=60, e2e=90),

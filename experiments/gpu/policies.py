@@ -62,7 +62,7 @@ def transplant_joint(params: dict[str, Any], geometry):
     scales), uniform or absent layer weights, the cap, the rule and its arguments. An explicit table
     or a shaped curve is tied to its model and is refused with a ``ValueError``.
     """
-    from tuner.policies.budgets import BudgetsPolicy
+    from tuner.policies.registry import make_policy
 
     p = dict(params)
     if p.get("table") is not None:
@@ -78,7 +78,7 @@ def transplant_joint(params: dict[str, Any], geometry):
         if len(set(weights)) != 1:
             raise ValueError("the joint policy's layer weights are shaped for another model")
         p["layer_weights"] = None
-    return BudgetsPolicy(**p)
+    return make_policy("budgets", p)  # lists (scale curve, kv_format layer groups) become tuples
 
 
 @dataclass

@@ -88,7 +88,7 @@ def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
 def test_storage_formats_are_searched_and_quantized_presets_enqueue_exactly(model):
     """Every shipped space searches kv_format per layer group; a 16-bit preset enqueues with every group
     ``compute`` and "preset + int4" with every group int4, and the trial runs exactly that policy."""
-    from tuner.search.study import Preset, budgets_forms, quantized_presets
+    from tuner.search.study import budgets_forms, quantized_presets
 
     mc = model_config(model)
     g = CacheGeometry.from_var_config(mc.var)
