@@ -5,7 +5,8 @@
   ``tuner presets --random-weights --mem-target 15%`` writes it (:func:`tuner.presets.fitted_paper_presets`
   on a calibration of the loaded random weights; the layer roles are meaningless for quality, the
   memory and speed are what is measured).
-- **joint**: the best shipped joint (``budgets``) policy, ``policies/tiny-15pct.json``, carried over
+- **joint**: the joint (``budgets``) policy tiny's 15% search found,
+  ``experiments/quant/search-15/policy_tiny_15pct.json``, carried over
   to this model: its form (cap form, selection rule, sink scales) is kept, its per-model sizes are
   re-derived (the curve's length) and its cap is refitted to the same target
   (:func:`tuner.policies.fit.fit_to_memory`). No d16-d30 search has been shipped, so this is the
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_JOINT_FILE = ROOT / "policies" / "tiny-15pct.json"
+# The joint policy tiny's 15% search found in experiments/quant (per-layer-group int8/int4 storage,
+# score selection): the shipped policies/ may be a quantized preset, which has no budgets form.
+DEFAULT_JOINT_FILE = ROOT / "experiments" / "quant" / "search-15" / "policy_tiny_15pct.json"
 
 
 def toy_config():

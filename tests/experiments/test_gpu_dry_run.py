@@ -278,6 +278,7 @@ def test_joint_policy_transplant_keeps_the_form_and_refuses_shaped_ones():
     params = json.loads(DEFAULT_JOINT_FILE.read_text())["policy"]["params"]
     p = transplant_joint(params, g)
     assert p.family == "budgets" and len(p.scale_curve) == g.num_scales - 1 and p.rule == params["rule"]
+    assert p.layer_formats(g) == tuple(f for f in ("int8", "int4", "int4") for _ in range(10))  # 3 groups
     with pytest.raises(ValueError, match="shaped"):
         transplant_joint(dict(params, scale_curve=[0.5, 1.0, 1.0, 1.0, 1.0, 1.0]), g)
     with pytest.raises(ValueError, match="table"):

@@ -80,6 +80,21 @@ def test_quantized_cache_attends_to_the_dequantized_kept_tokens_and_allocates_th
     assert report.fraction < memory_report(base, g, dtype="fp32", spec=spec).fraction
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_caches_run_under_autocast_and_allocate_the_plan(small_model, dtype):
+    """fp16/bf16 runs under autocast (as the official demo does): per-head compaction, score selection
+    and the full layout all work on int8/int4 buffers, and allocate exactly the plan in that dtype."""
+    g = CacheGeometry.from_var_config(small_model.config.var)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    for family, params in (("full", {"kv_format": "int8"}),
+                           ("budgets", {"scale_curve": [1.0] * (g.num_scales - 1), "max_tokens": 6,
+                                        "rule": "scores", "window_size": 4, "kv_format": ["int4", "int8"]})):
+        policy = make_policy(family, params)
+        res = generate(small_model.var, small_model.vae, LABELS, seed=2, policy=policy, dtype=dtype)
+        assert torch.isfinite(res.images).all()
+        assert res.kv_bytes_allocated == memory_report(policy, g, dtype=name).kv_bytes_per_image * len(LABELS)
+
+
 def test_layer_groups_mix_formats_per_layer_and_allocate_exactly(small_model):
     g = CacheGeometry.from_var_config(small_model.config.var)  # depth 2: groups of one layer
     policy = make_policy("window", {"window": 2, "kv_format": ["int4", "compute"]})

@@ -9,13 +9,28 @@ with the number of scales a token survives.
 """
 from __future__ import annotations
 
-from typing import Union
+import functools
+from typing import Callable, TypeVar, Union
 
 import torch
 
 from kernels.quant import QuantizedKV, empty_quantized, quantize, write_tokens
 
 Buffer = Union[torch.Tensor, QuantizedKV]
+F = TypeVar("F", bound=Callable)
+
+
+def _exact(fn: F) -> F:
+    """Run ``fn`` outside autocast: the engine runs fp16/bf16 under autocast, which refuses integer
+    tensors in ops like ``cat`` and would round the fp32 (de)quantization math."""
+
+    @functools.wraps(fn)
+    def wrapper(buf, *args, **kwargs):
+        device = (buf.data if isinstance(buf, QuantizedKV) else buf).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(buf, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def allocate(fmt: str, rows: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
@@ -33,6 +48,7 @@ def nbytes(buf: Buffer) -> int:
     return buf.numel() * buf.element_size()
 
 
+@_exact
 def read(buf: Buffer, length: int, dtype: torch.dtype) -> torch.Tensor:
     """Tokens ``0:length`` as ``[R, H, length, D]`` in ``dtype`` (a view for ``compute``, else a
     dequantized copy)."""
@@ -43,6 +59,7 @@ def read(buf: Buffer, length: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:, :, :length]
 
 
+@_exact
 def write(buf: Buffer, start: int, x: torch.Tensor) -> None:
     """Store ``x`` ``[R, H, n, D]`` at tokens ``start:start+n`` (quantizing it for int formats)."""
     if isinstance(buf, QuantizedKV):
@@ -58,6 +75,7 @@ def _parts(buf: Buffer) -> list[torch.Tensor]:
     return [buf]
 
 
+@_exact
 def compact_shared(buf: Buffer, old: torch.Tensor, new_x: torch.Tensor) -> None:
     """Keep the same tokens in every row and head: ``buf[:, :, :k] = [buf[old] ; new_x]``.
 
@@ -71,6 +89,7 @@ def compact_shared(buf: Buffer, old: torch.Tensor, new_x: torch.Tensor) -> None:
     write(buf, n_old, new_x)
 
 
+@_exact
 def compact_per_head(buf: Buffer, length: int, new_x: torch.Tensor, idx: torch.Tensor) -> None:
     """Each (row, head) keeps its own candidates: ``buf[r, h, :k] = cand[r, h, idx[r, h]]`` where the
     candidates are the ``length`` kept tokens followed by ``new_x`` ``[R, H, n_new, D]``.
