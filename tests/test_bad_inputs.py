@@ -473,6 +473,15 @@ ROWS = [
     Row("bench-out-empty", ["bench", "--out", ""], "--out is empty"),
     Row("plan-heatmap-empty", ["plan", "--family", "full", "--heatmap", ""], "--heatmap is empty"),
     Row("generate-out-empty", ["generate", "--out", ""], "--out is empty"),
+
+    # --- --threads: every command that computes ------------------------------------------------------------
+    Row("generate-threads-0", ["generate", "--threads", "0"], "--threads 0 must be at least 1"),
+    Row("bench-threads-neg", ["bench", "--threads", "-2"], "--threads -2 must be at least 1"),
+    Row("calibrate-threads-0", ["calibrate", "--threads", "0"], "--threads 0 must be at least 1"),
+    Row("presets-threads-0", ["presets", "--out", "p", "--threads", "0"], "--threads 0 must be at least 1"),
+    Row("evaluate-threads-0", ["evaluate", "--policy", "ams", "--threads", "0"],
+        "--threads 0 must be at least 1"),
+    Row("bench-threads-not-int", ["bench", "--threads", "two"], "'--threads'"),
 ]
 
 

@@ -63,6 +63,65 @@ def test_bench_reports_bytes(small_ckpts):
     assert len(data["per_scale_ms"]) == 4 and data["images_per_s"] > 0
 
 
+def test_bench_reports_decode_and_end_to_end_next_to_the_transformer(small_ckpts):
+    """The VQ-VAE decode is timed and counted: end to end contains the scale loop, images/s is end to
+    end and the transformer-only rate is the separate, larger figure (relations, not time limits)."""
+    import json
+
+    r = run("bench", *ckpt_args(small_ckpts), "--batch", "2", "--repeats", "3", "--warmup", "1", "--json",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert "total_ms" not in d  # renamed: it was the scale loop alone
+    assert d["decode_ms"] > 0 and d["transformer_ms"] > 0
+    assert d["end_to_end_ms"] >= d["transformer_ms"]
+    assert d["end_to_end_ms"] >= d["decode_ms"]
+    assert d["images_per_s"] == pytest.approx(2 / (d["end_to_end_ms"] / 1e3), rel=1e-3)
+    assert d["transformer_images_per_s"] == pytest.approx(2 / (d["transformer_ms"] / 1e3), rel=1e-3)
+    assert d["transformer_images_per_s"] >= d["images_per_s"]
+    table = run("bench", *ckpt_args(small_ckpts), "--batch", "2", "--repeats", "1", "--warmup", "0",
+                "--device", "cpu")
+    assert table.exit_code == 0, table.output
+    assert "| scale | latency (ms) |" in table.output
+    assert "transformer (scale loop)" in table.output and "VQ-VAE decode" in table.output
+    assert "images/s end to end (transformer only:" in table.output
+
+
+def test_generate_times_the_decode_after_the_scale_loop(small_model):
+    from tuner.model.generate import generate
+
+    res = generate(small_model.var, small_model.vae, torch.tensor([1, 2]), seed=0)
+    assert len(res.scale_seconds) == 4 and res.decode_seconds > 0
+
+
+def test_bench_threads_sets_this_process(small_ckpts):
+    import json
+
+    before = torch.get_num_threads()
+    try:
+        r = run("bench", *ckpt_args(small_ckpts), "--batch", "1", "--repeats", "1", "--warmup", "0", "--json",
+                "--device", "cpu", "--threads", "1")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["machine"].split("; ")[0].endswith(", 1 threads")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--threads", "0"],
+    ["bench", "--threads", "0"],
+    ["calibrate", "--threads", "0"],
+    ["presets", "--out", "p", "--threads", "0"],
+    ["evaluate", "--policy", "ams", "--threads", "0"],
+])
+def test_threads_must_be_at_least_one(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run(*argv)
+    assert_user_error(r, "--threads 0 must be at least 1")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
 def test_missing_checkpoint(tmp_path, small_ckpts):
     r = run("generate", "--var-ckpt", tmp_path / "nope.pth", "--vae-ckpt", small_ckpts[1], "--out", tmp_path)
     assert_user_error(r, "not found", "--var-ckpt")

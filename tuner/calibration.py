@@ -269,12 +269,17 @@ def calibration_labels(num_classes: int, samples: int) -> list[int]:
 
 
 def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
-              progress: Callable[[int, int], None] | None = None, *, spec: CalibrationSpec | None = None,
-              checkpoint_sha256: str | None = None, backend: str = "torch", dtype=None) -> Calibration:
+              progress: Callable[[float, int], None] | None = None, *, spec: CalibrationSpec | None = None,
+              checkpoint_sha256: str | None = None, backend: str = "torch", dtype=None,
+              progress_per_scale: bool = False) -> Calibration:
     """Generate ``samples`` images with the full cache and return their statistics.
 
     ``spec`` overrides ``samples``/``seed``; batch ``j`` is sampled with seed ``spec.seed + j``.
-    ``progress(done, total)`` is called after every batch.
+    ``progress(done, total)`` is called after every batch with the images done (an int). With
+    ``progress_per_scale`` it is also called after every scale of a batch, ``done`` then a float:
+    the images of the finished batches plus the current batch's share of its tokens generated so far
+    (a batch's images come out together, so a scale is the finest step there is; tokens are a rough
+    proxy for the time, which the last scales dominate too).
     """
     import torch
 
@@ -290,12 +295,33 @@ def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
     labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
     done = 0
     for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
+        observer = obs
+        if progress is not None and progress_per_scale:
+            observer = _ScaleProgress(obs, geometry, done, len(chunk), spec.samples, progress)
         generate(var, vae, chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
-                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=obs)
+                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=observer)
         done += len(chunk)
         if progress is not None:
             progress(done, spec.samples)
     return obs.finalize()
+
+
+class _ScaleProgress:
+    """Observer wrapper: forwards every call to ``obs``; after the last layer of each scale but the
+    batch's last, reports ``progress(before + batch · tokens so far / L, total)`` (the batch's end is
+    reported by :func:`calibrate` itself, as an int)."""
+
+    def __init__(self, obs, geometry: CacheGeometry, before: int, batch: int, total: int,
+                 progress: Callable[[float, int], None]):
+        self.obs, self.geometry, self.progress = obs, geometry, progress
+        self.before, self.batch, self.total = before, batch, total
+
+    def __call__(self, layer: int, scale: int, *tensors) -> None:
+        self.obs(layer, scale, *tensors)
+        g = self.geometry
+        if layer == g.num_layers - 1 and scale < g.num_scales - 1:
+            share = g.tokens_through(scale) / g.tokens_through(g.num_scales - 1)
+            self.progress(self.before + self.batch * share, self.total)
 
 
 def default_cache_dir() -> Path:
@@ -304,18 +330,25 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "varkv-tuner") / "calibration"
 
 
+def model_key(checkpoint_sha256: str) -> str:
+    """The short checkpoint part of a cache file name (shared by every per-model cache in this dir)."""
+    return hashlib.sha256(checkpoint_sha256.encode()).hexdigest()[:16]
+
+
 def cache_path(model_cfg, checkpoint_sha256: str, spec: CalibrationSpec,
                cache_dir: str | Path | None = None) -> Path:
     """Where the statistics of this checkpoint + spec live."""
-    model_key = hashlib.sha256(checkpoint_sha256.encode()).hexdigest()[:16]
-    return Path(cache_dir or default_cache_dir()) / f"{model_cfg.name}_{model_key}_{spec.key()}.json"
+    key = model_key(checkpoint_sha256)
+    return Path(cache_dir or default_cache_dir()) / f"{model_cfg.name}_{key}_{spec.key()}.json"
 
 
 def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str | None,
                                 spec: CalibrationSpec | None = None, cache_dir: str | Path | None = None,
-                                progress: Callable[[int, int], None] | None = None, recompute: bool = False,
-                                backend: str = "torch", dtype=None) -> Calibration:
-    """Cached :func:`calibrate`, keyed by checkpoint hash + spec.
+                                progress: Callable[[float, int], None] | None = None, recompute: bool = False,
+                                backend: str = "torch", dtype=None,
+                                progress_per_scale: bool = False) -> Calibration:
+    """Cached :func:`calibrate`, keyed by checkpoint hash + spec (``progress``, ``progress_per_scale``:
+    as there; not called when the cache answers).
 
     ``checkpoint_sha256=None`` (random weights: nothing identifies them) computes without caching; any
     other string (e.g. ``"random:seed 0"``) works as a key. A cached file for another model or spec
@@ -333,7 +366,7 @@ def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str |
         except (OSError, ValueError):
             pass  # stale or corrupt: recompute below
     cal = calibrate(var, vae, model_cfg, spec=spec, progress=progress, checkpoint_sha256=checkpoint_sha256,
-                    backend=backend, dtype=dtype)
+                    backend=backend, dtype=dtype, progress_per_scale=progress_per_scale)
     if path is not None:
         cal.save(path)
     return cal

@@ -46,11 +46,13 @@ def e2e_markdown(e2e: dict) -> str:
              f" (library calls, one process). Peak = `torch.cuda.max_memory_allocated` over the run; planned "
              f"peak = weights + batch × (KV + activations) from `tuner plan`'s terms; unplanned = peak − "
              f"what was resident before the run − batch × (KV + activations): memory the planner does not "
-             f"count.", "",
-             "| policy | family | cache % | batch | images/s | × full | total ms | KV planned (B) "
+             f"count. images/s and × full are end to end (the whole generate call: scale loop + VQ-VAE "
+             f"decode); transformer / decode / e2e ms: medians per batch.", "",
+             "| policy | family | cache % | batch | images/s | × full | transformer ms | decode ms | e2e ms "
+             "| KV planned (B) "
              "| KV allocated (B) "
              "| equal | peak alloc (MiB) | planned peak (MiB) | peak / planned | unplanned (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pols:
         b = p["bench"]
         speed = f"{b['images_per_s'] / base:.2f}" if base else "-"
@@ -58,7 +60,8 @@ def e2e_markdown(e2e: dict) -> str:
         unplanned = b["peak_bytes"] - b["resident_bytes_before"] - b["planned_run_bytes"] \
             if b.get("peak_bytes") and b.get("resident_bytes_before") is not None else None
         lines.append(f"| {p['name']} | {p['family']} | {100 * p['fraction']:.2f} | {b['batch']} | "
-                     f"{b['images_per_s']:.3f} | {speed} | {b['total_ms']:.1f} | {b['kv_bytes_planned']:,} | "
+                     f"{b['images_per_s']:.3f} | {speed} | {b['transformer_ms']:.1f} | "
+                     f"{b['decode_ms']:.1f} | {b['end_to_end_ms']:.1f} | {b['kv_bytes_planned']:,} | "
                      f"{b['kv_bytes_allocated']:,} | "
                      f"{'yes' if b['kv_bytes_planned'] == b['kv_bytes_allocated'] else 'NO'}"
                      f" | {_mib(b.get('peak_bytes'))} | {_mib(b['planned_peak_bytes'])} | {ratio} | "

@@ -120,7 +120,7 @@ def test_cache_is_keyed_by_checkpoint_and_spec(tmp_path, monkeypatch):
     calls = []
 
     def fake_calibrate(var, vae, model_cfg, samples=16, seed=0, progress=None, *, spec=None,
-                       checkpoint_sha256=None, backend="torch", dtype=None):
+                       checkpoint_sha256=None, backend="torch", dtype=None, progress_per_scale=False):
         calls.append((checkpoint_sha256, spec))
         cal = synthetic_calibration(SMALL, seed=len(calls))
         return C.Calibration(**{**cal.__dict__, "spec": spec, "checkpoint_sha256": checkpoint_sha256})

@@ -65,3 +65,23 @@ def test_calibration_from_real_generations_drives_the_calibrated_families(small_
         res = generate(small_model.var, small_model.vae, LABELS, seed=2, policy=policy, spec=spec)
         report = memory_report(policy, cfg, dtype="fp32", batch=2, spec=spec)
         assert res.kv_bytes_allocated == report.kv_bytes_total
+
+
+def test_calibration_progress_per_scale_is_finer_and_the_statistics_do_not_change(small_model):
+    """``progress_per_scale``: a fractional count after every scale of a batch (by tokens), the
+    batches' ends still whole; the statistics are those of the plain run."""
+    cfg = small_model.config
+    g = CacheGeometry.from_var_config(cfg.var)
+    spec = CalibrationSpec(samples=3, batch_size=2, seed=1)
+    done = []
+    fine = calibrate(small_model.var, small_model.vae, cfg, spec=spec, progress_per_scale=True,
+                     progress=lambda d, t: done.append((d, t)), checkpoint_sha256="random:0")
+    plain = calibrate(small_model.var, small_model.vae, cfg, spec=spec, checkpoint_sha256="random:0")
+    assert fine == plain
+    assert len(done) == 2 * g.num_scales and {t for _, t in done} == {3}
+    counts = [d for d, _ in done]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert counts[g.num_scales - 1] == 2 and counts[-1] == 3  # the batches' ends, as ints
+    assert isinstance(counts[-1], int)
+    share = g.tokens_through(0) / g.tokens_through(g.num_scales - 1)
+    assert counts[0] == pytest.approx(2 * share) and counts[g.num_scales] == pytest.approx(2 + share)

@@ -10,6 +10,7 @@ from tuner.cli.common import user_errors
 from tuner.errors import UserError
 from tuner.options import check_seed, resolve_device
 from tuner.paths import check_writable_dir, writable_dir
+from tuner.threads import apply_threads, check_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -19,18 +20,20 @@ def register(app: typer.Typer) -> None:
 
 
 def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = False, quiet: bool = False):
-    """Cached calibration of a loaded model, computed with a progress bar when missing."""
-    from rich.progress import Progress
+    """Cached calibration of a loaded model, computed when missing with its progress on stderr (per
+    scale of each batch: a bar on a terminal, plain lines elsewhere; :mod:`tuner.cli.progress`).
 
+    Shared by ``tuner calibrate`` and ``tuner presets``.
+    """
     from tuner.calibration import CalibrationSpec, load_or_compute_calibration
+    from tuner.cli.progress import step_progress
 
     key = loaded.checkpoint_sha256 or f"random:{loaded.source}"
-    with Progress(transient=True, disable=quiet) as progress:
-        task = progress.add_task(f"calibrating {loaded.config.name}", total=samples)
+    with step_progress(f"calibrating {loaded.config.name}", samples, "images", quiet=quiet) as update:
         return load_or_compute_calibration(
             loaded.var, loaded.vae, loaded.config, checkpoint_sha256=key,
             spec=CalibrationSpec(samples=samples, seed=seed), recompute=recompute,
-            progress=lambda done, total: progress.update(task, completed=done))
+            progress=lambda done, total: update(done), progress_per_scale=True)
 
 
 @user_errors
@@ -46,13 +49,16 @@ def calibrate(
                             help="Directory for calibration.json, heatmaps and table."),
     recompute: bool = typer.Option(False, "--recompute", help="Ignore the on-disk cache."),
     device: str = mo.DeviceOpt,
+    threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
     from tuner.calibration_report import calibration_markdown, plot_calibration
 
+    check_threads(threads)
     if samples <= 0:
         raise UserError(f"--samples {samples} must be positive")
     check_seed(seed)
     check_writable_dir(out, "--out")
+    apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
                                         resolve_device(device))
     cal = calibration_for(loaded, samples, seed, recompute)

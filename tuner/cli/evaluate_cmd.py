@@ -13,6 +13,7 @@ from tuner.cli.common import user_errors
 from tuner.errors import UserError
 from tuner.model.weights_check import check_weights
 from tuner.options import BACKENDS, DTYPE_NAMES, check_choice, check_seed, resolve_device
+from tuner.threads import apply_threads, check_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -115,7 +116,9 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json",
                                  help="Print JSON (no progress bar: stdout stays pure JSON)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
+    threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
+    check_threads(threads)
     check_choice(dtype, DTYPE_NAMES, "--dtype")
     check_choice(attention_backend, BACKENDS, "--attention-backend")
     if samples < 2:
@@ -132,6 +135,7 @@ def evaluate(
     check_policy_name(policy)
     check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=False)
     dev = resolve_device(device)
+    apply_threads(threads)
     from tuner.quality.evaluate import EvalSpec, build_evaluator
 
     ev = build_evaluator(model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt,

@@ -20,6 +20,7 @@ from tuner.options import (
     resolve_device,
 )
 from tuner.paths import check_writable_dir, writable_dir
+from tuner.threads import apply_threads, check_threads
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"
 
@@ -54,12 +55,15 @@ def generate(
     attention_backend: str = mo.BackendOpt,
     upscale: int = typer.Option(0, "--png-upscale", help="Nearest-neighbour PNG upscale (0 = 8x for tiny, "
                                 "else 1)."),
+    threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
     # Every check first (cheap ones before torch is even imported); the output directory is made
     # only once all of them passed, so bad input leaves nothing behind.
+    check_threads(threads)
     requested = _check_flags(cfg, top_k, top_p, seed, batch_size, upscale, dtype, attention_backend, out,
                              classes)
 
+    apply_threads(threads)
     tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)

@@ -16,6 +16,10 @@ DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (non-fp32 ru
 BackendOpt = typer.Option("auto", "--attention-backend",
                           help="auto (triton on CUDA, torch on CPU), torch or triton.")
 PolicyOpt = typer.Option(None, "--policy", help="Policy file (JSON) to apply; default: full cache.")
+# Validated and applied by tuner.threads.apply_threads; why 1 is often faster: tuner/threads.py.
+ThreadsOpt = typer.Option(None, "--threads",
+                          help="Torch CPU threads for this process (default: torch's, one per core). "
+                               "Use 1 when anything else runs on the machine.")
 
 
 def load_model_from_options(model: Optional[str], var_ckpt, vae_ckpt, weights_dir, random_weights: bool,

@@ -10,6 +10,7 @@ from tuner.cli.common import user_errors
 from tuner.errors import UserError
 from tuner.options import resolve_device
 from tuner.paths import check_writable_dir, writable_dir
+from tuner.threads import apply_threads, check_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -97,17 +98,20 @@ def presets(
                                                  "model has no cached calibration."),
     out: str = typer.Option(..., "--out", help="Directory for <preset>.json files."),
     device: str = mo.DeviceOpt,
+    threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
     from tuner.cli.calibrate_cmd import calibration_for
     from tuner.mem_target import parse_mem_target
     from tuner.policy_file import load_policy_file, write_policy_file
 
+    check_threads(threads)
     if calibration_samples <= 0:
         raise UserError(f"--calibration-samples {calibration_samples} must be positive")
     if mem_target is not None and not mem_target.strip():
         raise UserError("--mem-target is empty; use a percentage like 15%, a fraction like 0.15 or 40MiB")
     target = parse_mem_target(mem_target) if mem_target is not None else None
     check_writable_dir(out, "--out")
+    apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
                                         resolve_device(device))
     if target is not None:

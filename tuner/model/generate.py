@@ -27,7 +27,9 @@ class GenerationResult:
 
     images: ``[B, 3, H, W]`` float32 in [0, 1]. tokens: per scale ``[B, pn*pn]`` sampled indices.
     kv_bytes_allocated: bytes of the cache's K/V buffers (measured from the buffers themselves).
-    scale_seconds: wall time per scale (synchronised on CUDA).
+    scale_seconds: wall time per scale of the transformer's loop (forward, sampling, ``f_hat`` update;
+    synchronised on CUDA). decode_seconds: wall time of the VQ-VAE decode of ``f_hat`` into ``images``
+    (after the loop; synchronised on CUDA the same way).
     """
 
     images: torch.Tensor
@@ -36,6 +38,7 @@ class GenerationResult:
     kv_bytes_allocated: int
     index_bytes_allocated: int
     scale_seconds: list[float] = field(default_factory=list)
+    decode_seconds: float = 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -93,9 +96,13 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
             tokens.append(idx_Bl)
             _sync(device)
             seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # the loop ended synchronised: nothing of it is still queued
         images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5).float()
+        _sync(device)
+        decode_seconds = time.perf_counter() - t0
     return GenerationResult(images=images, tokens=tokens, plan=plan, kv_bytes_allocated=cache.kv_bytes,
-                            index_bytes_allocated=cache.index_bytes, scale_seconds=seconds)
+                            index_bytes_allocated=cache.index_bytes, scale_seconds=seconds,
+                            decode_seconds=decode_seconds)
 
 
 def _build_cache(var, b: int, device: torch.device, policy: KVPolicy | None, spec: PolicySpec | None,

@@ -16,6 +16,7 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.search.worker_host import WorkerHost
 from tuner.search.workers import Outcome, default_cpu_workers
+from tuner.threads import check_threads, worker_threads
 
 # The local cluster's environment. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's single-machine mode:
 # the node IP is 127.0.0.1, so GCS, raylet, agents, workers and the driver listen on loopback only
@@ -146,13 +147,17 @@ def wait_for_gpus(wanted: int, timeout_s: float, poll_s: float = 5.0) -> int:
 
 
 class RayPool:
-    """One actor per GPU (``num_gpus=1``) when the cluster has GPUs, else ``workers`` CPU actors."""
+    """One actor per GPU (``num_gpus=1``) when the cluster has GPUs, else ``workers`` CPU actors.
+
+    ``threads``: torch threads per CPU actor; None: :func:`tuner.threads.worker_threads` of the
+    cluster's CPUs and the actor count (one core left to the driver). GPU actors keep torch's default.
+    """
 
     kind = "ray"
 
     def __init__(self, factory: str, factory_kwargs: dict[str, Any], workers: int | None,
                  address: str | None, trial_timeout_s: float, device: str = "auto", gpus: int | None = None,
-                 gpu_wait_s: float = GPU_WAIT_S):
+                 gpu_wait_s: float = GPU_WAIT_S, threads: int | None = None):
         self.factory, self.factory_kwargs = factory, dict(factory_kwargs)
         self.requested_workers, self.address = workers, address
         self.trial_timeout_s = trial_timeout_s
@@ -165,6 +170,8 @@ class RayPool:
         self.gpu = False
         self.total_restarts = 0
         self.gpus_wanted, self.gpu_wait_s = gpus, gpu_wait_s
+        check_threads(threads)  # the one-line --threads error, also for a caller other than the CLI
+        self.threads = threads
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> dict[str, Any]:
@@ -183,7 +190,7 @@ class RayPool:
         else:
             n = self.requested_workers or default_cpu_workers()
             self.actor_options = {"num_cpus": CPU_ACTOR_CPUS}
-            threads = max(1, int(cpus) // n)
+            threads = self.threads if self.threads is not None else worker_threads(max(1, int(cpus)), n)
         kwargs = dict(self.factory_kwargs)
         if "device" not in kwargs and self.device not in (None, "", "auto"):
             kwargs["device"] = self.device
