@@ -133,6 +133,14 @@ def noise_floor(ev, spec_a: EvalSpec, spec_b: EvalSpec, spec_c: EvalSpec) -> lis
     return rows
 
 
+def write_keeping_conclusion(path: Path, text: str) -> None:
+    """Write a regenerated table to ``path``, keeping the hand-written text below the CONCLUSION marker."""
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(CONCLUSION):] if CONCLUSION in old else CONCLUSION + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip("\n") + "\n\n" + kept)
+
+
 def seed_sets(num_classes: int, samples: int, batch_size: int) -> tuple[EvalSpec, EvalSpec, EvalSpec]:
     """Seed sets A, B and C: the same balanced labels, batch ``j`` seeded ``SEEDS_X + j``."""
     return tuple(EvalSpec.balanced(num_classes, samples, seed=s, batch_size=batch_size)

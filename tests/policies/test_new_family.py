@@ -159,7 +159,10 @@ def test_searchable_with_family(tmp_path):
 
     assert NAME in family_choices() and NAME in family_help()
     cfg, result = _search(tmp_path, NAME)
-    assert cfg.family == NAME and len(result.records) == 4
+    # its knob refitted to the target, every parameter point of this one-knob family is one plan: the
+    # repeats are duplicates (not counted) until the search calls the space exhausted
+    counted = sum(r.counts for r in result.records)
+    assert cfg.family == NAME and (counted == 4 or (counted >= 1 and "exhausted" in result.stop_reason))
     assert {r.family for r in result.records} == {NAME}
     evaluated = [r for r in result.records if r.evaluated]
     assert evaluated and all(r.metrics["memory_fraction"] <= 0.15 for r in evaluated)  # fitted to the target
@@ -177,4 +180,4 @@ def test_in_all(tmp_path):
     cfg, result = _search(tmp_path, "all")
     study = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage)
     assert NAME in study.trials[0].distributions["family"].choices
-    assert len(result.records) == 4
+    assert sum(r.counts for r in result.records) == 4

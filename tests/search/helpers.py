@@ -37,6 +37,13 @@ def config(tmp_path: Path, **kw):
     return resolve_config(**defaults)
 
 
+def counted(trials) -> list:
+    """Finished trials that count toward --trials: not interrupted, not a duplicate of an earlier trial
+    (a policy the study had already screened, answered from the cache)."""
+    return [t for t in trials if t.state.name in ("COMPLETE", "FAIL", "PRUNED")
+            and "interrupted" not in t.user_attrs and "duplicate_of" not in t.user_attrs]
+
+
 def eval_log(cfg) -> list[dict]:
     path = Path(dict(cfg.evaluator_kwargs)["log"])
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tests.search.helpers import config, eval_log, toy_space
+from tests.search.helpers import config, counted, eval_log, toy_space
 from tuner.errors import UserError
 from tuner.search import study as study_mod
 from tuner.search.driver import run_search
@@ -40,7 +40,14 @@ def test_search_end_to_end(tmp_path, toy_presets):
     result = run_search(cfg, progress=False)
     study = load(cfg)
     trials = study.trials
-    assert len(trials) == 12 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len(counted(trials)) == 12 and all(t.state.name == "COMPLETE" for t in trials)
+    # a trial the sampler proposed again is answered from the cache and does not count
+    first: dict[str, int] = {}
+    for t in trials:
+        if t.user_attrs.get("plan_infeasible"):
+            continue
+        earliest = first.setdefault(t.user_attrs["policy_hash"], t.number)
+        assert t.user_attrs.get("duplicate_of") == (None if earliest == t.number else earliest)
     # the in-space preset is the first trial, evaluated exactly as given
     assert trials[0].user_attrs["preset"] == "toy-w3"
     assert trials[0].params == {"toy.window": 3, "toy.odd_layers_half": True, "toy.tag": "a"}
@@ -74,7 +81,7 @@ def test_search_end_to_end(tmp_path, toy_presets):
     exp = client.get_experiment_by_name("varkv-tiny")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`tuner.study` = '{cfg.study_name}'")
     parents = [r for r in runs if r.data.tags.get("tuner.role") == "study"]
-    assert len(parents) == 1 and len(runs) == 13
+    assert len(parents) == 1 and len(runs) == 1 + len(trials)  # a child run per trial, duplicates too
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.info.run_id == result.mlflow_run_id
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -86,8 +93,8 @@ def test_resume_continues_and_never_reevaluates(tmp_path, toy_presets):
     first = run_search(config(tmp_path, trials=6), progress=False)
     cfg = config(tmp_path, trials=11)
     second = run_search(cfg, progress=False)
-    assert len(first.records) == 6 and len(second.records) == 11
-    assert [r.number for r in second.records[:6]] == [r.number for r in first.records]
+    assert sum(r.counts for r in first.records) == 6 and sum(r.counts for r in second.records) == 11
+    assert [r.number for r in second.records[:len(first.records)]] == [r.number for r in first.records]
     evaluated = Counter(json.dumps(e["params"], sort_keys=True) for e in screening(cfg, eval_log(cfg)))
     assert max(evaluated.values()) == 1
     assert load(cfg).user_attrs["presets_enqueued"] is True
@@ -100,11 +107,15 @@ def test_cache_shared_by_two_studies_in_one_database(tmp_path):
     a = config(tmp_path, space=space, trials=6, mem_target="60%", presets=False)
     ra = run_search(a, progress=False)
     assert ra.evaluations == 2  # only two distinct policies exist
-    assert sum(r.cache_hit for r in ra.records) == 4
+    # the sampler keeps proposing them: duplicates, not counted, until the space counts as exhausted
+    assert sum(r.counts for r in ra.records) == 2 and "space looks exhausted" in ra.stop_reason
+    assert all(r.cache_hit for r in ra.records if not r.counts)
     b = config(tmp_path, space=space, trials=4, mem_target="70%", presets=False, storage=a.storage)
     assert b.study_name != a.study_name
     rb = run_search(b, progress=False)
+    # another study's evaluations are free but new to this study: its first two trials count
     assert rb.evaluations == 0 and all(r.cache_hit for r in rb.records)
+    assert sum(r.counts for r in rb.records) == 2
     import optuna
 
     names = {s.study_name for s in optuna.get_all_study_summaries(a.storage)}
@@ -138,7 +149,9 @@ def test_no_feasible_policy_means_no_evaluation_and_no_export(tmp_path):
 
 
 def test_quality_limit_and_multi_objective(tmp_path):
-    cfg = config(tmp_path, trials=8, mem_target=None, fid_limit=12.0, presets=False)
+    # a Fréchet distance needs its minimum sample count (the fake evaluator's images cost nothing)
+    cfg = config(tmp_path, trials=8, mem_target=None, fid_limit=12.0, presets=False, samples=256,
+                 final_samples=256)
     result = run_search(cfg, progress=False)
     study = load(cfg)
     assert [d.name for d in study.directions] == ["MINIMIZE"]

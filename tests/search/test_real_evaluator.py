@@ -40,3 +40,26 @@ def test_search_with_the_real_evaluator_on_tiny(tmp_path, workers):
 
     policy, _ = load_policy_file(result.policy_path, model_config("tiny"))
     assert policy.family == result.comparison[-1]["family"]
+
+
+def test_proxy_prescreen_enqueues_the_best_scored_policies_once(tmp_path):
+    """The real evaluator scores random fitted policies by the zero-generation proxy (no image generated
+    for them), the best ones become the first trials after the presets, and a resume does not redo it."""
+    import optuna
+
+    from tuner.search.prescreen import A_PRESCREENED, A_PROXY_SCORE
+
+    kw = dict(model="tiny", mem_target="15%", family="all", samples=2, final_samples=2, final_top_k=1,
+              workers=0, device="cpu", mlflow_uri="none", out=str(tmp_path / "run"), eval_batch_size=8,
+              presets=False, proxy_candidates=12, proxy_top=3)
+    result = run_search(resolve_config(trials=3, **kw), progress=False)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    assert study.user_attrs[A_PRESCREENED] is True
+    scored = [t for t in study.trials if A_PROXY_SCORE in t.user_attrs]
+    assert [t.number for t in scored] == [0, 1, 2]  # the first trials, best score first
+    scores = [t.user_attrs[A_PROXY_SCORE] for t in scored]
+    assert scores == sorted(scores) and all(0 < s < 1 for s in scores)
+    assert all(t.user_attrs["metrics"]["memory_fraction"] <= 0.15 for t in scored)  # fitted to the target
+    run_search(resolve_config(trials=5, **kw), progress=False)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    assert len([t for t in study.trials if A_PROXY_SCORE in t.user_attrs]) == 3  # not enqueued again

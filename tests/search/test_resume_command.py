@@ -37,13 +37,15 @@ def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypa
     weights.mkdir()
     cfg = resolve_config(
         model="d16", weights_dir=str(weights), var_ckpt="v.pth", vae_ckpt="q.pth", mem_target="12.5%",
-        fid_limit=3.25, metric="psnr", space=toy_space(tmp_path), trials=17, timeout_s=99.5, patience=4,
-        samples=6, final_samples=10, final_top_k=5, workers=3, ray_address="127.0.0.1:6379", gpus=2,
+        fid_limit=3.25, metric="feat_dist", space=toy_space(tmp_path), trials=17, timeout_s=99.5, patience=4,
+        samples=6, min_samples=3, reduction_factor=3, final_samples=10, final_top_k=5, workers=3, threads=2,
+        ray_address="127.0.0.1:6379", gpus=2,
         storage=f"sqlite:///{tmp_path / 'db' / 's.db'}", study_name="my study", mlflow_uri="none",
         experiment="exp x", sampler="random", seed=7, out=str(tmp_path / "o u t"), device="cuda",
         dtype="bf16",
         backend="torch", cfg=2.25, top_k=100, top_p=0.9, eval_batch_size=4, trial_timeout_s=123.0,
-        presets=False, fit_memory=False, evaluator="tests.search.fake_eval:build",
+        presets=False, proxy_candidates=5, proxy_top=2, fit_memory=False,
+        evaluator="tests.search.fake_eval:build",
         evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")})
     defaults = SearchConfig.__dataclass_fields__
     unchanged = [f.name for f in dataclasses.fields(cfg)

@@ -88,15 +88,27 @@ def search_command(
                                             help="Stop asking new trials after this many seconds."),
     patience: Optional[int] = typer.Option(None, "--patience",
                                            help="Stop after N evaluated trials without improvement."),
-    samples: int = typer.Option(8, "--samples", help="Images per screening evaluation."),
-    final_samples: int = typer.Option(32, "--final-samples",
-                                      help="Images per final (held-out) re-evaluation."),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", help="Screening images of a trial that is never pruned (default 128; 256, the "
+                                "minimum, for fid_vs_full/fid/delta_fid)."),
+    min_samples: int = typer.Option(8, "--min-samples",
+                                    help="Images every trial gets before the pruner may stop it (the "
+                                         "first rung; = --samples turns pruning off)."),
+    reduction_factor: int = typer.Option(4, "--reduction-factor",
+                                         help="Successive halving: each rung has ×N images and ~1/N of "
+                                              "the trials go on to it."),
+    final_samples: Optional[int] = typer.Option(
+        None, "--final-samples", help="Images per final (held-out) re-evaluation (default 128; 256 with "
+                                      "a distribution metric)."),
     final_top_k: Optional[int] = typer.Option(None, "--final-top-k",
                                               help="Best candidates re-evaluated on held-out "
                                               "seeds before export (default 3; 12 with --fid-limit alone)."),
     workers: Optional[int] = typer.Option(None, "--workers",
                                           help="CPU workers (default: one per GPU, else half the cores; "
                                                "0 = in-process)."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="Torch threads per CPU worker (default: the cores left "
+                                               "after the driver, shared by the workers)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                               help="Join a Ray cluster: auto or host:port."),
     gpus: Optional[int] = typer.Option(None, "--gpus",
@@ -125,6 +137,11 @@ def search_command(
     trial_timeout: float = typer.Option(3600.0, "--trial-timeout",
                                         help="Seconds before a worker counts as hung."),
     no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
+    proxy_candidates: int = typer.Option(
+        32, "--proxy-candidates", help="With --mem-target: rank this many random policies by the "
+                                        "zero-generation proxy before searching (0 = off)."),
+    proxy_top: int = typer.Option(8, "--proxy-top",
+                                  help="Enqueue the proxy's best N as warm starts after the presets."),
     no_fit: bool = typer.Option(False, "--no-fit",
                                 help="With --mem-target: do not fit each policy's budget knob "
                                       "(token cap, budget fraction, curve level) to the target."),
@@ -139,12 +156,13 @@ def search_command(
     config = resolve_config(
         model=model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, mem_target=mem_target,
         fid_limit=fid_limit, metric=metric, family=family, space=space, trials=trials, timeout_s=timeout,
-        patience=patience, samples=samples, final_samples=final_samples, final_top_k=final_top_k,
-        workers=workers,
+        patience=patience, samples=samples, min_samples=min_samples, reduction_factor=reduction_factor,
+        final_samples=final_samples, final_top_k=final_top_k, workers=workers, threads=threads,
         ray_address=ray_address, gpus=gpus, storage=storage, study_name=study_name, mlflow_uri=mlflow_uri,
         experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
-        trial_timeout_s=trial_timeout, presets=not no_presets, fit_memory=not no_fit, evaluator=evaluator,
+        trial_timeout_s=trial_timeout, presets=not no_presets, proxy_candidates=proxy_candidates,
+        proxy_top=proxy_top, fit_memory=not no_fit, evaluator=evaluator,
         evaluator_kwargs=_evaluator_args(evaluator_arg))
     result = run_search(config, progress=not no_progress)
     if result.interrupted:

@@ -130,10 +130,17 @@ class PolicyEvaluator:
         return self._refs[spec.key()]
 
     def evaluate(self, family: str, params: dict, spec: EvalSpec) -> dict[str, float]:
-        """Metrics of one policy: memory, fidelity vs full cache, FID vs reference, latency."""
+        """Metrics of one policy: memory, fidelity vs full cache, FID vs reference, latency.
+
+        Paired metrics (``psnr``, ``ssim``, ``feat_dist``) are means over images with their standard
+        errors (``<name>_se``); the distribution metrics (``fid_vs_full``, ``fid``, ``delta_fid``)
+        are one number per image set and mean something only from
+        :data:`tuner.quality.metric_info.MIN_DISTRIBUTION_SAMPLES` images on.
+        """
         from tuner.memory import memory_report
         from tuner.policies.registry import make_policy
-        from tuner.quality.metrics import frechet_distance, psnr, ssim
+        from tuner.quality.metrics import (feature_distance_per_image, frechet_distance, mean_and_se,
+                                           psnr, psnr_per_image, ssim_per_image)
 
         policy = make_policy(family, params)
         ref = self.reference(spec)
@@ -144,12 +151,17 @@ class PolicyEvaluator:
             "memory_fraction": float(report.fraction),
             "kv_bytes_per_image": float(report.kv_bytes_per_image),
             "psnr": float(psnr(images, ref.images)),
-            "ssim": float(ssim(images, ref.images)),
             "latency_s_per_image": float(sec),
             "full_latency_s_per_image": float(ref.seconds_per_image),
             "samples": float(spec.samples),
         }
+        # paired per-image metrics: mean and its standard error (the screening noise, known at any N)
+        out["psnr_se"] = mean_and_se(psnr_per_image(images, ref.images))[1]
+        out["ssim"], out["ssim_se"] = mean_and_se(ssim_per_image(images, ref.images))
         feats = self.embed(images)
+        if feats is not None:
+            dist = feature_distance_per_image(feats, ref.features)
+            out["feat_dist"], out["feat_dist_se"] = mean_and_se(dist)
         if feats is not None and spec.samples >= 2:
             out["fid_vs_full"] = float(frechet_distance(feats, ref.features))
             if self.reference_stats is not None:
@@ -158,6 +170,24 @@ class PolicyEvaluator:
                 fid = fid_from_stats(FeatureStats.from_features(feats), self.reference_stats)
                 fid_full = fid_from_stats(FeatureStats.from_features(ref.features), self.reference_stats)
                 out.update(fid=float(fid), delta_fid=float(fid - fid_full))
+        return out
+
+    def proxy_scores(self, items: list[tuple[str, dict]]) -> list[float]:
+        """Zero-generation proxy scores (:mod:`tuner.quality.proxy`, lower = better predicted quality)
+        of ``[(family, params)]``; the full-cache recording is made once and cached on disk."""
+        from tuner.policies.registry import make_policy
+        from tuner.quality.proxy import proxy_score
+
+        if getattr(self, "_proxy_record", None) is None:
+            from tuner.quality.proxy_record import load_or_record_proxy
+
+            self._proxy_record = load_or_record_proxy(self.loaded.var, self.loaded.vae, self.loaded.config,
+                                                      checkpoint_sha256=self.model_hash, backend=self.backend)
+        out = []
+        for family, params in items:
+            policy = make_policy(family, params)
+            out.append(float(proxy_score(self._proxy_record, policy, self.policy_spec(policy),
+                                         backend=self.backend).score))
         return out
 
     def calibration(self):

@@ -29,6 +29,14 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"expected non-empty image batches [N, C, H, W], got {tuple(a.shape)}")
 
 
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB, data range 1) of ``[N, C, H, W]`` batches in ``[0, 1]``: float64 ``[N]``,
+    each value capped at :data:`PSNR_CAP_DB` (identical images score the cap)."""
+    _check_pair(a, b)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return (-10.0 * torch.log10(mse.clamp_min(1e-300))).clamp(max=PSNR_CAP_DB)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the per-image PSNR (dB), data range 1.
 
@@ -42,15 +50,32 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     each capped at :data:`PSNR_CAP_DB`.
     """
     _check_pair(a, b)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    if bool((mse == 0).all()):
+    if bool(torch.equal(a, b)):
         return math.inf
-    per_image = (-10.0 * torch.log10(mse.clamp_min(1e-300))).clamp(max=PSNR_CAP_DB)
-    return float(per_image.mean())
+    return float(psnr_per_image(a, b).mean())
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean SSIM of ``[N, C, H, W]`` batches in [0, 1].
+def feature_distance_per_image(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """Squared distance between paired feature vectors ``[N, F]`` (the same seed's image under a policy
+    and under the full cache): float64 ``[N]``. Its mean is the paired feature metric ``feat_dist``;
+    unlike a Fréchet distance it has a per-image spread, so its standard error is known at any N."""
+    if fa.shape != fb.shape or fa.dim() != 2:
+        raise ValueError(f"expected paired features [N, F], got {tuple(fa.shape)} and {tuple(fb.shape)}")
+    return (fa.double() - fb.double()).pow(2).sum(1)
+
+
+def mean_and_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample SD / sqrt(N); 0 for N = 1) of ``[N]`` values."""
+    v = values.double().flatten()
+    n = v.numel()
+    if n == 0:
+        raise ValueError("no values")
+    se = float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    return float(v.mean()), se
+
+
+def ssim_per_image(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Per-image SSIM of ``[N, C, H, W]`` batches in [0, 1]: float64 ``[N]``.
 
     torchmetrics' SSIM: Gaussian 11×11 window, σ 1.5, data range 1.
 
@@ -60,12 +85,14 @@ def ssim(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> float:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _check_pair(a, b)
-    total = 0.0
-    for x, y in zip(torch.split(a, batch_size), torch.split(b, batch_size)):
-        per_image = structural_similarity_index_measure(x.double(), y.double(), data_range=1.0,
-                                                        reduction="none")
-        total += float(per_image.sum())
-    return total / a.shape[0]
+    out = [structural_similarity_index_measure(x.double(), y.double(), data_range=1.0, reduction="none")
+           for x, y in zip(torch.split(a, batch_size), torch.split(b, batch_size))]
+    return torch.cat([o.reshape(-1) for o in out])
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean SSIM of ``[N, C, H, W]`` batches in [0, 1] (see :func:`ssim_per_image`)."""
+    return float(ssim_per_image(a, b, batch_size).mean())
 
 
 class _Identity(nn.Module):

@@ -35,16 +35,19 @@ class SearchConfig:
     vae_ckpt: str | None = None
     mem_target: MemTarget | None = None
     quality_limit: float | None = None
-    metric: str = "fid_vs_full"
+    metric: str = "psnr"
     family: str = "all"
     space: str | None = None  # a YAML file; overrides ``family``
     trials: int = 40
     timeout_s: float | None = None
     patience: int | None = None
-    samples: int = 8
-    final_samples: int = 32
+    samples: int = 128  # screening images of a trial that is never pruned (the top rung)
+    min_samples: int = 8  # the first rung: images every trial gets before the pruner may stop it
+    reduction_factor: int = 4  # successive halving's η: rungs grow ×η, ~1/η of the trials go on
+    final_samples: int = 128
     final_top_k: int = 3
     workers: int | None = None  # None = one per GPU, else what fits the CPUs
+    threads: int | None = None  # torch threads per CPU worker (None: tuner.threads.worker_threads)
     ray_address: str | None = None
     gpus: int | None = None  # ask the cluster autoscaler for this many GPUs (one worker each) first
     storage: str = ""
@@ -63,6 +66,8 @@ class SearchConfig:
     eval_batch_size: int = 32
     trial_timeout_s: float = 3600.0
     presets: bool = True
+    proxy_candidates: int = 32  # random policies ranked by the zero-generation proxy (0 = off)
+    proxy_top: int = 8  # the best of them enqueued as warm starts after the presets
     fit_memory: bool = True  # with a memory target only: each policy's budget knob set to fill it
     evaluator: str = DEFAULT_EVALUATOR
     evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
@@ -94,12 +99,18 @@ class SearchConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"--attention-backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         checks = (("--trials", self.trials, 1), ("--samples", self.samples, 2),
+                  ("--min-samples", self.min_samples, 2), ("--reduction-factor", self.reduction_factor, 2),
+                  ("--threads", self.threads if self.threads is not None else 1, 1),
+                  ("--proxy-candidates", self.proxy_candidates, 0), ("--proxy-top", self.proxy_top, 0),
                   ("--final-samples", self.final_samples, 2), ("--final-top-k", self.final_top_k, 1),
                   ("--gpus", self.gpus if self.gpus is not None else 1, 1),
                   ("--eval-batch-size", self.eval_batch_size, 1))
         for flag, value, low in checks:
             if value < low:
                 raise ValueError(f"{flag} {value} must be at least {low}")
+        problem = fidelity_problem(self.metric, self.samples, self.final_samples, self.quality_limit)
+        if problem:
+            raise ValueError(problem)
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers {self.workers} must be >= 0 (0 evaluates in the driver process)")
         if self.timeout_s is not None and self.timeout_s <= 0:
@@ -123,6 +134,18 @@ class SearchConfig:
     def fits_to_target(self) -> bool:
         """Policies are fitted to the memory target (quality-under-memory searches only)."""
         return self.fit_memory and self.mem_target is not None and self.quality_limit is None
+
+    @property
+    def fidelity(self):
+        """The screening schedule (:mod:`tuner.search.fidelity`): rungs from ``--min-samples`` to
+        ``--samples`` for a single-objective search on a paired metric, else one rung."""
+        from tuner.search.fidelity import Fidelity, rungs_for
+
+        single = self.mem_target is None or self.quality_limit is None
+        if METRICS[self.metric].paired and single:
+            return Fidelity(rungs_for(self.min_samples, self.samples, self.reduction_factor),
+                            self.reduction_factor)
+        return Fidelity((self.samples,), self.reduction_factor)
 
     @property
     def tracking_enabled(self) -> bool:
@@ -151,6 +174,7 @@ class SearchConfig:
                 else f"{self.mem_target.bytes_per_image}B"
         return {"model": self.model, "metric": self.metric, "mem_target": target,
                 "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
+                "rungs": list(self.fidelity.rungs),
                 "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p,
                 "fit_memory": self.fits_to_target}
 
@@ -171,6 +195,29 @@ def quality_limit_problem(metric: str, limit: float) -> str | None:
         return f"--fid-limit {limit} is not an SSIM limit; SSIM is at most 1: give one in (0, 1], e.g. 0.9"
     if metric == "psnr" and limit <= 0:
         return f"--fid-limit {limit} is not a PSNR limit; give a positive number of dB, e.g. 30"
+    return None
+
+
+def fidelity_problem(metric: str, samples: int, final_samples: int, limit: float | None) -> str | None:
+    """Why the sample counts cannot measure ``metric``, or None.
+
+    A distribution metric (a Fréchet distance between image sets) is noise below
+    :data:`~tuner.quality.metric_info.MIN_DISTRIBUTION_SAMPLES` images (measured in
+    experiments/search/fidelity.md), so screening on it needs that many; a limit on it is checked in
+    the final round, which needs as many too.
+    """
+    from tuner.quality.metric_info import MIN_DISTRIBUTION_SAMPLES as MIN
+
+    if METRICS[metric].paired:
+        return None
+    why = (f"{metric} compares two sets of images and is noise below {MIN} images (experiments/"
+           f"search/fidelity.md)")
+    if samples < MIN:
+        return (f"--metric {metric} --samples {samples}: {why}; use --samples {MIN} or more, or screen on a "
+                f"paired metric (--metric psnr, ssim or feat_dist)")
+    if limit is not None and final_samples < MIN:
+        return (f"--fid-limit on {metric} with --final-samples {final_samples}: {why}; "
+                f"use --final-samples {MIN}")
     return None
 
 
@@ -247,6 +294,13 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
         fields["metric"] = default_metric(mem, fid_limit)
     name = study_name or default_study_name(model, label, mem, fid_limit, fields["metric"])
     out_dir = Path(out) if out else Path("runs") / name
+    from tuner.quality.metric_info import MIN_DISTRIBUTION_SAMPLES
+
+    if fields["metric"] not in METRICS:
+        raise UserError(f"--metric {fields['metric']!r} is not one of {', '.join(METRICS)}")
+    for key in ("samples", "final_samples"):  # a distribution metric needs its minimum (fidelity_problem)
+        if fields.get(key) is None:
+            fields[key] = 128 if METRICS[fields["metric"]].paired else max(128, MIN_DISTRIBUTION_SAMPLES)
     if fields.get("final_top_k", 0) is None:
         # Under a quality limit the cheapest screened trials sit at the limit and often miss it on the
         # held-out seeds (winner's curse): re-check more of them, so a cheap one that holds is found.

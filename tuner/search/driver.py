@@ -1,5 +1,9 @@
-"""The search driver: ask → plan (:mod:`tuner.search.planner`) → (infeasible | cache | evaluate, through
-:mod:`tuner.search.evaluations`) → tell; the only writer of study state (docs/design.md, "Search").
+"""The search driver: ask → plan (:mod:`tuner.search.planner`) → (infeasible | screen chunk by chunk,
+through :mod:`tuner.search.evaluations`, pruned or not (:mod:`tuner.search.fidelity`)) → tell; the only
+writer of study state (docs/design.md, "Search").
+
+A trial whose plan an earlier trial of the study already screened is a *duplicate*: it is answered
+from the evaluation cache, told to the sampler (so it learns) and does not count toward ``--trials``.
 
 ``run_search(cfg)`` validates everything that can be validated without side effects (space file,
 model, storage and MLflow reachability) before it writes anything, starts the evaluation pool
@@ -41,6 +45,18 @@ class SearchResult:
     exit_code: int = 0  # 128 + signal number when interrupted
 
 
+@dataclass
+class Screening:
+    """A trial being screened: the chunks measured so far (one per rung, see tuner.search.fidelity)."""
+
+    trial: Any
+    planned: Any
+    duplicate_of: int | None = None  # an earlier trial of the study with the same plan
+    chunks: list[dict[str, float]] = field(default_factory=list)
+    new_work: bool = False  # at least one chunk was evaluated for it (not all from the cache)
+    images: int = 0  # images generated for it (chunks it started; cached or joined ones not)
+
+
 class SearchDriver:
     """The ask/tell loop over the runtime's planner and evaluation service."""
 
@@ -50,9 +66,14 @@ class SearchDriver:
         self.objective: Objective = rt.objective
         self.records: list[T.TrialRecord] = T.load_records(rt.study)
         self.since_improvement = 0
+        self.duplicate_streak = 0  # consecutive duplicates (the stop rule ends an exhausted space)
+        self.fidelity = self.cfg.fidelity
         self.front: list[T.TrialRecord] = []  # feasible evaluated trials, non-dominated (single: the best)
+        self.seen: dict[str, int] = {}  # plan key -> first trial of the study that screened it
         for rec in self.records:
             self._improves(rec)
+            if rec.plan_key and rec.state in ("COMPLETE", "PRUNED") and not rec.plan_infeasible:
+                self.seen.setdefault(rec.plan_key, rec.number)
         self.view: ProgressView | None = None
 
     @property
@@ -86,22 +107,84 @@ class SearchDriver:
         if not planned.fits:
             self._tell_plan_infeasible(trial, planned)
             return
-        cached = rt.evals.request(planned, rt.screen_spec, trial)
-        if cached is not None:
-            self._tell(trial, planned, cached, cache_hit=True)
+        screening = Screening(trial, planned, duplicate_of=self.seen.get(planned.key))
+        self.seen.setdefault(planned.key, trial.number)
+        self._advance(screening)
+
+    # -- screening, chunk by chunk ------------------------------------------------------------------------
+    def _advance(self, s: Screening) -> None:
+        """Request the trial's next chunks: cached ones at once, until one must be waited for (it comes
+        back through :meth:`complete`) or the trial is told."""
+        while True:
+            spec = self.rt.screen_specs[len(s.chunks)]
+            metrics = self.rt.evals.request(s.planned, spec, s)
+            if metrics is None:
+                if self.rt.evals.submitted:
+                    s.new_work, s.images = True, s.images + len(spec["labels"])
+                return
+            s.chunks.append(metrics)
+            if self._after_chunk(s):
+                return
+
+    def _after_chunk(self, s: Screening) -> bool:
+        """Pool the chunks, report the intermediate value, prune or finish; True when the trial is told."""
+        from tuner.search.fidelity import pool_chunks
+
+        metrics = pool_chunks(s.chunks)
+        rung = len(s.chunks)
+        if self.fidelity.pruning:
+            try:
+                intermediate = self.objective.quality(metrics)
+            except ValueError as exc:
+                self._fail(s.trial, s.planned.family, s.planned.params, f"unusable metrics: {exc}")
+                return True
+            s.trial.report(intermediate, step=self.fidelity.rungs[rung - 1])
+            if rung < len(self.fidelity.rungs) and s.trial.should_prune():
+                self._tell_pruned(s, metrics)
+                return True
+        if rung == len(self.fidelity.rungs):
+            self._tell(s, metrics)
+            return True
+        return False
 
     # -- telling ---------------------------------------------------------------------------------------------
     def complete(self, done: Any) -> None:
-        """A finished screening evaluation: tell every trial that waited for it."""
-        for i, trial in enumerate(done.waiters):
+        """A finished evaluation (one chunk): every trial that waited for it goes on or is told."""
+        for s in done.waiters:
             if done.error is not None:
-                self._fail(trial, done.planned.family, done.planned.params, done.error)
+                self._fail(s.trial, done.planned.family, done.planned.params, done.error)
             else:
-                self._tell(trial, done.planned, done.metrics, cache_hit=i > 0)
+                s.chunks.append(done.metrics)
+                if not self._after_chunk(s):
+                    self._advance(s)
 
-    def _tell(self, trial: Any, planned: Any, metrics: dict[str, float], cache_hit: bool) -> None:
+    def _flags(self, s: Screening) -> dict[str, Any]:
+        """Record flags and trial attributes of a screened trial: cache hit, duplicate, images."""
+        duplicate = s.duplicate_of if (s.duplicate_of is not None and not s.new_work) else None
+        s.trial.set_user_attr(T.A_IMAGES, s.images)
+        if not s.new_work:
+            s.trial.set_user_attr(T.A_CACHE_HIT, True)
+        if duplicate is not None:
+            s.trial.set_user_attr(T.A_DUPLICATE_OF, duplicate)
+        self.duplicate_streak = self.duplicate_streak + 1 if duplicate is not None else 0
+        return {"cache_hit": not s.new_work, "duplicate_of": duplicate}
+
+    def _tell_pruned(self, s: Screening, metrics: dict[str, float]) -> None:
+        from optuna.trial import TrialState
+
+        trial, planned = s.trial, s.planned
+        constraints = {"memory": planned.violation} if planned.violation is not None else {}
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(T.A_METRICS, metrics)
+        flags = self._flags(s)
+        self.rt.study.tell(trial, state=TrialState.PRUNED)
+        self._record(trial, "PRUNED", planned.family, planned.params, metrics, None, constraints, **flags)
+
+    def _tell(self, s: Screening, metrics: dict[str, float]) -> None:
         import math
 
+        trial, planned = s.trial, s.planned
         family, params = planned.family, planned.params
         try:
             values = self.objective.values(metrics)
@@ -115,10 +198,9 @@ class SearchDriver:
         for name, value in constraints.items():
             trial.set_constraint(name, value)
         trial.set_user_attr(T.A_METRICS, metrics)
-        if cache_hit:
-            trial.set_user_attr(T.A_CACHE_HIT, True)
+        flags = self._flags(s)
         self.rt.study.tell(trial, values)
-        self._record(trial, "COMPLETE", family, params, metrics, values, constraints, cache_hit=cache_hit)
+        self._record(trial, "COMPLETE", family, params, metrics, values, constraints, **flags)
 
     def _tell_plan_infeasible(self, trial: Any, planned: Any) -> None:
         worst = max((r.values[-1] for r in self.records if r.evaluated and r.values), default=None)
@@ -144,15 +226,24 @@ class SearchDriver:
     def _record(self, trial, state, family, params, metrics, values, constraints, **flags) -> None:
         rec = T.TrialRecord(trial.number, state, family, dict(params), dict(metrics), values,
                             dict(constraints),
-                            preset=trial.user_attrs.get(T.A_PRESET), trial_params=dict(trial.params), **flags)
+                            preset=trial.user_attrs.get(T.A_PRESET), trial_params=dict(trial.params),
+                            plan_key=trial.user_attrs.get(T.A_HASH), **flags)
         self.records.append(rec)
         if rec.evaluated:
             self.since_improvement = 0 if self._improves(rec) else self.since_improvement + 1
         self.rt.tracker.log_record(rec)
-        note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible
-                                                   else (rec.error or ""))
+        if rec.duplicate_of is not None:
+            note = f"duplicate of trial {rec.duplicate_of} (not counted)"
+        elif state == "PRUNED":
+            note = f"pruned after {int(metrics.get('samples', 0))} images"
+        else:
+            note = "from cache" if rec.cache_hit else ("over memory target" if rec.plan_infeasible
+                                                       else (rec.error or ""))
         if self.view is not None:
             feasible = rec.feasible if state == "COMPLETE" and not rec.plan_infeasible else None
+            se = metrics.get(f"{self.cfg.metric}_se")
+            if se is not None and state != "FAIL":
+                note = f"± {se:.2g}  {note}".rstrip()
             self.view.line(trial_line(trial.number, state, family, metrics, self.cfg.metric, feasible,
                                       note[:120] + (f"  [{rec.preset}]" if rec.preset else "")))
 
@@ -198,6 +289,8 @@ class SearchDriver:
                         plan_infeasible=sum(r.plan_infeasible for r in self.records),
                         failed=sum(r.state == "FAIL" for r in self.records),
                         cache_hits=sum(r.cache_hit for r in self.records), best=best_text,
+                        pruned=sum(r.state == "PRUNED" for r in self.records),
+                        duplicates=sum(r.duplicate_of is not None for r in self.records),
                         pareto_size=len(best) if self.objective.multi else min(len(best), 1),
                         workers=self.rt.pool.status(), elapsed_s=rule.elapsed(), note=note)
 
@@ -205,11 +298,12 @@ class SearchDriver:
         last_beat = time.monotonic()
         while True:
             while self.rt.pool.idle > 0 and rule.can_ask(self.finished(), self.in_flight(),
-                                                         self.since_improvement):
+                                                         self.since_improvement, self.duplicate_streak):
                 self.ask_one()
-            reason = rule.reason(self.finished() + self.in_flight(), self.since_improvement)
+            reason = rule.reason(self.finished() + self.in_flight(), self.since_improvement,
+                                 self.duplicate_streak)
             if reason is not None and not self.in_flight():
-                return rule.reason(self.finished(), self.since_improvement) or reason
+                return rule.reason(self.finished(), self.since_improvement, self.duplicate_streak) or reason
             if rule.interrupted:
                 return "interrupted"
             for done in self.rt.evals.poll(POLL_S):
@@ -228,7 +322,8 @@ class SearchDriver:
         from tuner.search.study import requeue
 
         numbers = []
-        for trial in self.rt.evals.cancel_all():
+        for screening in self.rt.evals.cancel_all():
+            trial = screening.trial
             trial.set_user_attr(T.A_INTERRUPTED, why)
             self.rt.study.tell(trial, state=TrialState.FAIL)
             requeue(self.rt.study, trial.params, trial.user_attrs, trial.number)
@@ -244,6 +339,7 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
     ``interrupted`` set (the CLI exits with 128 + the signal number).
     """
     from tuner.search.export import finish_search
+    from tuner.search.prescreen import prescreen
 
     if console is None:
         import sys
@@ -258,6 +354,9 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
         status = "FAILED"
         try:
             driver = SearchDriver(rt)
+            note = prescreen(rt, cfg.proxy_candidates, cfg.proxy_top)
+            if note:
+                console.print(note, highlight=False)
             rt.tracker.backfill(driver.records)  # trials an earlier driver finished but could not log
             if driver.finished() >= cfg.trials:
                 console.print(f"study {cfg.study_name} already has {driver.finished()} finished trials "

@@ -51,6 +51,7 @@ class EvaluationService:
         self.by_key: dict[tuple[str, str], int] = {}
         self.next_id = 0
         self.evaluations = 0  # evaluations finished by this run (cache misses)
+        self.submitted = False  # whether the last request started a new evaluation (not cache, not a join)
 
     @property
     def waiting(self) -> int:
@@ -63,6 +64,7 @@ class EvaluationService:
 
     def request(self, planned: "Planned", spec: dict[str, Any], waiter: Any) -> dict[str, float] | None:
         """Metrics at once from the cache, or None: then ``waiter`` is told through :meth:`poll`."""
+        self.submitted = False
         metrics = self.cached(planned, spec)
         if metrics is not None:
             return metrics
@@ -73,6 +75,7 @@ class EvaluationService:
         task_id, self.next_id = self.next_id, self.next_id + 1
         self.jobs[task_id] = _Job(planned, spec, key[1], [waiter])
         self.by_key[key] = task_id
+        self.submitted = True
         self.pool.submit({"task_id": task_id, "family": planned.family, "params": planned.params,
                           "eval": spec})
         return None

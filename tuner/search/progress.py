@@ -24,6 +24,8 @@ class Snapshot:
     workers: str
     elapsed_s: float
     note: str = ""
+    pruned: int = 0
+    duplicates: int = 0
 
 
 def render(s: Snapshot) -> Any:
@@ -33,7 +35,8 @@ def render(s: Snapshot) -> Any:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("trials", f"{s.done}/{s.total} done, {s.running} running  "
-                            f"({s.evaluated} evaluated, {s.cache_hits} from cache, "
+                            f"({s.evaluated} evaluated, {s.pruned} pruned, {s.cache_hits} from cache, "
+                            f"{s.duplicates} duplicates not counted, "
                             f"{s.plan_infeasible} over memory, {s.failed} failed)")
     table.add_row("best feasible", s.best)
     table.add_row("pareto front", f"{s.pareto_size} policies")

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tuner.quality.metric_info import MIN_DISTRIBUTION_SAMPLES
 from tuner.quality.metric_info import TABLE_COLUMNS as TABLE_METRICS
 from tuner.search.objective import Objective, pareto_front
 from tuner.search.trials import TrialRecord
@@ -87,12 +88,27 @@ def _y(v: float) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
+LATENCY_NOTE = ("No latency column: a single timing per policy on a shared machine is warm-up and noise. "
+                "Measure speed with `tuner bench --policy FILE` (warm-up and repeats, transformer and decode "
+                "apart). psnr_se: standard error of the mean per-image PSNR. fid_vs_full and delta_fid are "
+                f"left empty below {MIN_DISTRIBUTION_SAMPLES} images (--final-samples), where they are "
+                "noise.")
+
+
 def comparison_rows(entries: list[tuple[str, str, dict[str, float]]]) -> list[dict[str, Any]]:
-    """``[(name, family, metrics)]`` → flat rows with the table metrics (missing ones empty)."""
+    """``[(name, family, metrics)]`` → flat rows with the table metrics (missing ones empty).
+
+    Distribution metrics measured on fewer than their minimum sample count are left empty: below it
+    they are bias and noise (experiments/search/fidelity.md), and a table would invite reading them.
+    """
+    from tuner.quality.metric_info import METRICS
+
     rows = []
     for name, family, metrics in entries:
         row: dict[str, Any] = {"policy": name, "family": family}
-        row.update({k: metrics.get(k) for k in TABLE_METRICS})
+        samples = metrics.get("samples", math.inf)
+        row.update({k: None if k in METRICS and samples < METRICS[k].min_samples else metrics.get(k)
+                    for k in TABLE_METRICS})
         rows.append(row)
     return rows
 
@@ -104,8 +120,6 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v / 2**20:.3f} MiB"
     if key == "memory_fraction":
         return f"{100 * v:.2f}%"
-    if key == "latency_s_per_image":
-        return f"{1000 * v:.1f} ms"
     return f"{v:.4g}"
 
 
@@ -120,6 +134,7 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, P
     for row in rows:
         lines.append("| " + " | ".join(str(row[k]) if k in ("policy", "family") else _fmt(k, row[k])
                                        for k in keys) + " |")
+    lines += ["", LATENCY_NOTE]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -127,8 +142,7 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: Path) -> tuple[Path, P
 def comparison_table(rows: list[dict[str, Any]], title: str = "") -> Any:
     from rich.table import Table
 
-    short = {"memory_fraction": "memory", "kv_bytes_per_image": "KV/img",
-             "latency_s_per_image": "latency/img"}
+    short = {"memory_fraction": "memory", "kv_bytes_per_image": "KV/img", "psnr_se": "± psnr"}
     table = Table(title=title or None)
     for key in ("policy", "family", *TABLE_METRICS):
         table.add_column(short.get(key, key), justify="left" if key in ("policy", "family") else "right")

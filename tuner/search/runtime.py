@@ -59,7 +59,7 @@ class SearchRuntime:
     presets: list["Preset"] = field(default_factory=list)
     planner: "Planner | None" = None
     evals: "EvaluationService | None" = None
-    screen_spec: dict[str, Any] = field(default_factory=dict)
+    screen_specs: list[dict[str, Any]] = field(default_factory=list)  # one per rung (tuner.search.fidelity)
     final_spec: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,9 +88,9 @@ def make_pool(cfg: SearchConfig):
     if cfg.workers == 0:
         if "device" not in kwargs:
             kwargs["device"] = _local_device(cfg.device)
-        return InlinePool(cfg.evaluator, kwargs)
+        return InlinePool(cfg.evaluator, kwargs, threads=cfg.threads)
     return RayPool(cfg.evaluator, kwargs, cfg.workers, cfg.ray_address, cfg.trial_timeout_s,
-                   device=cfg.device, gpus=cfg.gpus)
+                   device=cfg.device, gpus=cfg.gpus, threads=cfg.threads)
 
 
 def _local_device(name: str) -> str:
@@ -204,7 +204,9 @@ def _set_up_planning(rt: SearchRuntime) -> None:
     cfg, model_cfg = rt.cfg, rt.model_cfg
     num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
     common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
-    rt.screen_spec = T.eval_spec(cfg.samples, num_classes, cfg.seed, **common)
+    from tuner.search.fidelity import chunk_specs
+
+    rt.screen_specs = chunk_specs(cfg.fidelity, T.eval_spec(cfg.samples, num_classes, cfg.seed, **common))
     rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
     spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
     rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
@@ -224,7 +226,8 @@ def _open_study(rt: SearchRuntime) -> None:
     rt.tables = TunerTables(cfg.storage)
     identity = {**cfg.identity(), "directions": rt.objective.names}
     rt.study, rt.resumed = S.open_study(rt.storage, cfg.study_name, rt.objective.directions, identity,
-                                        S.make_sampler(cfg.sampler, cfg.seed, cfg.trials))
+                                        S.make_sampler(cfg.sampler, cfg.seed, cfg.trials),
+                                        pruner=S.make_pruner(cfg.fidelity))
     if rt.study.user_attrs.get(S.A_SPACE_DIGEST) not in (None, space.digest):
         console.print(f"note: the search space changed since this study started ({rt.space_file})",
                       highlight=False)

@@ -18,6 +18,9 @@ class StopRule:
     max_trials: int
     timeout_s: float | None = None
     patience: int | None = None
+    # consecutive duplicates (already-screened policies; they do not count) after which the space is
+    # taken as exhausted: the sampler keeps proposing what it has seen
+    max_duplicate_streak: int = 50
     started: float = field(default_factory=time.monotonic)
     interrupted: bool = False
     signal: str | None = None  # SIGINT or SIGTERM once interrupted
@@ -32,7 +35,7 @@ class StopRule:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def reason(self, finished: int, since_improvement: int) -> str | None:
+    def reason(self, finished: int, since_improvement: int, duplicate_streak: int = 0) -> str | None:
         """Why no new trial should be asked, or None to continue (in-flight trials always finish)."""
         if self.interrupted:
             return "interrupted"
@@ -42,10 +45,14 @@ class StopRule:
             return f"timeout of {self.timeout_s:g} s"
         if self.patience is not None and since_improvement >= self.patience:
             return f"no improvement in {self.patience} evaluated trials"
+        if duplicate_streak >= self.max_duplicate_streak:
+            return (f"the sampler proposed {duplicate_streak} already-screened policies in a row "
+                    "(the space looks exhausted)")
         return None
 
-    def can_ask(self, finished: int, in_flight: int, since_improvement: int) -> bool:
-        return self.reason(finished + in_flight, since_improvement) is None
+    def can_ask(self, finished: int, in_flight: int, since_improvement: int,
+                duplicate_streak: int = 0) -> bool:
+        return self.reason(finished + in_flight, since_improvement, duplicate_streak) is None
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")

@@ -47,15 +47,33 @@ def make_sampler(name: str, seed: int, n_trials: int):
     raise UserError(f"--sampler {name!r} is not one of tpe, nsga2, gp, random")
 
 
-def open_study(storage: Any, name: str, directions: list[str], identity: dict[str, Any], sampler: Any):
+def make_pruner(fidelity: Any):
+    """Successive halving over the screening rungs (:mod:`tuner.search.fidelity`), or no pruning.
+
+    Asynchronous (ASHA): a trial reaching a rung goes on if its intermediate value is in the best
+    1/η of those that reached that rung so far; the rungs sit at ``min_samples·η^k`` images, the steps
+    the driver reports at. The decision depends only on stored intermediate values, so it survives a
+    resume.
+    """
+    import optuna
+
+    if not fidelity.pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=fidelity.rungs[0],
+                                                  reduction_factor=fidelity.reduction_factor,
+                                                  min_early_stopping_rate=0, bootstrap_count=0)
+
+
+def open_study(storage: Any, name: str, directions: list[str], identity: dict[str, Any], sampler: Any,
+               pruner: Any = None):
     """Resume ``name`` if it exists (settings must match), else create it."""
     import optuna
 
     try:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
         study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler,
-                                    load_if_exists=True)
+                                    pruner=pruner, load_if_exists=True)
         if A_IDENTITY not in study.user_attrs:
             study.set_user_attr(A_IDENTITY, identity)
         return study, False

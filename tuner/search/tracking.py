@@ -112,7 +112,8 @@ def _param_value(value: Any) -> str:
 def record_payload(rec: Any) -> dict[str, Any]:
     """``log_trial`` keyword arguments of a :class:`tuner.search.trials.TrialRecord`."""
     tags = {"tuner.family": rec.family or "", "tuner.preset": rec.preset or "",
-            "tuner.plan_infeasible": rec.plan_infeasible, "tuner.cache_hit": rec.cache_hit}
+            "tuner.plan_infeasible": rec.plan_infeasible, "tuner.cache_hit": rec.cache_hit,
+            "tuner.duplicate_of": "" if rec.duplicate_of is None else rec.duplicate_of}
     if rec.error:
         tags["tuner.error"] = rec.error[:500]
     metrics = dict(rec.metrics)
@@ -125,7 +126,7 @@ def record_payload(rec: Any) -> dict[str, Any]:
 
 def needs_run(rec: Any) -> bool:
     """Trials that get a child run: every finished one except those cut short (they are retried)."""
-    return rec.state in ("COMPLETE", "FAIL") and rec.counts
+    return rec.state in ("COMPLETE", "FAIL", "PRUNED") and rec.interrupted is None
 
 
 @contextlib.contextmanager

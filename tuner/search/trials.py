@@ -20,6 +20,7 @@ from typing import Any
 A_FAMILY, A_POLICY, A_HASH, A_METRICS = "family", "policy_params", "policy_hash", "metrics"
 A_SESSION, A_PLAN_INFEASIBLE, A_CACHE_HIT, A_ERROR = "session", "plan_infeasible", "cache_hit", "error"
 A_PRESET, A_FIXED, A_RETRY_OF, A_INTERRUPTED = "preset", "fixed_policy", "retry_of", "interrupted"
+A_DUPLICATE_OF, A_IMAGES = "duplicate_of", "images_generated"
 FINAL_SEED_OFFSET = 1_000_003  # held-out seeds for re-evaluation never overlap screening seeds
 
 
@@ -81,6 +82,9 @@ class TrialRecord:
     # why it was cut short ("ctrl-c", "driver gone", ...): re-queued, not counted
     interrupted: str | None = None
     trial_params: dict[str, Any] = field(default_factory=dict)  # the sampler's parameters (Optuna's view)
+    # an earlier trial of the study screened the same plan and this one generated nothing: not counted
+    duplicate_of: int | None = None
+    plan_key: str | None = None
 
     @property
     def evaluated(self) -> bool:
@@ -88,8 +92,9 @@ class TrialRecord:
 
     @property
     def counts(self) -> bool:
-        """Counts toward ``--trials``: finished, and not cut short by an interruption (those are retried)."""
-        return self.interrupted is None
+        """Counts toward ``--trials``: finished, not cut short by an interruption (those are retried) and
+        not a duplicate (a policy the study had already screened, answered from the cache)."""
+        return self.interrupted is None and self.duplicate_of is None
 
     @property
     def feasible(self) -> bool:
@@ -104,7 +109,8 @@ class TrialRecord:
                    constraints={str(k): float(v) for k, v in (t.constraints or {}).items()},
                    plan_infeasible=bool(ua.get(A_PLAN_INFEASIBLE)), preset=ua.get(A_PRESET),
                    cache_hit=bool(ua.get(A_CACHE_HIT)), error=ua.get(A_ERROR),
-                   interrupted=ua.get(A_INTERRUPTED), trial_params=dict(t.params))
+                   interrupted=ua.get(A_INTERRUPTED), trial_params=dict(t.params),
+                   duplicate_of=ua.get(A_DUPLICATE_OF), plan_key=ua.get(A_HASH))
 
 
 def load_records(study: Any) -> list[TrialRecord]:

@@ -80,6 +80,20 @@ class WorkerHost:
             info.update(describe())
         return info
 
+    def proxy(self, request: dict[str, Any], t0: float) -> dict[str, Any]:
+        """``{"task_id", "proxy": [{"family", "params"}, ...]}`` → ``{"task_id", "scores", "seconds"}``:
+        zero-generation proxy scores (an evaluator without ``proxy_scores`` answers with an error)."""
+        try:
+            ev = self._build()
+            if not callable(getattr(ev, "proxy_scores", None)):
+                raise ValueError("this evaluator has no zero-generation proxy")
+            scores = ev.proxy_scores([(i["family"], dict(i["params"])) for i in request["proxy"]])
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which goes on without it
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            return {"task_id": request["task_id"], "error": last, "pid": os.getpid()}
+        return {"task_id": request["task_id"], "scores": [float(x) for x in scores],
+                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
     def evaluate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Evaluate one policy; errors inside the evaluation come back as an ``error`` string.
 
@@ -88,6 +102,8 @@ class WorkerHost:
         the pool notices and retries the request elsewhere.
         """
         t0 = time.perf_counter()
+        if "proxy" in request:
+            return self.proxy(request, t0)
         try:
             ev = self._build()
             spec = build_eval_spec(self._spec_type, request["eval"])

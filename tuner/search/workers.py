@@ -58,7 +58,8 @@ def _signals_abort():
 
 
 def default_cpu_workers() -> int:
-    """Half the cores (each evaluation uses a few threads), at least 1, at most 8."""
+    """Half the cores, at least 1, at most 8. Each gets :func:`tuner.threads.worker_threads` torch threads,
+    ``(cores - 1) // workers``: one core is left to the driver (experiments/search/threads.md)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
@@ -67,8 +68,8 @@ class InlinePool:
 
     kind = "inline"
 
-    def __init__(self, factory: str, factory_kwargs: dict[str, Any]):
-        self.host = WorkerHost(factory, factory_kwargs)
+    def __init__(self, factory: str, factory_kwargs: dict[str, Any], threads: int | None = None):
+        self.host = WorkerHost(factory, factory_kwargs, num_threads=threads)  # None: torch's default
         self.queue: list[dict[str, Any]] = []
 
     capacity = 1
