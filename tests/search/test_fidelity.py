@@ -115,3 +115,7 @@ def test_a_distribution_metric_at_few_samples_is_refused(tmp_path):
     cfg = resolve_config(mem_target="15%", metric="psnr", samples=8, out=str(tmp_path / "p"))
     assert cfg.fidelity.rungs == (8,)
     assert resolve_config(fid_limit=2.0, out=str(tmp_path / "q")).samples == 256
+    # under a quality limit the objective is memory: no pruning on quality, whatever the metric
+    limited = resolve_config(fid_limit=30.0, metric="psnr", out=str(tmp_path / "r"))
+    assert limited.fidelity.rungs == (limited.samples,) and not limited.fidelity.pruning
+    assert resolve_config(mem_target="15%", out=str(tmp_path / "s")).fidelity.rungs == (8, 32, 128)

@@ -138,11 +138,13 @@ class SearchConfig:
     @property
     def fidelity(self):
         """The screening schedule (:mod:`tuner.search.fidelity`): rungs from ``--min-samples`` to
-        ``--samples`` for a single-objective search on a paired metric, else one rung."""
+        ``--samples`` when the objective is a paired quality metric (``--mem-target`` alone), else one
+        rung: under ``--fid-limit`` the objective is memory, known before any image, and pruning on
+        quality would favour the policies that spend more memory."""
         from tuner.search.fidelity import Fidelity, rungs_for
 
-        single = self.mem_target is None or self.quality_limit is None
-        if METRICS[self.metric].paired and single:
+        quality_objective = self.mem_target is not None and self.quality_limit is None
+        if METRICS[self.metric].paired and quality_objective:
             return Fidelity(rungs_for(self.min_samples, self.samples, self.reduction_factor),
                             self.reduction_factor)
         return Fidelity((self.samples,), self.reduction_factor)
