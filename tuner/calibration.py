@@ -274,42 +274,63 @@ def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
               progress_per_scale: bool = False) -> Calibration:
     """Generate ``samples`` images with the full cache and return their statistics.
 
-    ``spec`` overrides ``samples``/``seed``; batch ``j`` is sampled with seed ``spec.seed + j``.
-    ``progress(done, total)`` is called after every batch with the images done (an int). With
-    ``progress_per_scale`` it is also called after every scale of a batch, ``done`` then a float:
-    the images of the finished batches plus the current batch's share of its tokens generated so far
-    (a batch's images come out together, so a scale is the finest step there is; tokens are a rough
-    proxy for the time, which the last scales dominate too).
+    ``spec`` overrides ``samples``/``seed``; the images and ``progress``/``progress_per_scale`` are
+    :func:`run_calibration_images`'.
+    """
+    spec = spec or CalibrationSpec(samples=samples, seed=seed)
+    obs = CalibrationObserver(CacheGeometry.from_var_config(model_cfg.var), model_name=model_cfg.name,
+                              spec=spec, checkpoint_sha256=checkpoint_sha256,
+                              softmax_scale=softmax_scale_of(var))
+    run_calibration_images(var, vae, model_cfg, spec, obs, progress=progress, backend=backend, dtype=dtype,
+                           progress_per_scale=progress_per_scale)
+    return obs.finalize()
+
+
+def softmax_scale_of(var) -> float:
+    """The factor the model applies to ``q·k`` before the softmax (what an observer must use too)."""
+    return float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
+
+
+def run_calibration_images(var, vae, model_cfg, spec: CalibrationSpec, observer,
+                           progress: Callable[[float, int], None] | None = None, *, backend: str = "torch",
+                           dtype=None, progress_per_scale: bool = False) -> None:
+    """Generate ``spec``'s calibration images with the full cache, ``observer`` watching every attention.
+
+    ``observer(layer, scale, q, k_all, v_all, positions)`` is the engine's hook (see
+    :class:`CalibrationObserver`); every per-model statistic computed from full-cache runs
+    (:func:`calibrate`, :mod:`tuner.calibration_heads`) runs on these same images. Labels are
+    :func:`calibration_labels`; batch ``j`` of ``spec.batch_size`` is sampled with seed ``spec.seed + j``
+    (rows: the batch's conditional rows, then its unconditional ones). ``progress(done, total)`` is
+    called after every batch with the images done (an int). With ``progress_per_scale`` it is also
+    called after every scale of a batch, ``done`` then a float: the images of the finished batches
+    plus the current batch's share of its tokens generated so far (a batch's images come out together,
+    so a scale is the finest step there is; tokens are a rough proxy for the time, which the last
+    scales dominate too).
     """
     import torch
 
     from tuner.model.generate import generate
     from tuner.policies.full import FullPolicy
 
-    spec = spec or CalibrationSpec(samples=samples, seed=seed)
     geometry = CacheGeometry.from_var_config(model_cfg.var)
-    softmax_scale = float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
-    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec,
-                              checkpoint_sha256=checkpoint_sha256, softmax_scale=softmax_scale)
     device = next(var.parameters()).device
     labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
     done = 0
     for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
-        observer = obs
+        watcher = observer
         if progress is not None and progress_per_scale:
-            observer = _ScaleProgress(obs, geometry, done, len(chunk), spec.samples, progress)
+            watcher = _ScaleProgress(observer, geometry, done, len(chunk), spec.samples, progress)
         generate(var, vae, chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
-                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=observer)
+                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=watcher)
         done += len(chunk)
         if progress is not None:
             progress(done, spec.samples)
-    return obs.finalize()
 
 
 class _ScaleProgress:
     """Observer wrapper: forwards every call to ``obs``; after the last layer of each scale but the
     batch's last, reports ``progress(before + batch · tokens so far / L, total)`` (the batch's end is
-    reported by :func:`calibrate` itself, as an int)."""
+    reported by :func:`run_calibration_images` itself, as an int)."""
 
     def __init__(self, obs, geometry: CacheGeometry, before: int, batch: int, total: int,
                  progress: Callable[[float, int], None]):
