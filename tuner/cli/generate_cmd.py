@@ -117,19 +117,15 @@ def _generate_batches(loaded, labels: list[int], dev, batch_size: int, seed: int
     import torch
     from rich.progress import Progress
 
-    from tuner.model.generate import generate as run
+    from tuner.model.generate import generate_batches
 
     label_t = torch.tensor(labels, dtype=torch.long, device=dev)
-    chunks = list(torch.split(label_t, batch_size))
-    images, kv_bytes = [], 0
-    with Progress(transient=True, disable=len(chunks) == 1) as progress:
-        task = progress.add_task("generating", total=len(chunks))
-        for i, chunk in enumerate(chunks):
-            res = run(loaded.var, loaded.vae, chunk, seed=seed + i, **sampling)
-            images.append(res.images.cpu())
-            kv_bytes = max(kv_bytes, res.kv_bytes_allocated)
-            progress.advance(task)
-    return label_t, torch.cat(images), kv_bytes
+    n_batches = -(-len(labels) // batch_size)
+    with Progress(transient=True, disable=n_batches == 1) as progress:
+        task = progress.add_task("generating", total=n_batches)
+        images, kv_bytes = generate_batches(loaded.var, loaded.vae, label_t, batch_size, seed,
+                                            on_batch=lambda: progress.advance(task), **sampling)
+    return label_t, images, kv_bytes
 
 
 def _write_images(out_dir, imgs, label_t, upscale: int, loaded) -> None:

@@ -105,6 +105,25 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
                             decode_seconds=decode_seconds)
 
 
+def generate_batches(var, vae, labels: torch.Tensor, batch_size: int, seed: int,
+                     on_batch: Callable[[], None] | None = None, **sampling) -> tuple[torch.Tensor, int]:
+    """What ``tuner generate`` (and ``tuner.generate``) runs: ``labels`` ``[N]`` in consecutive batches of
+    ``batch_size``, batch ``i`` seeded ``seed + i``, each a :func:`generate` call with ``sampling`` (its
+    keyword arguments: cfg, top_k, top_p, policy, spec, backend, dtype).
+
+    ``on_batch()`` is called after each batch. Returns ``(images [N, 3, H, W] float32 in [0, 1] on the
+    CPU, the largest KV bytes one batch allocated)``.
+    """
+    images, kv_bytes = [], 0
+    for i, chunk in enumerate(torch.split(labels, batch_size)):
+        res = generate(var, vae, chunk, seed=seed + i, **sampling)
+        images.append(res.images.cpu())
+        kv_bytes = max(kv_bytes, res.kv_bytes_allocated)
+        if on_batch is not None:
+            on_batch()
+    return torch.cat(images), kv_bytes
+
+
 def _build_cache(var, b: int, device: torch.device, policy: KVPolicy | None, spec: PolicySpec | None,
                  **cache_kw) -> tuple[CachePlan, KVCache]:
     """Plan ``policy`` (default ``full``) against ``spec`` (default the bare geometry) and allocate its cache.
