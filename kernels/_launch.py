@@ -3,7 +3,9 @@
 Every kernel here runs one program per (row, head) pair along grid axis 0 over ``[R, H, L, D]``
 tensors with a ragged valid length per pair (axis 0, because CUDA allows 2^31 - 1 blocks there but
 only 65,535 on axes 1 and 2: d30's 30 heads × 2 CFG rows would cap the batch at 1,092 images), and
-takes the same compile-time flags (``D``, ``BLOCK_D``, ``UPCAST``, ``IEEE``). Both halves of that
+takes the same compile-time flags (``D``, ``BLOCK_D``, ``UPCAST``, ``IEEE``). A packed cache with
+per-head capacities (:mod:`kernels.packed`) replaces the head stride by per-head offsets
+(:func:`packed_row_head_span`). Both halves of that
 contract live here so that :mod:`kernels.attention` and :mod:`kernels.scoring` cannot drift apart.
 
 Importing this module defines a Triton function: ``TRITON_INTERPRET=1`` must be set before that for
@@ -32,6 +34,21 @@ def row_head_span(pid_rh, H, LENS, N):
     h = (pid_rh % H).to(tl.int64)
     n_valid = tl.minimum(tl.load(LENS + pid_rh), N)
     return r, h, n_valid
+
+
+@triton.jit
+def packed_row_head_span(pid_rh, H, LENS, OFFS):
+    """``(r, h, n_valid, start)`` of program ``pid_rh`` over a packed cache (:mod:`kernels.packed`).
+
+    ``OFFS`` is the ``[H + 1]`` int32 head offsets: head ``h``'s segment is tokens
+    ``OFFS[h]:OFFS[h+1]``, so ``n_valid = min(LENS[r, h], C_h)`` and ``start`` (int64) is where the
+    segment begins on the token axis.
+    """
+    r = (pid_rh // H).to(tl.int64)
+    h = (pid_rh % H).to(tl.int64)
+    start = tl.load(OFFS + h)
+    n_valid = tl.minimum(tl.load(LENS + pid_rh), tl.load(OFFS + h + 1) - start)
+    return r, h, n_valid, start.to(tl.int64)
 
 
 @dataclass(frozen=True)

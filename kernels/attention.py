@@ -9,7 +9,11 @@ Cache formats (:mod:`kernels.quant`): a plain tensor cache in ``q``'s dtype runs
 int8 / int4 :class:`~kernels.quant.QuantizedKV` cache runs :mod:`kernels.attention_quant`'s kernel,
 which loads the codes plus their fp16 scales (and zero points) and dequantizes stage-1 tiles in
 registers (its constexpr ``KV_FMT`` picks the format); stage 2 stays in ``q``'s dtype in both. A
-zero-capacity cache of either kind takes the plain kernel (nothing of the cache is read).
+zero-capacity cache of either kind takes the plain kernel (nothing of the cache is read). A
+:class:`~kernels.packed.PackedKV` cache (per-head capacities, heads back to back on one token axis)
+runs the same kernels with the constexpr ``PACKED``: a program's cache pointer starts at its head's
+offset instead of ``h × head stride`` and its length is clamped to the head's capacity; the
+unpacked path compiles as before.
 
 Importing this module defines the kernel: ``TRITON_INTERPRET=1`` must be set before that for the
 CPU interpreter (see :mod:`kernels.dispatch`).
@@ -20,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import int32_lens, launch_flags, row_head_span
+from kernels._launch import int32_lens, launch_flags, packed_row_head_span, row_head_span
 from kernels.attention_quant import half_block, launch_quantized
+from kernels.packed import PackedKV
 from kernels.quant import QuantizedKV
 
 _LOG2E = 1.4426950408889634
@@ -64,7 +69,7 @@ def _attend_span(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_
 
 @triton.jit
 def _kv_attention_kernel(
-        Q, KC, VC, LENS, KN, VN, O,
+        Q, KC, VC, LENS, OFFS, KN, VN, O,
         sq_r, sq_h, sq_m, sq_d,
         skc_r, skc_h, skc_n, skc_d,
         svc_r, svc_h, svc_n, svc_d,
@@ -73,9 +78,16 @@ def _kv_attention_kernel(
         so_r, so_h, so_m, so_d,
         H, LQ, C, qk_scale,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
+        UPCAST: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr):  #
     pid_m = tl.program_id(1)
-    r, h, n_cache = row_head_span(tl.program_id(0), H, LENS, C)
+    if PACKED:  # per-head segments of one [R, 1, T, D] store: the head's offset replaces the head stride
+        r, h, n_cache, c0 = packed_row_head_span(tl.program_id(0), H, LENS, OFFS)
+        kc = KC + r * skc_r + c0 * skc_n
+        vc = VC + r * svc_r + c0 * svc_n
+    else:
+        r, h, n_cache = row_head_span(tl.program_id(0), H, LENS, C)
+        kc = KC + r * skc_r + h * skc_h
+        vc = VC + r * svc_r + h * svc_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,7 +101,7 @@ def _kv_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # stage 1: the valid cache prefix of this (row, head)
-    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, KC + r * skc_r + h * skc_h, VC + r * svc_r + h * svc_h,
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, kc, vc,
                                  skc_n, skc_d, svc_n, svc_d, n_cache, qk_scale, offs_d,
                                  D, BLOCK_N, UPCAST, IEEE)
     # stage 2: the scale's own tokens (always all visible)
@@ -136,7 +148,8 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked).
 
     ``k_cache``/``v_cache``: tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV` of one
-    format (dequantized in registers by :mod:`kernels.attention_quant`).
+    format (dequantized in registers by :mod:`kernels.attention_quant`), or :class:`~kernels.packed.
+    PackedKV` of either kind (per-head segments: both kernels take the head offsets, ``PACKED``).
     """
     r, h, lq, d = q.shape
     flags = launch_flags(q, is_interpreted())
@@ -144,6 +157,10 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if out.numel() == 0:
         return out
     lens = int32_lens(cache_lens, q.device)
+    offsets = None
+    if isinstance(k_cache, PackedKV):  # per-head segments: the kernels read the head offsets
+        offsets = k_cache.offsets.to(device=q.device, dtype=torch.int32).contiguous()
+        k_cache, v_cache = k_cache.store, v_cache.store
     qk_scale = float(softmax_scale) * _LOG2E
     quantized = isinstance(k_cache, QuantizedKV), isinstance(v_cache, QuantizedKV)
     if any(quantized) and (not all(quantized) or k_cache.fmt != v_cache.fmt):
@@ -154,21 +171,23 @@ def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         # Two halves of half_block(d) columns each: as wide as BLOCK_D, or wider for head_dim < 32.
         block_m, block_n, warps, stages = block_config(lq, 2 * half_block(d), flags.interpreted,
                                                        q.element_size())
-        launch_quantized(q, k_cache, v_cache, lens, k_new, v_new, out, qk_scale, block_m=block_m,
-                         block_n=block_n, num_warps=warps, num_stages=stages, upcast=flags.upcast,
-                         ieee=flags.ieee)
+        launch_quantized(q, k_cache, v_cache, lens, k_new, v_new, out, qk_scale, offsets=offsets,
+                         block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+                         upcast=flags.upcast, ieee=flags.ieee)
         return out
     block_m, block_n, warps, stages = block_config(lq, flags.block_d, flags.interpreted, q.element_size())
     kc, vc = k_cache, v_cache
     if k_cache.shape[2] == 0:
         # A zero-capacity buffer may be a null pointer with odd strides: point at the new tokens
         # instead and read nothing from them.
-        kc, vc, lens = k_new, v_new, torch.zeros_like(lens)
+        kc, vc, lens, offsets = k_new, v_new, torch.zeros_like(lens), None
     grid = (r * h, triton.cdiv(lq, block_m))  # (row, head) pairs on axis 0: see kernels/_launch.py
     _kv_attention_kernel[grid](
-        q, kc, vc, lens, k_new, v_new, out,
+        # OFFS is read only when PACKED; any valid pointer otherwise.
+        q, kc, vc, lens, lens if offsets is None else offsets, k_new, v_new, out,
         *q.stride(), *kc.stride(), *vc.stride(), *k_new.stride(), *v_new.stride(), *out.stride(),
         h, lq, kc.shape[2], qk_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags.constexprs(),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, PACKED=offsets is not None,
+        **flags.constexprs(),
     )
     return out

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import row_head_span
+from kernels._launch import packed_row_head_span, row_head_span
 from kernels.quant import QuantizedKV
 
 FMT_CODE = {"int8": 1, "int4": 2}  # the kernel's KV_FMT per format
@@ -102,7 +102,7 @@ def _softmax_step(acc_lo, acc_hi, m_i, l_i, q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, 
 
 @triton.jit
 def _kv_attention_quant_kernel(
-        Q, KD, KS, KZ, VD, VS, VZ, LENS, KN, VN, O,
+        Q, KD, KS, KZ, VD, VS, VZ, LENS, OFFS, KN, VN, O,
         sq_r, sq_h, sq_m, sq_d,
         skd_r, skd_h, skd_n, skd_d, sks_r, sks_h, sks_n, skz_r, skz_h, skz_n,
         svd_r, svd_h, svd_n, svd_d, svs_r, svs_h, svs_n, svz_r, svz_h, svz_n,
@@ -111,9 +111,17 @@ def _kv_attention_quant_kernel(
         so_r, so_h, so_m, so_d,
         H, LQ, C, qk_scale,
         D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, KV_FMT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):  #
+        BLOCK_N: tl.constexpr, KV_FMT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+        PACKED: tl.constexpr):  #
     pid_m = tl.program_id(1)
-    r, h, n_cache = row_head_span(tl.program_id(0), H, LENS, C)
+    if PACKED:  # per-head segments of one [R, 1, T] store: the head's offset replaces the head stride
+        r, h, n_cache, c0 = packed_row_head_span(tl.program_id(0), H, LENS, OFFS)
+        kd, ks, kz = KD + r * skd_r + c0 * skd_n, KS + r * sks_r + c0 * sks_n, KZ + r * skz_r + c0 * skz_n
+        vd, vs, vz = VD + r * svd_r + c0 * svd_n, VS + r * svs_r + c0 * svs_n, VZ + r * svz_r + c0 * svz_n
+    else:
+        r, h, n_cache = row_head_span(tl.program_id(0), H, LENS, C)
+        kd, ks, kz = KD + r * skd_r + h * skd_h, KS + r * sks_r + h * sks_h, KZ + r * skz_r + h * skz_h
+        vd, vs, vz = VD + r * svd_r + h * svd_h, VS + r * svs_r + h * svs_h, VZ + r * svz_r + h * svz_h
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_H)
@@ -128,8 +136,6 @@ def _kv_attention_quant_kernel(
     acc_lo = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
     # stage 1: the valid cache prefix of this (row, head), dequantized in registers
-    kd, ks, kz = KD + r * skd_r + h * skd_h, KS + r * sks_r + h * sks_h, KZ + r * skz_r + h * skz_h
-    vd, vs, vz = VD + r * svd_r + h * svd_h, VS + r * svs_r + h * svs_h, VZ + r * svz_r + h * svz_h
     for start in range(0, n_cache, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < n_cache
@@ -170,9 +176,12 @@ def half_block(head_dim: int) -> int:
 
 def launch_quantized(q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV, lens: torch.Tensor,
                      k_new: torch.Tensor, v_new: torch.Tensor, out: torch.Tensor, qk_scale: float, *,
-                     block_m: int, block_n: int, num_warps: int, num_stages: int, upcast: bool,
-                     ieee: bool) -> None:
+                     offsets: torch.Tensor | None = None, block_m: int, block_n: int, num_warps: int,
+                     num_stages: int, upcast: bool, ieee: bool) -> None:
     """Run the kernel into ``out``; ``lens`` int32 contiguous ``[R, H]``, ``qk_scale`` in log2 units.
+
+    ``offsets``: ``[H + 1]`` int32 head offsets when the caches are the stores of a
+    :class:`~kernels.packed.PackedKV` (``[R, 1, Σ_h C_h, ...]``), else None.
 
     The caller (:func:`kernels.attention.kv_attention_triton`) has checked the arguments, handled
     empty outputs and zero capacity (no cache pointer to read), and picked the block sizes.
@@ -192,9 +201,10 @@ def launch_quantized(q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV
     (vd, vs, vz), v_strides = parts(v_cache)
     grid = (r * h, triton.cdiv(lq, block_m))  # (row, head) pairs on axis 0: see kernels/_launch.py
     _kv_attention_quant_kernel[grid](
-        q, kd, ks, kz, vd, vs, vz, lens, k_new, v_new, out,
+        q, kd, ks, kz, vd, vs, vz, lens, lens if offsets is None else offsets, k_new, v_new, out,
         *q.stride(), *k_strides, *v_strides, *k_new.stride(), *v_new.stride(), *out.stride(),
         h, lq, k_cache.shape[2], qk_scale,
         D=d, HALF=(d + 1) // 2, BLOCK_H=half_block(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_FMT=FMT_CODE[k_cache.fmt], UPCAST=upcast, IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        KV_FMT=FMT_CODE[k_cache.fmt], UPCAST=upcast, IEEE=ieee, PACKED=offsets is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from kernels.packed import PackedKV
 from kernels.quant import QuantizedKV
 from kernels.reference import kv_attention_reference, token_scores_reference
 
@@ -83,7 +84,10 @@ def _check_attention_args(q, k_cache, v_cache, cache_lens, k_new, v_new) -> None
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if tuple(t.shape) != (r, h, lq, d):
             raise ValueError(f"{name} must have q's shape {(r, h, lq, d)}, got {tuple(t.shape)}")
-    if len(k_cache.shape) != 4 or tuple(k_cache.shape[:2]) != (r, h) or k_cache.shape[3] != d:
+    if isinstance(k_cache, PackedKV) or isinstance(v_cache, PackedKV):
+        _check_packed(k_cache, v_cache, r, h, d)
+        k_cache, v_cache = k_cache.store, v_cache.store  # checked below as [R, 1, T, D] buffers
+    elif len(k_cache.shape) != 4 or tuple(k_cache.shape[:2]) != (r, h) or k_cache.shape[3] != d:
         raise ValueError(f"k_cache must be [{r}, {h}, C, {d}], got {tuple(k_cache.shape)}")
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
@@ -96,6 +100,25 @@ def _check_attention_args(q, k_cache, v_cache, cache_lens, k_new, v_new) -> None
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         if not isinstance(t, QuantizedKV) and t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} differs from q's {q.dtype}")
+
+
+def _check_packed(k_cache, v_cache, r: int, h: int, d: int) -> None:
+    """Both caches packed with the same per-head capacities, stores ``[R, 1, Σ_h C_h, D]``."""
+    if not (isinstance(k_cache, PackedKV) and isinstance(v_cache, PackedKV)):
+        raise ValueError("k_cache and v_cache must both be PackedKV or neither")
+    if k_cache.capacities != v_cache.capacities:
+        raise ValueError(f"k_cache and v_cache have different head capacities: {k_cache.capacities} vs "
+                         f"{v_cache.capacities}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.heads != h:
+            raise ValueError(f"{name}: packed for {t.heads} heads, q has {h}")
+        want = (r, 1, sum(t.capacities), d)
+        if tuple(t.store.shape) != want:
+            raise ValueError(f"{name}: packed store must be {list(want)} (rows, 1, Σ_h C_h, head_dim), got "
+                             f"{tuple(t.store.shape)}")
+        if tuple(t.offsets.shape) != (h + 1,) or t.offsets.dtype != torch.int32:
+            raise ValueError(f"{name}: head offsets must be int32 [{h + 1}], got {t.offsets.dtype} "
+                             f"{tuple(t.offsets.shape)}")
 
 
 def _check_quantized(name: str, t: QuantizedKV) -> None:
@@ -120,7 +143,10 @@ def kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     q: ``[R, H, Lq, D]`` queries of the current scale.
     k_cache, v_cache: ``[R, H, C, D]`` buffers (``C`` may be 0; any strides) in ``q``'s dtype, or
         :class:`~kernels.quant.QuantizedKV` (int8 / int4 plus fp16 scales, dequantized on read: in
-        registers by the Triton kernel); the first ``cache_lens[r, h]`` tokens are valid.
+        registers by the Triton kernel); the first ``cache_lens[r, h]`` tokens are valid. Or a pair of
+        :class:`~kernels.packed.PackedKV` with per-head capacities ``C_h`` (store ``[R, 1, Σ_h C_h, D]``
+        in either kind, the same capacities for K and V): head ``h`` reads the first
+        ``min(cache_lens[r, h], C_h)`` tokens of its own segment.
     cache_lens: ``[R, H]`` int32, ragged per row and per head, 0 allowed.
     k_new, v_new: ``[R, H, Lq, D]`` the scale's own keys/values, all visible to all its queries.
     softmax_scale: multiplies ``q·kᵀ`` (1.0 for VAR, whose q carries the per-head scale).

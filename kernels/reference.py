@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.packed import PackedKV, unpack_prefix
 from kernels.quant import QuantizedKV, dequantize
 
 
@@ -34,7 +35,9 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q, k_new, v_new: ``[R, H, Lq, D]``; the scale attends to all its own tokens (no causal mask).
     k_cache, v_cache: ``[R, H, C, D]`` tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV`
         buffers (dequantized to ``q``'s dtype first); the first ``cache_lens[r, h]`` tokens are valid.
-    cache_lens: ``[R, H]`` int32 (values above ``C`` count as ``C``).
+        Or :class:`~kernels.packed.PackedKV` (per-head capacities ``C_h``): the used prefix of every
+        head is unpacked into a padded ``[R, H, max, D]`` copy first, then attended like that.
+    cache_lens: ``[R, H]`` int32 (values above ``C``, or ``C_h`` when packed, count as that).
     softmax_scale: multiplies ``q·kᵀ`` before the softmax.
     uniform_len: the caller's promise that every ``cache_lens`` entry equals this value (skips the
         check; a wrong promise gives wrong results).
@@ -45,6 +48,9 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     ``F.scaled_dot_product_attention(q, cat(k_cache[:, :, :n], k_new), cat(v_cache[:, :, :n], v_new),
     scale=softmax_scale)``.
     """
+    if isinstance(k_cache, PackedKV):
+        k_cache, v_cache, cache_lens = _unpacked(k_cache, v_cache, cache_lens, q.dtype)
+        uniform_len = None  # the lengths were clamped per head: look at them again
     n = uniform_length(cache_lens) if uniform_len is None else int(uniform_len)
     if isinstance(k_cache, QuantizedKV) or isinstance(v_cache, QuantizedKV):
         # Dequantize only the prefix any (row, head) reads: a transient copy (the Triton kernel
@@ -65,6 +71,15 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pos = torch.arange(n_max + k_new.shape[2], device=q.device)
     visible = (pos.view(1, 1, -1) < lens.unsqueeze(-1)) | (pos >= n_max).view(1, 1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(2), scale=softmax_scale)
+
+
+def _unpacked(k_cache: PackedKV, v_cache: PackedKV, cache_lens: torch.Tensor, dtype: torch.dtype):
+    """Padded ``[R, H, n, D]`` copies of what any row of each head reads, and the lengths clamped to
+    each head's capacity (so every head reads only its own segment)."""
+    caps = torch.tensor(k_cache.capacities, dtype=torch.int64, device=cache_lens.device)
+    lens = torch.minimum(cache_lens.to(torch.int64).clamp_min(0), caps.view(1, -1))
+    used = lens.amax(dim=0).tolist() if lens.numel() else [0] * k_cache.heads  # one host sync
+    return unpack_prefix(k_cache, used, dtype), unpack_prefix(v_cache, used, dtype), lens.to(torch.int32)
 
 
 def _dequantized_prefix(t, length: int, dtype: torch.dtype) -> torch.Tensor:

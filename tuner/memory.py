@@ -5,8 +5,11 @@ KV bytes per image = ``Σ_l C[l] × b(f_l) + max_s n_s × b(compute)`` with ``C[
 and ``b(f)`` the bytes of one token in one layer (K and V, every head, rows = 2 with classifier-free
 guidance) in the layer's storage format ``f``: ``2 × rows × heads × vector_bytes(f)``, where an
 unquantized vector is ``head_dim × dtype bytes`` and a quantized one its codes plus fp16 scales
-(:mod:`kernels.quant`). The ``full`` plan is the official layout, ``L × layers`` tokens and no
-workspace. These numbers are what the engine allocates in a run of that dtype.
+(:mod:`kernels.quant`). With per-head budgets a layer holds ``Σ_h C[l][h]`` (token, head) vectors
+(``C[l][h] = max_s head_budgets[l][s][h]``, packed without padding), each ``b(f_l) / heads``; a
+uniform plan is the special case ``C[l][h] = C[l]``, so its figures are the same either way. The
+``full`` plan is the official layout, ``L × layers`` tokens and no workspace. These numbers are
+what the engine allocates in a run of that dtype.
 
 The memory *fraction* always uses 16-bit K/V as the reference, whatever the run computes in: the full
 cache and every compute-format buffer count 2 bytes per element, int8 and int4 their own bytes. So an
@@ -55,6 +58,8 @@ class MemoryReport:
     ``bytes_per_token`` is one unquantized token (one layer, K and V, all rows of one image) in
     ``dtype``; ``layer_token_bytes[l]`` the same in layer ``l``'s format. ``reference_*`` are the
     16-bit-reference figures the ``fraction`` is computed from (equal to the others in fp16/bf16).
+    ``capacities[l]`` is the layer's largest head's capacity; per-head plans also give every head's,
+    ``head_capacities[l][h]`` (empty for uniform plans), which is what the bytes count.
     """
 
     geometry: CacheGeometry
@@ -74,6 +79,7 @@ class MemoryReport:
     layer_token_bytes: tuple[int, ...] = ()
     reference_kv_bytes_per_image: int = 0
     reference_full_kv_bytes_per_image: int = 0
+    head_capacities: tuple[tuple[int, ...], ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -120,23 +126,30 @@ def memory_report(plan_or_policy: CachePlan | KVPolicy, model: Any, *, dtype: An
     full_tokens = g.seq_len * g.num_layers
     if plan.full:
         caps, workspace = (g.seq_len,) * g.num_layers, 0
+        vectors = tuple(g.seq_len * g.num_heads for _ in range(g.num_layers))
     else:
         caps, workspace = plan.capacities(), max(g.scale_lengths)
+        vectors = tuple(plan.capacity_vectors(layer, g.num_heads) for layer in range(g.num_layers))
 
     def total(per_layer: tuple[int, ...], ws_token: int) -> int:
-        return sum(c * b for c, b in zip(caps, per_layer)) + workspace * ws_token
+        # (token, head) vectors × the bytes of one (token_bytes are a multiple of the head count)
+        return sum(n * b // g.num_heads for n, b in zip(vectors, per_layer)) + workspace * ws_token
 
+    head_caps = tuple(plan.head_capacities(layer, g.num_heads) for layer in range(g.num_layers)) \
+        if plan.per_head else ()
     return MemoryReport(g, plan, str(dtype).replace("torch.", ""), rows, batch, per_token, caps, workspace,
                         total(layer_bytes, per_token), full_tokens * per_token,
                         resident_bytes_per_scale(plan, g, layer_bytes, per_token), family, params,
-                        plan.formats, layer_bytes, total(ref_layer_bytes, ref_token), full_tokens * ref_token)
+                        plan.formats, layer_bytes, total(ref_layer_bytes, ref_token), full_tokens * ref_token,
+                        head_caps)
 
 
 def resident_bytes_per_scale(plan: CachePlan, g: CacheGeometry, layer_bytes: tuple[int, ...],
                              workspace_token_bytes: int) -> tuple[int, ...]:
     """Peak live K/V bytes (all layers + workspace) during each scale, see :class:`MemoryReport`.
 
-    layer_bytes[l]: one token of layer ``l`` in its format; workspace_token_bytes: one unquantized token.
+    layer_bytes[l]: one token of layer ``l`` in its format (all heads); workspace_token_bytes: one
+    unquantized token. Per-head plans count each head's kept tokens.
     """
     out = []
     for s in range(g.num_scales):
@@ -144,9 +157,13 @@ def resident_bytes_per_scale(plan: CachePlan, g: CacheGeometry, layer_bytes: tup
         if plan.full:
             out.append(g.tokens_through(s) * sum(layer_bytes))
             continue
-        layers = range(g.num_layers)
-        before = [(plan.budgets[layer][s - 1] if s else 0) * layer_bytes[layer] for layer in layers]
-        after = [plan.budgets[layer][s] * layer_bytes[layer] for layer in layers]
+        layers, heads = range(g.num_layers), g.num_heads
+
+        def held(layer: int, scale: int) -> int:  # bytes of the (token, head) vectors the layer holds
+            return plan.kept_vectors(layer, scale, heads) * layer_bytes[layer] // heads if scale >= 0 else 0
+
+        before = [held(layer, s - 1) for layer in layers]
+        after = [held(layer, s) for layer in layers]
         ws = n * workspace_token_bytes
         live = [sum(after[:layer]) + sum(before[layer:]) + ws for layer in range(g.num_layers)]
         out.append(max(live + [sum(after)]))
@@ -251,6 +268,13 @@ def format_plan_table(report: MemoryReport, estimate: BatchEstimate | None = Non
                      + " | ".join(str(b) for b in row) + " |")
     lines.append("| resident MiB | | | "
                  + " | ".join(f"{b / mib:.2f}" for b in report.resident_bytes_per_scale) + " |")
+    if report.head_capacities:  # per-head plans: the budgets above are each layer's largest head
+        lines += ["", "Per-head capacities (tokens; the layer stores their sum, the budgets above are its "
+                  "largest head's):", "",
+                  "| layer | Σ heads | " + " | ".join(f"h{h}" for h in range(g.num_heads)) + " |",
+                  "|---|---|" + "---|" * g.num_heads]
+        lines += [f"| {layer} | {sum(caps)} | " + " | ".join(str(c) for c in caps) + " |"
+                  for layer, caps in enumerate(report.head_capacities)]
     if estimate is not None:
         lines += ["", estimate.describe()]
     return "\n".join(lines) + "\n"

@@ -44,11 +44,13 @@ def matched_token_cap(policy: KVPolicy, spec: PolicySpec) -> int:
     """Per-layer token cap ``c`` of a uniform baseline whose KV bytes are the largest ``<=`` the policy's.
 
     Uniform baselines hold ``num_layers · c`` tokens plus the same workspace, so
-    ``c = floor(Σ_l C[l] / num_layers)`` (at least 1).
+    ``c = floor(Σ_l C[l] / num_layers)`` (at least 1); per-head plans count ``C[l]`` as the mean of
+    the layer's head capacities (``Σ_h C[l][h] / heads``, what it stores).
     """
     plan = policy.plan(spec)
     g = spec.geometry
-    total = g.seq_len * g.num_layers if plan.full else sum(plan.capacities())
+    total = g.seq_len * g.num_layers if plan.full else \
+        sum(plan.capacity_vectors(layer, g.num_heads) for layer in range(g.num_layers)) // g.num_heads
     return max(1, total // g.num_layers)
 
 

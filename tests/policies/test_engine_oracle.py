@@ -3,10 +3,11 @@ attention masked to exactly the positions the cache reports it kept.
 
 The oracle keeps its own archive of every key and value each layer produced in the run (taken from
 the model's projections, before the cache touches them) and, per (row, head), attends the current
-scale's queries to the archived tokens at the reported positions plus the scale's own tokens. It
-never reads the cache's buffers, so a cache that keeps K and V misaligned, or reports other positions
-than it attends to, fails here. Every family and case of the conformance data runs, per head where a
-family selects per head, on the depth-2 random model.
+scale's queries to the archived tokens at the reported positions plus the scale's own tokens (under
+per-head budgets each head reports its own count). It never reads the cache's buffers, so a cache
+that keeps K and V misaligned, or reports other positions than it attends to, fails here. Every
+family and case of the conformance data runs, per head where a family selects per head, on the
+depth-2 random model (per-head plans: tests/policies/test_head_oracle.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Oracle:
         self.checked = 0
         self.worst = 0.0
         self.kept_counts: dict[tuple[int, int], int] = {}
+        self.head_counts: dict[tuple[int, int], tuple[int, ...]] = {}
 
     def __call__(self, rec) -> None:
         g, layer, s = self.g, rec.layer, rec.scale
@@ -42,12 +44,19 @@ class Oracle:
         self.k[layer][:, :, start:start + n] = rec.k_new.double()
         self.v[layer][:, :, start:start + n] = rec.v_new.double()
         kept = rec.kept_positions
-        assert bool((kept < start).all()), "a kept position is not from an earlier scale"
+        # Per-head plans: head h holds kept_lens[h] ids, then -1 (ignored).
+        lens = rec.kept_lens if rec.kept_lens is not None else (kept.shape[-1],) * kept.shape[1]
+        valid = torch.arange(kept.shape[-1]).view(1, -1) < torch.tensor(lens).view(-1, 1)  # [H, n]
+        assert bool(((kept >= 0) == valid).all()), "ids must be a per-head valid prefix, -1 after it"
+        assert bool(((kept < start) | ~valid).all()), "a kept position is not from an earlier scale"
         if kept.shape[-1] > 1:
-            assert bool((kept[..., 1:] > kept[..., :-1]).all()), "kept positions must be unique"
+            assert bool(((kept[..., 1:] > kept[..., :-1]) | ~valid[:, 1:]).all()), \
+                "kept positions must be unique"
         self.kept_counts[(layer, s)] = kept.shape[-1]
-        allowed = torch.zeros(*kept.shape[:2], start + n, dtype=torch.bool)
-        allowed.scatter_(2, kept, True)
+        self.head_counts[(layer, s)] = tuple(lens)
+        hits = torch.zeros(*kept.shape[:2], start + n, dtype=torch.int64)
+        hits.scatter_add_(2, kept.clamp_min(0), valid.expand_as(kept).long())
+        allowed = hits > 0
         allowed[:, :, start:start + n] = True
         keys, values = self.k[layer][:, :, :start + n], self.v[layer][:, :, :start + n]
         scores = torch.einsum("rhqd,rhkd->rhqk", rec.q.double(), keys) * rec.softmax_scale

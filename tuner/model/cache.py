@@ -11,6 +11,10 @@ compacted in place — per layer, so the current scale never sits in every layer
 
 The ``full`` plan is laid out like the official code: every layer's buffer holds all ``L`` tokens
 and the new tokens are written straight into it (no workspace).
+
+A plan with per-head budgets (``plan.head_budgets``) packs each layer's heads without padding
+(:mod:`tuner.model.head_cache`): the layers' buffers are :class:`~kernels.packed.PackedKV`, which
+the attention function reads like any other buffer, and the keep step selects per head.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Callable
 import torch
 
 from tuner.model import kv_store
+from tuner.model.head_cache import PackedLayers
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, SelectionState
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -32,7 +37,8 @@ class AttendRecord:
 
     q, k_new, v_new, out: ``[rows, heads, n_s, head_dim]``. kept_positions: ``[rows, heads, length]``
     int64 global token ids the cache says the layer held when scale ``scale`` attended (what a
-    correct cache attends to besides the current scale's own tokens).
+    correct cache attends to besides the current scale's own tokens). kept_lens: per-head plans only,
+    what each head held (``length = max``; ``kept_positions`` is ``-1`` after a head's own).
     """
 
     layer: int
@@ -43,6 +49,7 @@ class AttendRecord:
     kept_positions: torch.Tensor
     out: torch.Tensor
     softmax_scale: float
+    kept_lens: tuple[int, ...] | None = None
 
 
 Audit = Callable[[AttendRecord], None]
@@ -55,7 +62,8 @@ class KVCache:
     ----------
     plan, geometry: the policy's static budgets and the model's cache geometry.
     rows: sequences per forward (2 per image with classifier-free guidance).
-    policy: called (``select``) whenever a layer keeps some but not all of its candidates.
+    policy: called (``select``) whenever a layer (per-head plans: a head) keeps some but not all of its
+        candidates.
     attention: ``kv_attention``-compatible function (see :mod:`kernels`); ``backend`` is passed on.
     observer: optional ``f(layer, scale, q, k_all, v_all, positions)`` for calibration statistics.
     audit: optional ``f(AttendRecord)`` after every attention call (the tests' compressed-engine oracle).
@@ -74,11 +82,15 @@ class KVCache:
         shape = (rows, g.num_heads)
         caps = [g.seq_len] * g.num_layers if plan.full else list(plan.capacities())
         self.formats = plan.layer_formats(g.num_layers)
-        self.k = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
-                  for f, c in zip(self.formats, caps)]
-        self.v = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
-                  for f, c in zip(self.formats, caps)]
-        self.lens = [0] * g.num_layers
+        self.heads = PackedLayers(plan, g, rows, self.formats, dtype, self.device) if plan.per_head else None
+        if self.heads is not None:
+            self.k, self.v = self.heads.k, self.heads.v
+        else:
+            self.k = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
+                      for f, c in zip(self.formats, caps)]
+            self.v = [kv_store.allocate(f, *shape, c, g.head_dim, dtype, device)
+                      for f, c in zip(self.formats, caps)]
+        self.lens = [0] * g.num_layers  # per-head plans: the longest head's (``heads.head_lens``: each)
         if plan.full:
             self.ws_k = self.ws_v = None
             self.pos = None
@@ -86,8 +98,10 @@ class KVCache:
             n_max = max(g.scale_lengths)
             self.ws_k = torch.empty(*shape, n_max, g.head_dim, dtype=dtype, device=device)
             self.ws_v = torch.empty(*shape, n_max, g.head_dim, dtype=dtype, device=device)
-            # Global token ids of what each layer keeps (metadata, reported apart from KV bytes).
-            self.pos = [torch.empty(*shape, c, dtype=torch.int32, device=device) for c in caps]
+            # Global token ids of what each layer keeps (metadata, reported apart from KV bytes);
+            # per-head plans keep theirs packed in ``heads``.
+            self.pos = None if self.heads is not None else [
+                torch.empty(*shape, c, dtype=torch.int32, device=device) for c in caps]
         self.scale = -1
 
     # ------------------------------------------------------------------ accounting
@@ -101,8 +115,17 @@ class KVCache:
 
     @property
     def index_bytes(self) -> int:
-        """Bytes of the kept-token id buffers (0 for the full layout)."""
+        """Bytes of the kept-token id buffers (0 for the full layout; per-head: plus the head offsets)."""
+        if self.heads is not None:
+            return self.heads.index_bytes
         return sum(t.numel() * t.element_size() for t in self.pos) if self.pos else 0
+
+    def kept_positions(self, layer: int) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        """``(ids, lens)``: the global ids ``[rows, heads, n]`` int64 ``layer`` holds now and, for
+        per-head plans, each head's count (ids ``-1`` after it; ``None``: every head holds ``n``)."""
+        if self.heads is not None:
+            return self.heads.kept_positions(layer), self.heads.head_lens[layer]
+        return self._positions(layer, self.lens[layer])[:, :, :self.lens[layer]], None
 
     # ------------------------------------------------------------------ the hook
     def begin_scale(self, scale: int) -> None:
@@ -134,14 +157,22 @@ class KVCache:
             self.ws_k[:, :, :n].copy_(k_new)
             self.ws_v[:, :, :n].copy_(v_new)
             kn, vn = self.ws_k[:, :, :n], self.ws_v[:, :, :n]
-        out = self.attention(q, kb, vb, self._lens_tensor(length), kn, vn, softmax_scale,
-                             backend=self.backend, uniform_len=length)
+        if self.heads is not None:  # ragged per head: the buffers are packed, lengths per head
+            out = self.attention(q, kb, vb, self.heads.lens(layer), kn, vn, softmax_scale,
+                                 backend=self.backend, uniform_len=None)
+        else:
+            out = self.attention(q, kb, vb, self._lens_tensor(length), kn, vn, softmax_scale,
+                                 backend=self.backend, uniform_len=length)
         if self.observer is not None:
             self._observe(layer, q, kn, vn, length)
         if self.audit is not None:
-            kept = self._positions(layer, length)[:, :, :length]
-            self.audit(AttendRecord(layer, s, q, k_new, v_new, kept, out, softmax_scale))
-        if self.plan.full:
+            kept, kept_lens = self.kept_positions(layer)
+            self.audit(AttendRecord(layer, s, q, k_new, v_new, kept, out, softmax_scale, kept_lens))
+        if self.heads is not None:
+            self.heads.keep(layer, s, q, kn, vn, softmax_scale, self.backend, self.policy,
+                            self.check_selection)
+            self.lens[layer] = self.plan.budgets[layer][s]
+        elif self.plan.full:
             if self.formats[layer] != "compute":
                 kv_store.write(kb, length, kn)
                 kv_store.write(vb, length, vn)
@@ -164,6 +195,10 @@ class KVCache:
         return torch.cat((old, new), dim=2)
 
     def _observe(self, layer: int, q, kn, vn, length: int) -> None:
+        if self.heads is not None:  # the ragged candidates: per head a valid prefix, positions -1 after
+            state = self.heads.state(layer, self.scale, q, kn, vn, 1.0, self.backend)
+            self.observer(layer, self.scale, q, state.keys, state.values, state.positions)
+            return
         if self.plan.full and self.formats[layer] == "compute":
             k_all = self.k[layer][:, :, :length + kn.shape[2]]
             v_all = self.v[layer][:, :, :length + vn.shape[2]]

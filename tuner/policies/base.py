@@ -9,6 +9,12 @@ A policy is a frozen dataclass of hyperparameters. The engine calls it in two pl
    candidate tokens (the layer's previously kept tokens followed by the current scale's tokens)
    the layer keeps. Exactly ``budgets[l][s]`` indices, unique, sorted ascending.
 
+Per-head budgets (optional, ``CachePlan.head_budgets[l][s][h]``): head ``h`` of layer ``l`` keeps its
+own number of tokens. Then ``budgets[l][s]`` is the largest of them (``max_h``), each head's
+candidates are its own kept tokens followed by the scale's tokens (a valid prefix of a padded axis,
+see :class:`SelectionState`), and ``select`` returns ``[R, H, budgets[l][s]]`` whose first
+``head_budgets[l][s][h]`` entries in head ``h``'s rows are that head's choice (the tail is ignored).
+
 Nothing here imports optuna, ray or mlflow.
 """
 from __future__ import annotations
@@ -19,6 +25,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from kernels.formats import KV_FORMATS
 from tuner.geometry import CacheGeometry
+from tuner.policies.plan import CachePlan, HeadBudgets, check_layer_formats
+
+__all__ = ["CacheGeometry", "CachePlan", "HeadBudgets", "KVPolicy", "MemoryKnob", "PolicySpec",
+           "SelectionState", "cached_before_last", "check_layer_formats", "resolve_kv_format"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,65 +45,6 @@ class PolicySpec:
     geometry: CacheGeometry
     model_name: str = ""
     calibration: Any = None
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """Static token budgets.
-
-    Attributes
-    ----------
-    budgets:
-        ``budgets[layer][scale]`` = tokens the layer keeps after scale ``scale``. The entry for the
-        last scale is normally 0 (nothing reads it); a positive value keeps (and counts) them.
-    full:
-        The official layout: every layer holds every token of every scale (no workspace, no
-        selection). Only the ``full`` policy sets it.
-    formats:
-        Storage format of each layer's persistent buffer (:data:`kernels.quant.KV_FORMATS`); ``()``
-        (the normal form when every layer is ``compute``) means the compute dtype everywhere.
-    """
-
-    budgets: tuple[tuple[int, ...], ...]
-    full: bool = False
-    formats: tuple[str, ...] = ()
-
-    def layer_formats(self, num_layers: int) -> tuple[str, ...]:
-        """The format of every layer (``compute`` for all when ``formats`` is empty)."""
-        return self.formats or ("compute",) * num_layers
-
-    def capacity(self, layer: int) -> int:
-        """Persistent buffer size of ``layer`` in tokens: ``max_s budgets[layer][s]``."""
-        return max(self.budgets[layer]) if self.budgets[layer] else 0
-
-    def capacities(self) -> tuple[int, ...]:
-        return tuple(self.capacity(layer) for layer in range(len(self.budgets)))
-
-    def validate(self, geometry: CacheGeometry) -> None:
-        """Raise ``ValueError`` if the plan does not fit the geometry.
-
-        A budget may not exceed the tokens that exist (``tokens_through(s)``) nor what the layer can
-        have at that point (its previous budget plus the scale's new tokens).
-        """
-        if len(self.budgets) != geometry.num_layers:
-            raise ValueError(f"plan has {len(self.budgets)} layers, model has {geometry.num_layers}")
-        check_layer_formats(self.formats, geometry, allow_empty=True)
-        if self.full:
-            return
-        for layer, row in enumerate(self.budgets):
-            if len(row) != geometry.num_scales:
-                raise ValueError(f"layer {layer}: plan has {len(row)} scales, "
-                                 f"model has {geometry.num_scales}")
-            prev = 0
-            for s, b in enumerate(row):
-                if b < 0:
-                    raise ValueError(f"budget[{layer}][{s}] = {b} is negative")
-                limit = min(geometry.tokens_through(s), prev + geometry.scale_lengths[s])
-                if b > limit:
-                    raise ValueError(
-                        f"budget[{layer}][{s}] = {b} exceeds the {limit} tokens available at that scale"
-                    )
-                prev = b
 
 
 @dataclass
@@ -113,6 +64,16 @@ class SelectionState:
     k_new, v_new: ``[R, H, n_new, d]`` the current scale's keys/values.
     softmax_scale: the factor applied to ``q·k`` inside the softmax (1.0 for VAR's cosine attention).
     backend:   attention backend chosen for the run (``torch`` or ``triton``), for scorers.
+    head_budgets: per-head plans only (``None`` otherwise): ``k_h``, what head ``h`` keeps;
+               ``budget = max_h k_h``.
+    old_lens:  per-head plans only: ``o_h``, head ``h``'s kept tokens (``n_old = max_h o_h``).
+
+    With per-head budgets the candidate axis is ragged: head ``h`` has ``n_h = o_h + n_new``
+    candidates, its ``o_h`` kept tokens then the scale's tokens, as a *valid prefix* of a padded axis
+    of ``n = n_old + n_new``. ``positions`` holds ``-1`` after the prefix, :attr:`keys` / :attr:`values`
+    zeros; ``k_old`` / ``v_old`` hold head ``h``'s tokens in their first ``o_h`` slots (zeros after).
+    Why a valid prefix: it is the kernels' ragged convention (``token_scores``' ``key_lens``), so
+    scorers, recency and pooling work per head unchanged, and one tensor keeps every rule batched.
     """
 
     layer: int
@@ -127,9 +88,12 @@ class SelectionState:
     v_new: "torch.Tensor"
     softmax_scale: float = 1.0
     backend: str = "torch"
+    head_budgets: tuple[int, ...] | None = None
+    old_lens: tuple[int, ...] | None = None
 
     @property
     def n_old(self) -> int:
+        """Kept tokens before this scale (per-head plans: the most any head kept)."""
         return int(self.k_old.shape[2])
 
     @property
@@ -138,20 +102,40 @@ class SelectionState:
 
     @property
     def n_candidates(self) -> int:
+        """Candidates (per-head plans: the padded axis; each head's own count is :attr:`candidate_lens`)."""
         return self.n_old + self.n_new
 
     @property
-    def keys(self) -> "torch.Tensor":
-        """``[R, H, n, d]`` all candidate keys (concatenated on demand)."""
-        import torch
+    def ragged(self) -> bool:
+        """Whether heads have their own budgets (see the class docstring)."""
+        return self.head_budgets is not None
 
-        return torch.cat((self.k_old, self.k_new), dim=2)
+    @property
+    def candidate_lens(self) -> tuple[int, ...]:
+        """``n_h`` per head: its kept tokens plus the scale's (every head ``n_candidates`` if not ragged)."""
+        heads = int(self.k_new.shape[1])
+        if self.old_lens is None:
+            return (self.n_candidates,) * heads
+        return tuple(o + self.n_new for o in self.old_lens)
+
+    @property
+    def keys(self) -> "torch.Tensor":
+        """``[R, H, n, d]`` all candidate keys (concatenated on demand; ragged: per-head valid prefix)."""
+        return self._candidates(self.k_old, self.k_new)
 
     @property
     def values(self) -> "torch.Tensor":
+        return self._candidates(self.v_old, self.v_new)
+
+    def _candidates(self, old: "torch.Tensor", new: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        return torch.cat((self.v_old, self.v_new), dim=2)
+        if self.old_lens is None:
+            return torch.cat((old, new), dim=2)
+        out = torch.cat((old, torch.zeros_like(new)), dim=2)
+        for h, o in enumerate(self.old_lens):  # each head's new tokens right after its own kept ones
+            out[:, h, o:o + self.n_new] = new[:, h]
+        return out
 
 
 @dataclass(frozen=True)
@@ -217,6 +201,11 @@ class KVPolicy:
 
         Returns ``[k]`` (the same tokens for every row and head) or ``[R, H, k]`` (per row and
         head), int64, unique and sorted ascending along the last dim, ``k == state.budget``.
+
+        Per-head budgets (``state.ragged``): ``[R, H, k]`` with ``k = max_h k_h``; in head ``h``'s rows
+        the first ``k_h = state.head_budgets[h]`` entries are unique, sorted ascending and below
+        ``state.candidate_lens[h]``; the rest of the row is ignored. ``[k]`` is accepted only when every
+        head has the same old length and budget (then it means the same tokens in every head).
         """
         raise NotImplementedError
 
@@ -267,20 +256,6 @@ def resolve_kv_format(kv_format: Any, geometry: CacheGeometry) -> tuple[str, ...
     formats = tuple(groups[layer * len(groups) // n] for layer in range(n))
     check_layer_formats(formats, geometry)
     return formats
-
-
-def check_layer_formats(formats: tuple[str, ...], geometry: CacheGeometry, allow_empty: bool = False) -> None:
-    """``ValueError`` unless ``formats`` names a known format for every layer (int4: even head_dim)."""
-    if allow_empty and not formats:
-        return
-    if len(formats) != geometry.num_layers:
-        raise ValueError(f"plan has formats for {len(formats)} layers, model has {geometry.num_layers}")
-    for layer, fmt in enumerate(formats):
-        if fmt not in KV_FORMATS:
-            raise ValueError(f"layer {layer}: unknown KV format {fmt!r}; use one of {', '.join(KV_FORMATS)}")
-        if fmt == "int4" and geometry.head_dim % 2:
-            raise ValueError(f"layer {layer}: int4 storage needs an even head_dim, the model has "
-                             f"{geometry.head_dim}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,6 +5,12 @@ are computed without torch. Selection helpers take a :class:`~tuner.policies.bas
 and return what ``KVPolicy.select`` must return: int64 indices into the candidates (the layer's kept
 tokens followed by the current scale's tokens), unique and sorted ascending, exactly
 ``state.budget`` of them, shaped ``[k]`` (shared by all rows and heads) or ``[R, H, k]``.
+
+Every rule also works per head under per-head budgets (``state.ragged``, see
+:class:`~tuner.policies.base.SelectionState`): head ``h`` applies the rule to its own ``n_h``
+candidates with its own budget ``k_h`` and the answer is ``[R, H, max_h k_h]``, each head's choice
+first in its rows, the tail filled with 0 (ignored by the engine, but in range for any gather). On a
+state whose heads are all alike, the per-head answer holds the same tokens as the uniform one.
 """
 from __future__ import annotations
 
@@ -110,11 +116,36 @@ def check_pool_kernel(value) -> None:
 
 
 # ---------------------------------------------------------------------------------------- selection
+def head_counts(state: "SelectionState") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(k, n)``: per-head budgets and candidate counts as int64 ``[H]`` tensors (ragged states)."""
+    import torch
+
+    dev = state.positions.device
+    return (torch.tensor(state.head_budgets, dtype=torch.int64, device=dev),
+            torch.tensor(state.candidate_lens, dtype=torch.int64, device=dev))
+
+
+def _finish(idx: "torch.Tensor", k: "torch.Tensor") -> "torch.Tensor":
+    """Zero the tail (``j >= k_h``) of per-head choices ``[..., H, k_max]``."""
+    import torch
+
+    j = torch.arange(idx.shape[-1], device=idx.device)
+    return torch.where(j < k.unsqueeze(-1), idx, 0)
+
+
 def recent_indices(state: "SelectionState") -> "torch.Tensor":
-    """``[k]``: the ``budget`` most recent candidates (candidates are ordered by position)."""
+    """``[k]``: the ``budget`` most recent candidates (candidates are ordered by position).
+
+    Ragged: ``[R, H, k_max]``, head ``h`` its ``k_h`` most recent of its ``n_h``.
+    """
     import torch
 
     n, k = state.n_candidates, state.budget
+    if state.ragged:
+        kh, nh = head_counts(state)
+        j = torch.arange(k, dtype=torch.int64, device=kh.device)
+        idx = _finish(j + (nh - kh).unsqueeze(-1), kh)  # [H, k]
+        return idx.expand(state.positions.shape[0], -1, -1)
     return torch.arange(n - k, n, dtype=torch.int64, device=state.positions.device)
 
 
@@ -129,6 +160,13 @@ def sink_recent_indices(state: "SelectionState", sink_tokens: int) -> "torch.Ten
     import torch
 
     n, k = state.n_candidates, state.budget
+    if state.ragged:  # per head: the sinks among its valid candidates, its own k_h and n_h
+        kh, nh = head_counts(state)
+        pos = state.positions
+        a = ((pos >= 0) & (pos < sink_tokens)).sum(dim=-1)
+        a = torch.minimum(a, kh.view(1, -1)).unsqueeze(-1)  # [R, H, 1]
+        j = torch.arange(k, dtype=torch.int64, device=pos.device)
+        return _finish(torch.where(j < a, j, j + (nh - kh).view(1, -1, 1)), kh)
     a = (state.positions < sink_tokens).sum(dim=-1).clamp(max=k)  # [R, H]
     j = torch.arange(k, dtype=torch.int64, device=state.positions.device)
     if bool((a == a.flatten()[0]).all()):
@@ -179,15 +217,28 @@ def score_indices(state: "SelectionState", window_size: int = 16, pool_kernel: i
                        device=state.queries.device)
     q_obs = state.queries.index_select(2, win)
     keys = state.keys
-    key_lens = torch.full((r, h), n, dtype=torch.int32, device=keys.device)
+    if state.ragged:  # each head scores its own valid prefix; its window sits after its own old tokens
+        kh, nh = head_counts(state)
+        key_lens = nh.to(torch.int32).view(1, -1).expand(r, h).contiguous()
+        cols = (win.view(1, -1) + torch.tensor(state.old_lens, device=win.device).view(-1, 1))  # [H, W]
+    else:
+        key_lens = torch.full((r, h), n, dtype=torch.int32, device=keys.device)
+        cols = win + state.n_old
     scores = token_scores(q_obs, keys, key_lens, state.softmax_scale, pool_kernel=pool_kernel,
                           backend=state.backend).float().clone()
     # Scores are attention masses (>= 0): lifting the window above the maximum keeps it first in
     # the ranking while preserving its internal order.
-    cols = win + state.n_old
     lift = scores.amax(dim=-1, keepdim=True) + 1.0
-    scores[..., cols] = scores[..., cols] + lift
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+    if not state.ragged:
+        scores[..., cols] = scores[..., cols] + lift
+        return scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+    scores.scatter_add_(2, cols.expand(r, h, -1), lift.expand(r, h, cols.shape[-1]))
+    # Padding scores -inf, so a head's k_h best are the first k_h of its top-k_max; the rest of the
+    # row sorts behind them (n is above every index) and is zeroed.
+    top = scores.topk(k, dim=-1).indices
+    j = torch.arange(k, device=top.device)
+    top = torch.where(j < kh.view(1, -1, 1), top, n).sort(dim=-1).values
+    return _finish(top, kh.view(1, -1)).to(torch.int64)
 
 
 def select_by_rule(state: "SelectionState", rule: str, *, sink_tokens: int = 0, window_size: int = 16,

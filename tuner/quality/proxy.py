@@ -109,7 +109,8 @@ def replay(record: ProxyRecord, policy: KVPolicy, policy_spec: PolicySpec, *, ba
 
     Returns ``outputs[layer][scale]``, the attention output of the evaluated queries ``[R, H, m_s, D]``
     (fp32). ``on_attend(layer, scale, kept)`` is called before each attention with the global ids
-    ``[R, H, n]`` the layer holds (None for the full layout, which holds everything).
+    ``[R, H, n]`` the layer holds (None for the full layout, which holds everything; per-head plans:
+    ``-1`` after a head's own ids).
     """
     import torch
 
@@ -120,7 +121,9 @@ def replay(record: ProxyRecord, policy: KVPolicy, policy_spec: PolicySpec, *, ba
     record.check_geometry(policy_spec.geometry)
     plan = policy.plan(policy_spec)
     if not plan.full:  # nothing reads the last scale's keep decision: skip its selection
-        plan = dataclasses.replace(plan, budgets=tuple(row[:-1] + (0,) for row in plan.budgets))
+        heads = tuple(per_scale[:-1] + ((0,) * g.num_heads,) for per_scale in plan.head_budgets)
+        plan = dataclasses.replace(plan, budgets=tuple(row[:-1] + (0,) for row in plan.budgets),
+                                   head_budgets=heads)
     device = torch.device(device or record.keys.device)
     current = {}
 
@@ -145,7 +148,7 @@ def replay(record: ProxyRecord, policy: KVPolicy, policy_spec: PolicySpec, *, ba
         current["index"] = torch.tensor(index, dtype=torch.int64, device=device)
         for layer in range(g.num_layers):
             if on_attend is not None:
-                on_attend(layer, s, None if plan.full else cache.pos[layer][:, :, :cache.lens[layer]].long())
+                on_attend(layer, s, None if plan.full else cache.kept_positions(layer)[0])
             outputs[layer][s] = cache.attend(layer, queries[layer, :, :, off:off + cnt],
                                              keys[layer, :, :, start:start + n],
                                              values[layer, :, :, start:start + n], record.softmax_scale)
@@ -197,7 +200,9 @@ def proxy_score(record: ProxyRecord, policy: KVPolicy, policy_spec: PolicySpec, 
             return
         hist = ref.history_mass[layer][s]
         held = torch.zeros(hist.shape, dtype=hist.dtype, device=hist.device)
-        held.scatter_(2, kept.to(hist.device), 1.0)
+        kept = kept.to(hist.device)
+        # Per-head plans pad a head's ids with -1: they add nothing (ids are unique otherwise).
+        held.scatter_add_(2, kept.clamp_min(0), (kept >= 0).to(held.dtype))
         lost[layer][s] = float((hist * (1.0 - held)).sum(-1).mean())  # exactly 0 when all are held
 
     outputs = replay(record, policy, policy_spec, backend=backend, device=device, on_attend=on_attend)

@@ -44,6 +44,8 @@ def plan_hash(policy: Any, spec: Any) -> str:
            "selection": policy.selection(spec.geometry)}
     if plan.formats:  # absent for 16-bit plans, so their keys are what they always were
         doc["formats"] = list(plan.formats)
+    if plan.head_budgets:  # absent for uniform plans (same keys as before); budgets hold only the max
+        doc["head_budgets"] = [[list(h) for h in s] for s in plan.head_budgets]
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()[:32]
 
 
