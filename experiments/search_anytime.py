@@ -16,8 +16,8 @@ policy the search would export if stopped there (before its final round); after 
 the exported policy. Every distinct incumbent is then measured on the same fresh held-out images
 paired with the full cache. "Images to quality Q" counts the generated images (screening and final
 round) until the incumbent's held-out PSNR first reaches Q, with Q the previous default's exported
-winners' held-out PSNR (mean over its seeds). The previous default reaches its own Q only with its
-final round, so its count is its whole run.
+winners' held-out PSNR (mean over its seeds). The searches as filed (``fid_vs_full`` on 8 images) are
+the other reference: their winners' quality and the images they spent to export them.
 """
 from __future__ import annotations
 
