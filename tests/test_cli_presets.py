@@ -11,7 +11,8 @@ from tests.test_cli_generate import assert_user_error, ckpt_args, run
 
 PRESET_NAMES = {"ams", "window_at_ams", "sink_window_at_ams", "scalekv_10", "window_at_scalekv_10",
                 "sink_window_at_scalekv_10", "scalekv_20", "window_at_scalekv_20",
-                "sink_window_at_scalekv_20"}
+                "sink_window_at_scalekv_20", "hack", "window_at_hack", "sink_window_at_hack", "heatkv",
+                "window_at_heatkv", "sink_window_at_heatkv"}
 SHIPPED = Path(__file__).resolve().parents[1] / "tuner" / "assets" / "presets" / "tiny"
 
 
@@ -46,7 +47,8 @@ def test_presets_fitted_to_a_target_use_at_most_that_memory(tmp_path):
     assert r.exit_code == 0, r.output
     files = sorted(out.glob("*.json"))
     families = {json.loads(f.read_text())["policy"]["family"] for f in files}
-    assert families == {"ams", "scalekv", "window", "sink_window"}  # duplicates after fitting are dropped
+    # duplicates after fitting are dropped
+    assert families == {"ams", "scalekv", "window", "sink_window", "hack", "heatkv"}
     for f in files:
         v = run("policy", "validate", f, "--model", "tiny")
         assert v.exit_code == 0, v.output

@@ -25,16 +25,17 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from tuner.calibration_head_summary import HeadCalibration
+from tuner.calibration_heads_observer import QUERY_CHUNK_ELEMENTS, HeadStatsObserver
 from tuner.errors import UserError
 from tuner.options import SAMPLING
 from tuner.policies.base import CacheGeometry
 
 SCHEMA_VERSION = 1
-QUERY_CHUNK_ELEMENTS = 1 << 24  # attention weights materialised at once (64 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Calibration:
     ----------
     key_similarity, car, htk: ``[num_layers][num_scales]`` floats (``None`` at scale 0).
     density: ``[num_layers][query scale][key scale]`` floats (0 above the diagonal).
+    heads: the per-(layer, head) summary head-aware policies plan from
+           (:class:`tuner.calibration_head_summary.HeadCalibration`), measured in the same pass;
+           ``None`` in statistics saved before it existed (such policies then ask for a recalibration).
     """
 
     model_name: str
@@ -82,6 +86,7 @@ class Calibration:
     density: tuple[tuple[tuple[float, ...], ...], ...]
     spec: CalibrationSpec
     checkpoint_sha256: str | None = None
+    heads: Any = None
 
     def __post_init__(self) -> None:
         s, n = len(self.patch_nums), self.num_layers
@@ -91,6 +96,8 @@ class Calibration:
                 raise ValueError(f"calibration {name} must be {n} layers × {s} scales")
         if len(self.density) != n or any(len(m) != s or any(len(r) != s for r in m) for m in self.density):
             raise ValueError(f"calibration density must be {n} layers × {s} × {s} scales")
+        if self.heads is not None and (self.heads.num_layers, self.heads.num_scales) != (n, s):
+            raise ValueError(f"calibration heads must be {n} layers × heads × {s} scales")
 
     @property
     def asi(self) -> Table:
@@ -129,7 +136,9 @@ class Calibration:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "heads"}
+        if self.heads is not None:  # absent, not null, without heads: files read as they always have
+            d["heads"] = self.heads.to_dict()
         d.update(schema_version=SCHEMA_VERSION, patch_nums=list(self.patch_nums), spec=asdict(self.spec),
                  asi=self.asi)
         return json.loads(json.dumps(d))  # tuples -> lists
@@ -147,7 +156,8 @@ class Calibration:
                        num_layers=int(d["num_layers"]), key_similarity=table(d["key_similarity"]),
                        car=table(d["car"]), htk=table(d["htk"]),
                        density=tuple(tuple(tuple(float(v) for v in r) for r in m) for m in d["density"]),
-                       spec=CalibrationSpec(**d["spec"]), checkpoint_sha256=d.get("checkpoint_sha256"))
+                       spec=CalibrationSpec(**d["spec"]), checkpoint_sha256=d.get("checkpoint_sha256"),
+                       heads=None if d.get("heads") is None else HeadCalibration.from_dict(d["heads"]))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed calibration data: {exc!r}") from None
 
@@ -278,12 +288,26 @@ def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
     :func:`run_calibration_images`'.
     """
     spec = spec or CalibrationSpec(samples=samples, seed=seed)
-    obs = CalibrationObserver(CacheGeometry.from_var_config(model_cfg.var), model_name=model_cfg.name,
-                              spec=spec, checkpoint_sha256=checkpoint_sha256,
-                              softmax_scale=softmax_scale_of(var))
-    run_calibration_images(var, vae, model_cfg, spec, obs, progress=progress, backend=backend, dtype=dtype,
-                           progress_per_scale=progress_per_scale)
-    return obs.finalize()
+    geometry, softmax_scale = CacheGeometry.from_var_config(model_cfg.var), softmax_scale_of(var)
+    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec,
+                              checkpoint_sha256=checkpoint_sha256, softmax_scale=softmax_scale)
+    heads = HeadStatsObserver(geometry, softmax_scale=softmax_scale)
+    run_calibration_images(var, vae, model_cfg, spec, _Both(obs, heads), progress=progress, backend=backend,
+                           dtype=dtype, progress_per_scale=progress_per_scale)
+    measured = heads.finalize()
+    summary = HeadCalibration.from_measured(measured["mass"], measured["dispersion"])
+    return replace(obs.finalize(), heads=summary)
+
+
+class _Both:
+    """One engine observer that feeds two (the per-layer and the per-head statistics, one generation)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, *args) -> None:
+        self.first(*args)
+        self.second(*args)
 
 
 def softmax_scale_of(var) -> float:
@@ -382,8 +406,8 @@ def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str |
         try:
             cal = Calibration.from_dict(json.loads(path.read_text()))
             cal.check_geometry(geometry)
-            if cal.spec == spec and cal.checkpoint_sha256 == checkpoint_sha256:
-                return cal
+            if cal.spec == spec and cal.checkpoint_sha256 == checkpoint_sha256 and cal.heads is not None:
+                return cal  # (saved before the per-head summary existed: recomputed below)
         except (OSError, ValueError):
             pass  # stale or corrupt: recompute below
     cal = calibrate(var, vae, model_cfg, spec=spec, progress=progress, checkpoint_sha256=checkpoint_sha256,

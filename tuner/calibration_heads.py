@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.calibration import CalibrationSpec
+from tuner.calibration_head_summary import history_mass_of, scas_of
 from tuner.policies.base import CacheGeometry
 
 SCHEMA_VERSION = 1
@@ -99,19 +100,11 @@ class HeadStats:
 
     def history_mass(self):
         """``[L, H, S]``: mass that scale ``s``'s queries put on all earlier scales (0 at ``s = 0``)."""
-        return self.mass.tril(-1).sum(-1)
+        return history_mass_of(self.mass)
 
     def scas(self, sink_scales: int = 0):
-        """HeatKV's S-CAS ``[L, H, S]``: per source scale ``j``, the mean over the later query scales
-        ``i > j`` of ``mass[..., i, j]`` (its ``tools/compute_scas.py``); NaN for ``j < sink_scales``
-        (always kept there) and for the last scale (nothing reads it later)."""
-        import torch
-
-        s = self.geometry.num_scales
-        out = torch.full(self.mass.shape[:3], float("nan"), dtype=self.mass.dtype)
-        for j in range(sink_scales, s - 1):
-            out[..., j] = self.mass[..., j + 1:, j].mean(-1)
-        return out
+        """HeatKV's S-CAS ``[L, H, S]`` (:func:`tuner.calibration_head_summary.scas_of`)."""
+        return scas_of(self.mass, sink_scales)
 
     def check_geometry(self, geometry: CacheGeometry) -> None:
         if geometry != self.geometry:

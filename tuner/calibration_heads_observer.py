@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 
-from tuner.calibration import QUERY_CHUNK_ELEMENTS
 from tuner.policies.base import CacheGeometry
+
+QUERY_CHUNK_ELEMENTS = 1 << 24  # attention weights materialised at once (64 MiB in fp32)
 
 FLAT_ENTROPY = 1e-6  # nats: H(m) below this means one key takes all the history attention
 

@@ -99,11 +99,12 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
         "policy": {"family": policy.family, "params": policy.params()},
         "budgets": [list(row) for row in report.plan.budgets], "full": report.plan.full,
         "kv_formats": list(report.plan.layer_formats(geometry.num_layers)),
+        **({"head_budgets": [[list(per_head) for per_head in layer] for layer in report.plan.head_budgets]}
+           if report.plan.per_head else {}),  # absent for per-layer plans: such files read as before
         "memory": {"dtype": report.dtype, "cfg": True, "kv_bytes_per_image": report.kv_bytes_per_image,
                    "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
                    "capacities": list(report.capacities), "workspace_tokens": report.workspace_tokens},
-        "calibration": (calibration.to_dict() if calibration is not None and policy.needs_calibration
-                        else None),
+        "calibration": _calibration_section(policy, calibration),
         "metrics": dict(metrics) if metrics else None,
         "eval_spec": _plain(eval_spec),
         "provenance": json.loads(json.dumps(prov, default=str)),
@@ -112,6 +113,16 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def _calibration_section(policy: KVPolicy, calibration: Any) -> dict | None:
+    """What the file embeds: the calibration a calibrated family plans from, without the per-head
+    summary unless the family reads it (a per-layer family's file stays as small as it was)."""
+    if calibration is None or not policy.needs_calibration:
+        return None
+    if not policy.needs_head_calibration:
+        calibration = dataclasses.replace(calibration, heads=None)
+    return calibration.to_dict()
 
 
 def load_policy_file(path: str | Path, model_cfg: Any = None, *,
@@ -210,12 +221,20 @@ def _stored_plan(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> C
     if set(formats) == {"compute"}:
         formats = ()
     try:
+        heads = tuple(tuple(tuple(_int(b) for b in per_head) for per_head in layer)
+                      for layer in doc.get("head_budgets") or ())
         plan = CachePlan(tuple(tuple(int(b) for b in row) for row in doc["budgets"]),
-                         bool(doc.get("full", False)), formats)
+                         bool(doc.get("full", False)), formats, heads)
         plan.validate(geometry)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: budget table does not fit the model ({exc}); {redo}") from None
     return plan
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"head budgets must be integers, got {value!r}")
+    return value
 
 
 def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec: PolicySpec, plan: CachePlan,
@@ -265,6 +284,11 @@ def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
              + ("" if any(f != "compute" for f in info.plan.formats) else " (16-bit in deployment)"),
              f"memory: {100 * float(mem.get('fraction', 0)):.2f}% of the full 16-bit cache, "
              f"{mem.get('kv_bytes_per_image')} B per image ({mem.get('dtype')}, CFG)"]
+    if info.plan.per_head:  # the packed per-head layout: what each head's buffer holds
+        heads = len(info.plan.head_budgets[0][0])
+        lines.append("per-head capacities (tokens; each layer stores their sum):")
+        lines += [f"  layer {layer}: {list(info.plan.head_capacities(layer, heads))}"
+                  for layer in range(len(info.plan.budgets))]
     if info.metrics:
         lines.append("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
                                              for k, v in info.metrics.items()))

@@ -20,7 +20,7 @@ MAX_DEPTH = 16  # JSON nesting; policy files need 4 (calibration density tables)
 
 # JSON types of the fields (``?``: may be absent). Unknown fields are allowed (newer writers).
 _TOP = {"kind": "string?", "model": "object", "policy": "object", "budgets": "array", "full": "boolean?",
-        "kv_formats": "array?",
+        "kv_formats": "array?", "head_budgets": "array?",
         "memory": "object", "calibration": "object|null?", "metrics": "object|null?",
         "eval_spec": "object|null?", "provenance": "object|null?"}
 _SECTIONS = {
@@ -149,7 +149,21 @@ def check_policy_schema(where: str, doc: dict, redo: str) -> None:
     if doc.get("kv_formats") and len(doc["kv_formats"]) != len(doc["budgets"]):
         raise UserError(f"{where}: field 'kv_formats' has {len(doc['kv_formats'])} entries, the budget table "
                         f"{len(doc['budgets'])} layers; {redo}")
+    _check_head_budgets(where, redo, doc.get("head_budgets") or ())
     for key, value in (doc.get("metrics") or {}).items():
         if not any(_is(value, k) for k in ("number", "string", "null")):
             raise UserError(f"{where}: field 'metrics.{key}' must be a number, a string or null, not "
                             f"{_json_type(value)}; {redo}")
+
+
+def _check_head_budgets(where: str, redo: str, table: Any) -> None:
+    """``head_budgets[layer][scale][head]``: arrays of arrays of integers (shapes: the plan's check)."""
+    for i, layer in enumerate(table):
+        if not isinstance(layer, list) or not all(isinstance(per_head, list) for per_head in layer):
+            raise UserError(f"{where}: field 'head_budgets[{i}]' must be an array of per-scale arrays (one "
+                            f"budget per head); {redo}")
+        for j, per_head in enumerate(layer):
+            for h, b in enumerate(per_head):
+                if not _is(b, "integer"):
+                    raise UserError(f"{where}: field 'head_budgets[{i}][{j}][{h}]' must be an integer, not "
+                                    f"{_json_type(b)}; {redo}")

@@ -8,12 +8,18 @@ The search enqueues these first (docs/design.md, Search) and reports them next t
 - ``scalekv_10`` / ``scalekv_20``: ScaleKV at 10% / 20% of the tokens cached before the last scale,
   1/16 of the (layer, scale) pairs drafters keeping 99% of their candidates, 16 window queries,
   max-pool 5.
+- ``hack``: HACK's head split at its defaults (:class:`~tuner.policies.hack.HACKPolicy`: half the
+  heads contextual, a mean budget of 30% of the tokens cached before the last scale, contextual heads
+  at 0.2× the structural budget, 2 sink scales, 32 sampled queries).
+- ``heatkv``: HeatKV's static (layer, head, source-scale) schedule keeping half of the prunable atoms
+  by S-CAS, the initial scales within 1% of the cache protected
+  (:class:`~tuner.policies.heatkv.HeatKVPolicy`).
 - For each of those ``P``: ``window@P`` (token-level sliding window) and ``sink_window@P``
   (StreamingLLM: the 2 coarsest scales as sinks + the most recent tokens), with the per-layer token
   cap solved so their KV bytes are the largest not above ``P``'s (at most ``num_layers - 1`` tokens
   of one layer below it).
 
-AMS-KV and ScaleKV plan from calibration statistics, so their memory depends on them: without
+AMS-KV, ScaleKV, HACK and HeatKV plan from calibration statistics, so their memory depends on them: without
 ``calibration`` :func:`paper_presets` raises ``UserError`` (it never falls back to made-up
 statistics).
 """
@@ -24,6 +30,8 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.policies.ams import AMSPolicy
 from tuner.policies.base import CacheGeometry, KVPolicy, PolicySpec
+from tuner.policies.hack import HACKPolicy
+from tuner.policies.heatkv import HeatKVPolicy
 from tuner.policies.scalekv import ScaleKVPolicy
 from tuner.policies.sink_window import SinkWindowPolicy
 from tuner.policies.window import WindowPolicy
@@ -37,6 +45,8 @@ def method_presets() -> dict[str, KVPolicy]:
         "ams": AMSPolicy(n_condensed=2, window=1, window_demanding=2, theta_quantile=0.25),
         "scalekv_10": ScaleKVPolicy(budget_fraction=0.10),
         "scalekv_20": ScaleKVPolicy(budget_fraction=0.20),
+        "hack": HACKPolicy(),
+        "heatkv": HeatKVPolicy(),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from tuner.calibration import Calibration, CalibrationSpec
+from tuner.calibration_head_summary import HeadCalibration
 from tuner.policies.base import CacheGeometry, KVPolicy, PolicySpec, SelectionState
 
 TINY = CacheGeometry(6, 4, 32, (1, 2, 3, 4, 5, 6, 8))          # the built-in tiny model
@@ -32,7 +33,22 @@ def synthetic_calibration(g: CacheGeometry, seed: int = 0, name: str = "syntheti
             m.append(tuple(float(w[i]) / g.scale_lengths[i] if i <= j else 0.0 for i in range(s)))
         density.append(tuple(m))
     return Calibration(name, tuple(g.patch_nums), n, table(sim), table(car), table(htk), tuple(density),
-                       CalibrationSpec(samples=4, seed=seed))
+                       CalibrationSpec(samples=4, seed=seed), heads=synthetic_heads(g, gen))
+
+
+def synthetic_heads(g: CacheGeometry, gen: torch.Generator) -> HeadCalibration:
+    """Random but valid per-head statistics: S-CAS and history mass in (0, 1), dispersion in (0.5, 1),
+    every head different (so head-aware plans are not uniform by accident)."""
+    n, h, s = g.num_layers, g.num_heads, g.num_scales
+    scas = torch.rand(n, h, s, generator=gen) * 0.5 + 1e-3
+    hist = torch.rand(n, h, s, generator=gen) * 0.9 + 0.05
+    disp = torch.rand(n, h, generator=gen) * 0.5 + 0.5
+    return HeadCalibration(
+        scas=tuple(tuple(tuple(None if j == s - 1 else float(scas[a, b, j]) for j in range(s))
+                         for b in range(h)) for a in range(n)),
+        history_mass=tuple(tuple(tuple(0.0 if j == 0 else float(hist[a, b, j]) for j in range(s))
+                                 for b in range(h)) for a in range(n)),
+        dispersion=tuple(tuple(float(disp[a, b]) for b in range(h)) for a in range(n)))
 
 
 def spec_for(g: CacheGeometry, calibrated: bool = True, seed: int = 0) -> PolicySpec:

@@ -80,7 +80,7 @@ def test_select_returns_exactly_the_budget(family, index, geometry):
     check_select_returns_exactly_the_budget(family, index, geometry)
 
 
-@pytest.mark.parametrize("family", ["ams", "scalekv"])
+@pytest.mark.parametrize("family", ["ams", "scalekv", "hack", "heatkv"])
 def test_calibrated_families_refuse_to_plan_without_calibration(family):
     case = next(c for c in cases(family, TINY) if c.get("calibrated") and not c.get("keeps_all")
                 and "n_drafters" not in c["params"])

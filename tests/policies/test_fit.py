@@ -141,4 +141,5 @@ def test_fitted_knobs_are_the_ones_the_family_chain_gave(name, target):
     # only the knob moved
     for n, p in policies.items():
         changed = {k for k, v in fitted[n].params().items() if p.params()[k] != v}
-        assert changed <= {"c_min", "c_max", "budget_fraction", "max_tokens", "scale_curve"}, (n, changed)
+        knobs = {"c_min", "c_max", "budget_fraction", "max_tokens", "scale_curve", "keep_fraction"}
+        assert changed <= knobs, (n, changed)

@@ -176,7 +176,7 @@ def test_in_all(tmp_path):
     from tuner.search.space_files import load_space, space_path_for
 
     space = load_space(space_path_for("all"), TINY)
-    assert space.family_names == ["ams", "scalekv", "budgets", NAME]
+    assert space.family_names == ["ams", "scalekv", "budgets", "hack", "heatkv", NAME]
     cfg, result = _search(tmp_path, "all")
     study = optuna.load_study(study_name=cfg.study_name, storage=cfg.storage)
     assert NAME in study.trials[0].distributions["family"].choices

@@ -18,10 +18,11 @@ def test_baselines_match_each_method_memory(name, g):
     presets = paper_presets(model_config(name), cal)
     assert list(presets) == ["ams", "window@ams", "sink_window@ams", "scalekv_10", "window@scalekv_10",
                              "sink_window@scalekv_10", "scalekv_20", "window@scalekv_20",
-                             "sink_window@scalekv_20"]
+                             "sink_window@scalekv_20", "hack", "window@hack", "sink_window@hack", "heatkv",
+                             "window@heatkv", "sink_window@heatkv"]
     spec = PolicySpec(g, name, cal)
     per_token = memory_report(presets["ams"], g, spec=spec).bytes_per_token
-    for method in ("ams", "scalekv_10", "scalekv_20"):
+    for method in ("ams", "scalekv_10", "scalekv_20", "hack", "heatkv"):
         target = memory_report(presets[method], g, spec=spec).kv_bytes_per_image
         for base in ("window", "sink_window"):
             got = memory_report(presets[f"{base}@{method}"], g, spec=spec).kv_bytes_per_image

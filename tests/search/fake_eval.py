@@ -48,6 +48,7 @@ class FakeEvaluator:
     def calibration(self):
         """Synthetic but deterministic statistics of the right shape (real families plan with them)."""
         from tuner.calibration import Calibration, CalibrationSpec
+        from tuner.cli.policy_opts import placeholder_heads
 
         v = self.model_cfg.var
         n, s = v.depth, len(v.patch_nums)
@@ -61,7 +62,8 @@ class FakeEvaluator:
                            key_similarity=table(lambda i, j: -1.0 - 0.37 * ((i * 5) % n)),
                            car=table(lambda i, j: 0.3 + 0.05 * ((i + j) % 4)),
                            htk=table(lambda i, j: 0.2 + 0.03 * ((3 * i + j) % 7)),
-                           density=density, spec=CalibrationSpec(), checkpoint_sha256=self.model_hash)
+                           density=density, spec=CalibrationSpec(), checkpoint_sha256=self.model_hash,
+                           heads=placeholder_heads(n, v.num_heads, s))
 
     def _once(self, marker: str | None) -> bool:
         if marker is None or os.path.exists(marker):
@@ -113,3 +115,22 @@ def build_missing_weights(**kwargs):
     from tuner.errors import UserError
 
     raise UserError("checkpoint var_d30.pth not found in /nowhere; put it there or pass --weights-dir")
+
+
+class GridFakeEvaluator(FakeEvaluator):
+    """The fake evaluator with synthetic comparison-grid images (the real ones need the real engine):
+    ``[N, 3, 3, 8, 8]``, full cache grey, the policy a shade fixed per policy, their ×4 difference."""
+
+    def grid_columns(self, family: str, params: dict, request: dict):
+        import torch
+
+        n = len(request["labels"])
+        shade = hashlib.sha256(json.dumps([family, params], sort_keys=True).encode()).digest()[0] / 255.0
+        full = torch.full((n, 3, 8, 8), 0.5)
+        policy = torch.full((n, 3, 8, 8), shade)
+        return torch.stack([full, policy, ((policy - full).abs() * 4).clamp(0, 1)], dim=1)
+
+
+def build_with_grids(**kwargs) -> GridFakeEvaluator:
+    toy_policy.register()
+    return GridFakeEvaluator(**kwargs)

@@ -51,20 +51,22 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
     assert min(min(v) for v in fractions.values()) < 0.2  # low-memory regions are reachable
     presets = {p.name: p for p in load_presets(mc, cal)}
     inside = {n for n, p in presets.items() if space.trial_params(p.family, p.params) is not None}
-    assert inside == {"ams", "scalekv_10", "scalekv_20"}  # the baselines are other families
+    assert inside == {"ams", "scalekv_10", "scalekv_20", "hack", "heatkv"}  # the baselines: other families
 
 
 def test_search_on_all_families_starts_from_the_paper_presets(tmp_path):
     cfg = config(tmp_path, space=None, family="all", trials=8, mem_target="35%", final_top_k=1)
     result = run_search(cfg, progress=False)
     # the published presets first; scalekv_20 fits to the same policy as scalekv_10 at 35% (merged)
-    first = result.records[:4]
-    assert [r.preset for r in first] == ["ams", "scalekv_10", "budgets:window@ams", "budgets:sink_window@ams"]
-    assert [r.family for r in first] == ["ams", "scalekv", "budgets", "budgets"]
+    # (the baselines of the later methods fit to the same policies as window@ams / sink_window@ams)
+    first = result.records[:6]
+    assert [r.preset for r in first] == ["ams", "scalekv_10", "hack", "heatkv", "budgets:window@ams",
+                                         "budgets:sink_window@ams"]
+    assert [r.family for r in first] == ["ams", "scalekv", "hack", "heatkv", "budgets", "budgets"]
     names = [row["policy"] for row in result.comparison]
     assert names[0] == "full cache" and names[-1].startswith("winner (")
     # every distinct fitted preset, then each one quantized ("just quantize the preset" rows)
-    distinct = ["ams", "window@ams", "sink_window@ams", "scalekv_10"]
+    distinct = ["ams", "window@ams", "sink_window@ams", "scalekv_10", "hack", "heatkv"]
     assert names[1:-1] == distinct + [f"{n} + {f}" for n in distinct for f in ("int8", "int4")]
     assert result.policy_path is not None
     from tuner.policy_file import load_policy_file

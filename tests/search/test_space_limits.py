@@ -210,13 +210,13 @@ def test_include_fan_out_is_bounded(tmp_path):
 @pytest.mark.parametrize("model", list(NAMED_MODELS))
 def test_shipped_spaces_load_unchanged(model):
     g = CacheGeometry.from_var_config(model_config(model).var)
-    for name in ("all", "ams", "scalekv", "budgets"):
+    for name in ("all", "ams", "scalekv", "budgets", "hack", "heatkv"):
         space = load_space(space_dir() / f"{name}.yaml", g)
         digest = hashlib.sha256()
         for source in space.sources:  # the digest (stored on studies) is still of the files' bytes
             digest.update(Path(source).read_bytes())
         assert space.digest == digest.hexdigest()[:16]
-        expected = ["ams", "scalekv", "budgets"] if name == "all" else [name]
+        expected = ["ams", "scalekv", "budgets", "hack", "heatkv"] if name == "all" else [name]
         assert space.family_names == expected
     budgets = load_space(space_dir() / "budgets.yaml", g).family("budgets")
     weights = next(p for p in budgets.params if p.name == "layer_weights")

@@ -113,6 +113,10 @@ def _load_policy(cfg, policy: Optional[str], family: Optional[str], param: Optio
         elif pol.needs_calibration:
             cal = placeholder_calibration(cfg)
             note = "layer roles: placeholder (no --calibration); memory figures are exact, the roles are not"
+            if pol.needs_head_calibration:
+                note = ("head statistics: placeholder (no --calibration); which heads keep what is made up"
+                        + (", and so is heatkv's memory (it keeps whole scales by calibrated mass)"
+                           if pol.family == "heatkv" else "; memory figures are exact"))
     return pol, cal, note
 
 

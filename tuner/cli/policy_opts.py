@@ -44,4 +44,22 @@ def placeholder_calibration(model_cfg):
                 for layer in range(n))
     dens = tuple(tuple(tuple(1.0 if k <= q else 0.0 for k in range(s)) for q in range(s)) for _ in range(n))
     return Calibration(model_cfg.name, tuple(model_cfg.var.patch_nums), n, sim, car, htk, dens,
-                       CalibrationSpec(samples=1), checkpoint_sha256="placeholder")
+                       CalibrationSpec(samples=1), checkpoint_sha256="placeholder",
+                       heads=placeholder_heads(n, model_cfg.var.num_heads, s))
+
+
+def placeholder_heads(layers: int, heads: int, scales: int):
+    """Per-head statistics in a fixed, arbitrary order (head roles and HeatKV's ranking are made up;
+    ``hack``'s memory depends only on how many heads are contextual, so it is exact)."""
+    from tuner.calibration_head_summary import HeadCalibration
+
+    def scas(layer: int, h: int, j: int) -> float | None:
+        return None if j == scales - 1 else 1.0 / (1 + (layer * 7 + h * 3 + j) % 11)
+
+    return HeadCalibration(
+        scas=tuple(tuple(tuple(scas(layer, h, j) for j in range(scales)) for h in range(heads))
+                   for layer in range(layers)),
+        history_mass=tuple(tuple(tuple(0.0 if j == 0 else 0.5 for j in range(scales)) for _ in range(heads))
+                           for _ in range(layers)),
+        dispersion=tuple(tuple(0.5 + ((layer * 5 + h * 3) % 7) / 14 for h in range(heads))
+                         for layer in range(layers)))

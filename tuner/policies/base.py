@@ -46,6 +46,19 @@ class PolicySpec:
     model_name: str = ""
     calibration: Any = None
 
+    def head_calibration(self) -> Any:
+        """The calibration's per-(layer, head) summary
+        (:class:`tuner.calibration_head_summary.HeadCalibration`), checked against the geometry;
+        ``ValueError`` naming the fix when there is none (head-aware families plan from it)."""
+        heads = getattr(self.calibration, "heads", None)
+        if heads is None:
+            raise ValueError("this policy plans from per-head calibration statistics (attention per head and "
+                             "source scale); run `tuner calibrate` for this model (statistics saved by an "
+                             "older tuner have none)")
+        g = self.geometry
+        heads.check_shape(g.num_layers, g.num_heads, g.num_scales)
+        return heads
+
 
 @dataclass
 class SelectionState:
@@ -180,6 +193,8 @@ class KVPolicy:
 
     family: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # Plans from the per-(layer, head) summary ``calibration.heads`` (implies needs_calibration).
+    needs_head_calibration: ClassVar[bool] = False
 
     def plan(self, spec: PolicySpec) -> CachePlan:
         """The policy's :class:`CachePlan`: :meth:`plan_tokens`' budgets with the layers' formats."""

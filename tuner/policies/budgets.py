@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass, replace
 
 from tuner.policies.base import CachePlan, KVPolicy, MemoryKnob, PolicySpec, SelectionState
-from tuner.policies.selection import (SELECTION_RULES, check_int, check_pool_kernel, clip_row, round_half_up,
-                                      rule_description, select_by_rule)
+from tuner.policies.selection import (SELECTION_RULES, check_fraction, check_int, check_pool_kernel, clip_row,
+                                      round_half_up, rule_description, select_by_rule)
 
 
 def _floats(name: str, values) -> tuple[float, ...]:
@@ -39,6 +39,14 @@ class BudgetsPolicy(KVPolicy):
       as much as the layer's buffer holds. That is the form the shipped search space explores
       (per-layer caps + selection rule), and ``window`` / ``sink_window`` are its uniform case.
 
+    Per-head budgets (HACK's contextual/structural split, searchable): with ``contextual_weight``
+    ``w`` in ``[0, 1]`` the heads are split by calibrated dispersion (the ``contextual_fraction`` of
+    all heads with the highest, ranked over the model, as in ``hack``), and in each layer a contextual
+    head plans ``w`` times a structural head's budget, the layer's mean over its heads unchanged:
+    ``factor = H / (n_c·w + n_s)`` for structural heads and ``w·factor`` for contextual ones, applied to
+    the layer's wanted budgets and clipped per head. The cache then packs each layer's heads without
+    padding; this needs calibration (``None``, the default, plans every head alike, no calibration).
+
     ``rule`` picks the kept tokens: ``recent`` (most recent), ``sink_recent`` (the first
     ``sink_scales`` scales, then most recent) or ``scores`` (ScaleKV's observation-window attention
     mass with ``window_size`` queries and ``pool_kernel`` max-pooling, per row and head).
@@ -52,8 +60,18 @@ class BudgetsPolicy(KVPolicy):
     sink_scales: int = 0
     window_size: int = 16
     pool_kernel: int = 5
+    contextual_weight: float | None = None
+    contextual_fraction: float = 0.5
 
     family = "budgets"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.contextual_weight is not None
+
+    @property
+    def needs_head_calibration(self) -> bool:  # type: ignore[override]
+        return self.contextual_weight is not None
 
     def __post_init__(self) -> None:
         if (self.table is None) == (self.scale_curve is None):
@@ -85,6 +103,11 @@ class BudgetsPolicy(KVPolicy):
         check_int("sink_scales", self.sink_scales, 0)
         check_int("window_size", self.window_size, 1)
         check_pool_kernel(self.pool_kernel)
+        if self.contextual_weight is not None:
+            if self.table is not None:
+                raise ValueError("contextual_weight applies to scale_curve, not to an explicit table")
+            check_fraction("contextual_weight", self.contextual_weight, low_open=False)
+        check_fraction("contextual_fraction", self.contextual_fraction, low_open=False)
 
     def plan_tokens(self, spec: PolicySpec) -> CachePlan:
         g = spec.geometry
@@ -107,8 +130,19 @@ class BudgetsPolicy(KVPolicy):
             else:
                 cap = round_half_up(w / mean * self.max_tokens)
                 wanted = [min(round_half_up(c * g.tokens_through(s)), cap) for s, c in curve]
-            rows.append(clip_row(g, wanted + [0]))
-        return CachePlan(tuple(rows))
+            rows.append(wanted + [0])
+        if self.contextual_weight is None:
+            return CachePlan(tuple(clip_row(g, row) for row in rows))
+        contextual = spec.head_calibration().contextual(self.contextual_fraction)
+        return CachePlan.from_head_rows([self._head_rows(g, row, roles)
+                                         for row, roles in zip(rows, contextual)])
+
+    def _head_rows(self, g, wanted: list[int], contextual: tuple[bool, ...]) -> list[tuple[int, ...]]:
+        """One layer's per-head rows: contextual heads ``w`` times the structural heads' budget."""
+        w, n_c = self.contextual_weight, sum(contextual)
+        factor = g.num_heads / (n_c * w + (g.num_heads - n_c))
+        return [clip_row(g, [round_half_up(b * factor * (w if c else 1.0)) for b in wanted])
+                for c in contextual]
 
     def select(self, state: SelectionState):
         g = state.geometry
@@ -158,6 +192,12 @@ class BudgetsPolicy(KVPolicy):
                         "rule": "sink_recent", "sink_scales": 1}, "curve": True},
             {"params": {"scale_curve": curve(1.0), "max_tokens": 3, "rule": "scores", "window_size": 4},
              "curve": True},
+            {"params": {"scale_curve": curve(1.0), "max_tokens": 10, "layer_weights": ramp,
+                        "rule": "sink_recent", "sink_scales": 1, "contextual_weight": 0.25},
+             "curve": True, "calibrated": True},
+            {"params": {"scale_curve": curve(1.0), "max_tokens": 6, "rule": "scores", "window_size": 4,
+                        "contextual_weight": 0.0, "contextual_fraction": 0.25},
+             "curve": True, "calibrated": True},
         ]
 
 

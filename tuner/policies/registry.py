@@ -56,6 +56,8 @@ _BUILT_IN = {
     "ams": "tuner.policies.ams:AMSPolicy",
     "scalekv": "tuner.policies.scalekv:ScaleKVPolicy",
     "budgets": "tuner.policies.budgets:BudgetsPolicy",
+    "hack": "tuner.policies.hack:HACKPolicy",
+    "heatkv": "tuner.policies.heatkv:HeatKVPolicy",
 }
 # family name -> registration, in registration order (the order of --family choices and of ``all``).
 _REGISTRY: dict[str, Registration] = {name: Registration(name, target) for name, target in _BUILT_IN.items()}

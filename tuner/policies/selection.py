@@ -208,34 +208,57 @@ def score_indices(state: "SelectionState", window_size: int = 16, pool_kernel: i
     kept (when the budget is smaller than the window, the best-scored window tokens).
     """
     import torch
-    from kernels import token_scores
 
-    r, h = state.queries.shape[:2]
-    n, k = state.n_candidates, state.budget
-    side = state.geometry.patch_nums[state.scale]
-    win = torch.tensor(observation_window(side, state.n_new, window_size), dtype=torch.int64,
-                       device=state.queries.device)
-    q_obs = state.queries.index_select(2, win)
-    keys = state.keys
-    if state.ragged:  # each head scores its own valid prefix; its window sits after its own old tokens
-        kh, nh = head_counts(state)
-        key_lens = nh.to(torch.int32).view(1, -1).expand(r, h).contiguous()
-        cols = (win.view(1, -1) + torch.tensor(state.old_lens, device=win.device).view(-1, 1))  # [H, W]
-    else:
-        key_lens = torch.full((r, h), n, dtype=torch.int32, device=keys.device)
-        cols = win + state.n_old
-    scores = token_scores(q_obs, keys, key_lens, state.softmax_scale, pool_kernel=pool_kernel,
-                          backend=state.backend).float().clone()
+    scores, cols = window_scores(state, window_size, pool_kernel)
     # Scores are attention masses (>= 0): lifting the window above the maximum keeps it first in
     # the ranking while preserving its internal order.
     lift = scores.amax(dim=-1, keepdim=True) + 1.0
     if not state.ragged:
         scores[..., cols] = scores[..., cols] + lift
-        return scores.topk(k, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+        return scores.topk(state.budget, dim=-1).indices.sort(dim=-1).values.to(torch.int64)
+    r, h = scores.shape[:2]
     scores.scatter_add_(2, cols.expand(r, h, -1), lift.expand(r, h, cols.shape[-1]))
-    # Padding scores -inf, so a head's k_h best are the first k_h of its top-k_max; the rest of the
-    # row sorts behind them (n is above every index) and is zeroed.
+    return top_per_head(state, scores)
+
+
+def window_scores(state: "SelectionState", window_size: int = 16,
+                  pool_kernel: int = 5) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """``(scores [R, H, n] fp32, cols)``: the observation window's attention mass on every candidate
+    (ragged: ``-inf`` after each head's valid prefix) and the window's candidate columns (``[W]``, or
+    ``[H, W]`` when ragged: each head's window sits after its own old tokens)."""
+    import torch
+    from kernels import token_scores
+
+    r, h = state.queries.shape[:2]
+    side = state.geometry.patch_nums[state.scale]
+    win = torch.tensor(observation_window(side, state.n_new, window_size), dtype=torch.int64,
+                       device=state.queries.device)
+    q_obs = state.queries.index_select(2, win)
+    keys = state.keys
+    if state.ragged:
+        _, nh = head_counts(state)
+        key_lens = nh.to(torch.int32).view(1, -1).expand(r, h).contiguous()
+        cols = (win.view(1, -1) + torch.tensor(state.old_lens, device=win.device).view(-1, 1))  # [H, W]
+    else:
+        key_lens = torch.full((r, h), state.n_candidates, dtype=torch.int32, device=keys.device)
+        cols = win + state.n_old
+    scores = token_scores(q_obs, keys, key_lens, state.softmax_scale, pool_kernel=pool_kernel,
+                          backend=state.backend).float().clone()
+    return scores, cols
+
+
+def top_per_head(state: "SelectionState", scores: "torch.Tensor") -> "torch.Tensor":
+    """``[R, H, k_max]``: each head's ``k_h`` best-scored candidates, sorted, tail zeroed (ragged
+    states; non-ragged: every head's ``budget`` best). Padding must score ``-inf``."""
+    import torch
+
+    n, k = state.n_candidates, state.budget
     top = scores.topk(k, dim=-1).indices
+    if not state.ragged:
+        return top.sort(dim=-1).values.to(torch.int64)
+    kh, _ = head_counts(state)
+    # A head's k_h best are the first k_h of its top-k_max; the rest of the row sorts behind them (n
+    # is above every index) and is zeroed.
     j = torch.arange(k, device=top.device)
     top = torch.where(j < kh.view(1, -1, 1), top, n).sort(dim=-1).values
     return _finish(top, kh.view(1, -1)).to(torch.int64)
