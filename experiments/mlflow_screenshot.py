@@ -6,8 +6,12 @@
 Needs a running ``mlflow server`` on the store the searches wrote, Debian's ``chromium`` and the Python
 ``playwright`` package (not a project dependency; its own browser download is not used). Writes
 ``mlflow_study.png`` (the study's parent run with its trial runs), ``mlflow_pareto.png`` (the parent run's
-Pareto PNG artifact) and ``mlflow_compare.png`` (the ``pareto.*`` front charts of every study run). Each page
-is shot once a run name is on screen, not after a fixed sleep.
+Pareto PNG artifact), ``mlflow_compare.png`` (the ``pareto.*`` front charts of every study run),
+``mlflow_grids.png`` (the chart view of the study's Pareto trials: their same-seed image grids, key
+``grid``, side by side) and ``mlflow_grid_artifact.png`` (the parent run's ``grids/winner.png``). With
+``--dashboard URL`` of a running ``optuna-dashboard`` on the study's storage, also ``optuna_dashboard.png``
+(the study page) and ``optuna_dashboard_trials.png`` (its trial table with the user attributes). Each
+page is shot once a run name (or the study name) is on screen, not after a fixed sleep.
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ def study_runs(url: str, experiment: str, study: str) -> tuple[str, str]:
     return exp_id, runs["runs"][0]["info"]["run_id"]
 
 
+def exported_trial(board: str, study_id: int) -> int | None:
+    """The trial number in the study's ``exported_policy`` attribute, read through the dashboard's API."""
+    with urllib.request.urlopen(f"{board}/api/studies/{study_id}", timeout=30) as resp:
+        attrs = {a["key"]: a["value"] for a in json.load(resp)["user_attrs"]}
+    return json.loads(attrs.get("exported_policy", "{}")).get("trial")
+
+
 def tidy(page) -> None:
     """Close the assistant side panel and switch the sidebar to 'Model training' when they are shown."""
     close = page.get_by_role("button", name="Close", exact=True)
@@ -74,6 +85,7 @@ def main() -> None:
     ap.add_argument("--study", default="tiny-all-mem25pct", help="study (parent run) shown expanded")
     ap.add_argument("--metric", default="fid_vs_full")
     ap.add_argument("--out", default="docs/images")
+    ap.add_argument("--dashboard", default=None, help="URL of an optuna-dashboard on the study's storage")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -116,8 +128,52 @@ def main() -> None:
         page.get_by_text(f"pareto.{args.metric}").first.wait_for(timeout=TIMEOUT_MS)
         page.wait_for_timeout(1500)  # let the table / charts finish their layout animation
         page.screenshot(path=str(out / "mlflow_compare.png"))
+
+        # 4. same-seed image grids of the study's front trials, side by side (image key "grid")
+        flt = urllib.parse.quote(f"tags.`tuner.study` = '{args.study}' and tags.`tuner.pareto` = 'true'")
+        page.goto(f"{url}/#/experiments/{exp_id}/runs?compareRunsMode=CHART&searchFilter={flt}")
+        page.get_by_text("trial-", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+        tidy(page)
+        page.get_by_placeholder("Search metric charts").fill("grid")
+        page.wait_for_function("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 100)"
+                               ".length >= 2", timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "mlflow_grids.png"))
+        shots = ["mlflow_study.png", "mlflow_pareto.png", "mlflow_compare.png", "mlflow_grids.png"]
+
+        # 5. the study run's overview grid artifact
+        page.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}/artifacts/grids/winner.png")
+        page.get_by_text("grids/winner.png").first.wait_for(timeout=TIMEOUT_MS)
+        tidy(page)
+        page.wait_for_function("Array.from(document.images).some(i => i.complete && i.naturalWidth > 300)",
+                               timeout=TIMEOUT_MS)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "mlflow_grid_artifact.png"))
+        shots.append("mlflow_grid_artifact.png")
+
+        # 6. optuna-dashboard on the study's storage: the study page and its trial table
+        if args.dashboard:
+            board = args.dashboard.rstrip("/")
+            with urllib.request.urlopen(f"{board}/api/studies", timeout=30) as resp:
+                ids = [s["study_id"] for s in json.load(resp)["study_summaries"]
+                       if s["study_name"] == args.study]
+            if not ids:
+                raise SystemExit(f"no study {args.study!r} in the dashboard at {board}")
+            page.goto(f"{board}/dashboard/studies/{ids[0]}")
+            page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
+            page.wait_for_timeout(2500)  # plots
+            page.screenshot(path=str(out / "optuna_dashboard.png"))
+            page.goto(f"{board}/dashboard/studies/{ids[0]}/trials")
+            page.get_by_text("metrics").first.wait_for(timeout=TIMEOUT_MS)
+            exported = exported_trial(board, ids[0])
+            if exported is not None:  # open the trial the policy file was exported from
+                page.get_by_text(f"Trial {exported}", exact=True).first.click()
+                page.get_by_text(f"Trial {exported} (trial_id").first.wait_for(timeout=TIMEOUT_MS)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(out / "optuna_dashboard_trials.png"))
+            shots += ["optuna_dashboard.png", "optuna_dashboard_trials.png"]
         browser.close()
-    print(f"wrote {out}/mlflow_study.png, mlflow_pareto.png, mlflow_compare.png")
+    print(f"wrote {', '.join(str(out / name) for name in shots)}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypa
         experiment="exp x", sampler="random", seed=7, out=str(tmp_path / "o u t"), device="cuda",
         dtype="bf16",
         backend="torch", cfg=2.25, top_k=100, top_p=0.9, eval_batch_size=4, trial_timeout_s=123.0,
-        presets=False, proxy_candidates=5, proxy_top=2, fit_memory=False,
+        presets=False, proxy_candidates=5, proxy_top=2, fit_memory=False, grids=False,
         evaluator="tests.search.fake_eval:build",
         evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")})
     defaults = SearchConfig.__dataclass_fields__
@@ -61,3 +61,12 @@ def test_a_default_search_comes_back_with_its_resolved_paths(tmp_path, monkeypat
     assert f"--storage {cfg.storage}" in hint and f"--out {cfg.out}" in hint
     monkeypatch.chdir("/")  # the hint works from any directory
     assert parsed(hint, monkeypatch) == cfg
+
+
+def test_grids_flags_come_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value, flag in ((True, "--grids"), (False, "--no-grids")):
+        cfg = resolve_config(model="tiny", mem_target="15%", grids=value)
+        hint = resume_command(cfg)
+        assert f" {flag} " in f"{hint} " and parsed(hint, monkeypatch) == cfg
+    assert "-grids " not in resume_command(resolve_config(model="tiny", mem_target="15%")) + " "

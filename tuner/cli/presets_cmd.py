@@ -16,8 +16,8 @@ from tuner.threads import apply_threads, check_threads
 def register(app: typer.Typer) -> None:
     app.command("presets",
                 help="Write the paper presets (AMS-KV default, ScaleKV 10%/20%, HACK, HeatKV) and the "
-                     "LLM baselines at their memory as policy files for one model (calibrating it if needed); with "
-                     "--mem-target, each fitted to that memory by its budget knob.")(presets)
+                     "LLM baselines at their memory as policy files for one model (calibrating it if "
+                     "needed); with --mem-target, each fitted to that memory by its budget knob.")(presets)
 
 
 def smallest_preset_memory(model_cfg) -> tuple[str, float, int]:

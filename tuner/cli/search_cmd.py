@@ -145,6 +145,11 @@ def search_command(
     no_fit: bool = typer.Option(False, "--no-fit",
                                 help="With --mem-target: do not fit each policy's budget knob "
                                       "(token cap, budget fraction, curve level) to the target."),
+    grids: Optional[bool] = typer.Option(
+        None, "--grids/--no-grids",
+        help="At the end, log same-seed image grids (4 classes: full cache | policy | 4x difference) of "
+             "the winner and the Pareto front (on their trial runs) and of every preset (on the study "
+             "run) to MLflow, also written to <out>/grids/. Default: on when MLflow tracking is on."),
     no_progress: bool = typer.Option(False, "--no-progress",
                                      help="No live display (one line per trial only)."),
     evaluator: str = typer.Option("tuner.quality.evaluate:build_evaluator", "--evaluator", hidden=True),
@@ -162,7 +167,7 @@ def search_command(
         experiment=experiment, sampler=sampler, seed=seed, out=out, device=device, dtype=dtype,
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
         trial_timeout_s=trial_timeout, presets=not no_presets, proxy_candidates=proxy_candidates,
-        proxy_top=proxy_top, fit_memory=not no_fit, evaluator=evaluator,
+        proxy_top=proxy_top, fit_memory=not no_fit, grids=grids, evaluator=evaluator,
         evaluator_kwargs=_evaluator_args(evaluator_arg))
     result = run_search(config, progress=not no_progress)
     if result.interrupted:

@@ -190,6 +190,13 @@ class PolicyEvaluator:
                                          backend=self.backend).score))
         return out
 
+    def grid_columns(self, family: str, params: dict, request: dict) -> Any:
+        """Full cache | policy | difference images for a comparison grid (``[N, 3, 3, h, w]`` float32,
+        :mod:`tuner.quality.grid_images`); ``request``: labels, seed, cfg, top_k, top_p, max_side."""
+        from tuner.quality.grid_images import GridRequest, grid_columns
+
+        return grid_columns(self, family, params, GridRequest.from_dict(request))
+
     def calibration(self):
         """Calibration statistics of this model (cached on disk by checkpoint hash), computed once."""
         if getattr(self, "_calibration", None) is None:

@@ -16,6 +16,7 @@ from typing import Any
 FLAG_OF = {"quality_limit": "--fid-limit", "timeout_s": "--timeout", "backend": "--attention-backend",
            "trial_timeout_s": "--trial-timeout"}
 BOOLEAN_OFF = {"presets": "--no-presets", "fit_memory": "--no-fit"}  # field default True -> flag when False
+TRI_STATE = {"grids": ("--grids", "--no-grids")}  # field default None (automatic) -> flag when True / False
 ALWAYS = ("model", "study_name", "storage", "out", "mlflow_uri", "trials")
 
 
@@ -38,6 +39,10 @@ def config_argv(cfg: Any) -> list[str]:
         if name in BOOLEAN_OFF:
             if not value:
                 argv.append(BOOLEAN_OFF[name])
+            continue
+        if name in TRI_STATE:
+            if value is not None:
+                argv.append(TRI_STATE[name][0 if value else 1])
             continue
         if value is None:
             continue

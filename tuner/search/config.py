@@ -69,6 +69,7 @@ class SearchConfig:
     proxy_candidates: int = 32  # random policies ranked by the zero-generation proxy (0 = off)
     proxy_top: int = 8  # the best of them enqueued as warm starts after the presets
     fit_memory: bool = True  # with a memory target only: each policy's budget knob set to fill it
+    grids: bool | None = None  # same-seed image grids at export (None: on when MLflow tracking is on)
     evaluator: str = DEFAULT_EVALUATOR
     evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -152,6 +153,12 @@ class SearchConfig:
     @property
     def tracking_enabled(self) -> bool:
         return self.mlflow_uri.lower() not in NO_TRACKING
+
+    @property
+    def grids_enabled(self) -> bool:
+        """Same-seed comparison grids are rendered at export (:mod:`tuner.search.grids`): ``--grids`` /
+        ``--no-grids``, by default whenever MLflow tracking is on."""
+        return self.tracking_enabled if self.grids is None else bool(self.grids)
 
     @property
     def out_dir(self) -> Path:

@@ -7,6 +7,8 @@
    final metrics, best objective) is written as a policy file
    (``tuner.policy_file.write_policy_file``), recorded in ``tuner_exported_policies`` and logged to
    MLflow with the reports; a comparison table is printed.
+4. Same-seed image grids of the winner, the front and the presets (:mod:`tuner.search.grids`,
+   ``--grids``; on by default with MLflow tracking): a failure there only warns.
 """
 from __future__ import annotations
 
@@ -160,12 +162,17 @@ def finish_search(rt: Any, driver: Any, result: Any, requeued: list[int]) -> Non
     rt.tracker.log_metrics({f"winner.{k}": v for k, v in metrics.items()})
     console.print(report.comparison_table(result.comparison, title=f"{cfg.study_name}: held-out comparison"))
     console.print(f"policy written to {result.policy_path}", highlight=False)
+    if cfg.grids_enabled:
+        from tuner.search.grids import log_grids
+
+        log_grids(rt, winner, records)
 
 
 def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     """Write the policy file, register it and log it; returns its path."""
     from tuner.policy_file import write_policy_file
     from tuner.search.storage import ExportRecord
+    from tuner.search.study import A_EXPORTED
 
     cfg = rt.cfg
     policy = winner.planned.policy  # fitted to the target, exactly what was evaluated
@@ -183,5 +190,8 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
     rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),
                                          winner.planned.key, rt.model_hash, metrics,
                                          rt.tracker.run_id))
+    # also on the study, where optuna-dashboard and optuna.load_study show it
+    rt.study.set_user_attr(A_EXPORTED, {"trial": winner.trial, "preset": winner.preset,
+                                        "family": winner.family, "path": str(path)})
     rt.tracker.log_artifact(path, "policy")
     return path

@@ -19,6 +19,7 @@ from tuner.search import trials as T
 
 A_IDENTITY, A_PRESETS_DONE, A_MLFLOW_RUN, A_SPACE_DIGEST = "tuner_identity", "presets_enqueued", \
     "mlflow_run_id", "space_digest"
+A_EXPORTED = "exported_policy"  # the last export: trial number (None for a preset), preset, family, path
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ class GuardedTracker:
     def log_artifact(self, *args: Any, **kwargs: Any) -> None:
         self._call("log_artifact", *args, **kwargs)
 
+    def log_image(self, *args: Any, **kwargs: Any) -> bool:
+        ok, logged = self._call("log_image", *args, **kwargs)
+        return bool(ok and logged)
+
     def log_metrics(self, *args: Any, **kwargs: Any) -> None:
         self._call("log_metrics", *args, **kwargs)
 

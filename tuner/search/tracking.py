@@ -172,6 +172,9 @@ class NullTracker:
     def log_artifact(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def log_image(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
     def log_metrics(self, *args: Any, **kwargs: Any) -> None:
         pass
 
@@ -300,6 +303,26 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def trial_run_id(self, number: int) -> str | None:
+        """The child run of trial ``number`` under the study run, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`tuner.trial` = '{number}'")
+        return runs[0].info.run_id if runs else None
+
+    def log_image(self, path: str | Path, *, key: str, artifact_path: str, trial: int | None = None) -> bool:
+        """A PNG as an artifact under ``artifact_path`` and as image ``key`` (the compare view's image
+        charts) on the study run, or on trial ``trial``'s run; False when that trial has no run."""
+        from PIL import Image
+
+        run_id = self.run_id if trial is None else self.trial_run_id(trial)
+        if run_id is None:
+            return False
+        self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        with Image.open(path) as img:
+            self.client.log_image(run_id, img.convert("RGB"), key=key)
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -1,9 +1,10 @@
 """What runs inside one worker process: an evaluator built once, evaluating policies on request.
 
 The same class serves as a Ray actor (wrapped with ``ray.remote`` by :mod:`tuner.search.workers`)
-and, with ``--workers 0``, in the driver process. Requests and results are plain dicts; nothing here
-imports optuna, mlflow or ray. The evaluator is built from a factory path (``"pkg.module:function"``)
-so tests can substitute a light one without touching the product path.
+and, with ``--workers 0``, in the driver process. Requests and results are plain dicts (a comparison
+grid's images come back as one numpy array); nothing here imports optuna, mlflow or ray. The
+evaluator is built from a factory path (``"pkg.module:function"``) so tests can substitute a light one
+without touching the product path.
 """
 from __future__ import annotations
 
@@ -94,6 +95,23 @@ class WorkerHost:
         return {"task_id": request["task_id"], "scores": [float(x) for x in scores],
                 "seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
+    def grid(self, request: dict[str, Any], t0: float) -> dict[str, Any]:
+        """``{"task_id", "family", "params", "grid": {labels, seed, cfg, top_k, top_p, max_side}}`` →
+        ``{"task_id", "columns": float32 array [N, 3, 3, h, w], "seconds"}``: the same-seed full cache |
+        policy | difference images of one comparison grid (an evaluator without ``grid_columns``
+        answers with an error)."""
+        try:
+            ev = self._build()
+            if not callable(getattr(ev, "grid_columns", None)):
+                raise ValueError("this evaluator renders no images for grids")
+            columns = ev.grid_columns(request["family"], dict(request["params"]), dict(request["grid"]))
+            array = columns.detach().float().cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which goes on without the grid
+            last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            return {"task_id": request["task_id"], "error": last, "pid": os.getpid()}
+        return {"task_id": request["task_id"], "columns": array, "seconds": time.perf_counter() - t0,
+                "pid": os.getpid()}
+
     def evaluate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Evaluate one policy; errors inside the evaluation come back as an ``error`` string.
 
@@ -104,6 +122,8 @@ class WorkerHost:
         t0 = time.perf_counter()
         if "proxy" in request:
             return self.proxy(request, t0)
+        if "grid" in request:
+            return self.grid(request, t0)
         try:
             ev = self._build()
             spec = build_eval_spec(self._spec_type, request["eval"])
