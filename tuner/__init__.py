@@ -12,8 +12,8 @@ imports :mod:`tuner.api` (and torch) through the module ``__getattr__`` below. H
 """
 __version__ = "0.1.0"
 
-# What the API names (tuner.api holds them). The search is ``search_policy``: ``tuner.search`` is the
-# subpackage, and Python sets that attribute on the package whenever tuner.search.* is imported.
+# What the API names (tuner.api holds them). ``tuner.search`` is the search subpackage, which is also
+# callable: ``tuner.search(mem_target="15%")`` is ``tuner.search_policy(mem_target="15%")``.
 __all__ = ["Model", "Policy", "PlanSummary", "SearchSummary", "PolicyHooks", "load_model", "load_policy",
            "generate", "plan", "search_config", "search_policy", "apply_policy"]
 
@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from tuner import api
 
         return getattr(api, name)
+    if name == "search":  # the callable subpackage (Python sets the attribute once it is imported)
+        import importlib
+
+        return importlib.import_module("tuner.search")
     raise AttributeError(f"module 'tuner' has no attribute {name!r}")
 
 

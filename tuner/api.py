@@ -8,8 +8,8 @@ Three lines from ``import tuner`` to images with a policy file::
 
 Every function runs the code the matching command runs: :func:`generate` is ``tuner generate``
 (same engine, batches, seeds: equal images), :func:`plan` is ``tuner plan`` (same figures),
-:func:`search_policy` builds ``tuner search``'s :class:`~tuner.search.config.SearchConfig` and runs
-the same driver, and :func:`apply_policy` (:mod:`tuner.dropin`) applies a policy to the official
+:func:`search_policy` (also ``tuner.search(...)``: the search package is callable) builds ``tuner
+search``'s :class:`~tuner.search.config.SearchConfig` and runs the same driver, and :func:`apply_policy` (:mod:`tuner.dropin`) applies a policy to the official
 VAR code. Bad input raises :class:`~tuner.errors.UserError` with the CLI's one-line messages.
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ from tuner.dropin import PolicyHooks, apply_policy
 from tuner.errors import UserError
 from tuner.handles import Model, Policy
 from tuner.options import SAMPLING
+from tuner.search.python_api import SearchSummary, search_config, search_policy
 
 __all__ = ["Model", "Policy", "PlanSummary", "SearchSummary", "PolicyHooks", "load_model", "load_policy",
-           "generate", "plan", "search_config", "search_policy", "apply_policy"]
+           "generate", "plan", "search_config", "search_policy", "apply_policy"]  # and tuner.search (callable)
 
 
 def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: str | Path | None = None,
@@ -192,44 +193,3 @@ def plan(model: Model | str, policy: Policy | str | Path, *, batch: int = 1, gpu
                        report.full_kv_bytes_per_image, report.fraction, report.resident_bytes_per_scale,
                        report.capacities, report.plan.layer_formats(report.geometry.num_layers),
                        estimate.batch if estimate is not None else None, report, estimate)
-
-
-@dataclass(frozen=True)
-class SearchSummary:
-    """What :func:`search_policy` found: the exported policy file (None when interrupted or nothing fit),
-    the study and where it is stored, why it stopped, and the final comparison rows (full cache,
-    presets, winner on held-out seeds; dicts of metric name → value)."""
-
-    policy_path: Path | None
-    study_name: str
-    storage: str
-    out_dir: Path
-    stop_reason: str
-    interrupted: bool
-    trials: int
-    comparison: tuple[dict, ...]
-    config: Any
-
-
-def search_config(**flags: Any):
-    """The frozen :class:`~tuner.search.config.SearchConfig` that ``tuner search`` builds from the same
-    values: keyword names are :func:`~tuner.search.config.resolve_config`'s (``mem_target="15%"``,
-    ``fid_limit``, ``trials``, ``samples``, ``timeout_s``, ``backend``, ``presets``, ``fit_memory`` ...)."""
-    from tuner.search.config import resolve_config
-
-    return resolve_config(**flags)
-
-
-def search_policy(*, progress: bool = False, **flags: Any) -> SearchSummary:
-    """Run (or resume) ``tuner search`` from Python: :func:`search_config` ``(**flags)``, then the CLI's
-    driver.
-
-    progress: the live display on stderr (off by default; one line per trial is printed either way).
-    """
-    from tuner.search import driver
-
-    config = search_config(**flags)
-    result = driver.run_search(config, progress=progress)
-    return SearchSummary(result.policy_path, result.study_name, result.storage, Path(result.out_dir),
-                         result.stop_reason, result.interrupted, len(result.records),
-                         tuple(dict(row) for row in result.comparison), config)

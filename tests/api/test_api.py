@@ -39,6 +39,15 @@ def test_import_tuner_is_lazy_and_names_the_api():
         tuner.nope  # noqa: B018
 
 
+def test_tuner_search_is_the_callable_search_package():
+    """``tuner.search(...)`` works on a fresh ``import tuner`` and imports nothing heavy until called."""
+    code = ("import sys, tuner\ns = tuner.search\nprint(callable(s), s.__name__, "
+            "sorted(m for m in %r if m in sys.modules))" % (HEAVY,))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "True tuner.search []"
+
+
 def test_load_model_by_name_paths_and_random_weights(small_ckpts):
     tiny = tuner.load_model("tiny")
     facts = (tiny.name, tiny.resolution, tiny.num_classes, tiny.device, tiny.dtype)
@@ -147,6 +156,8 @@ def test_search_policy_builds_the_clis_config(tmp_path, monkeypatch):
                  presets=False, out=str(out), mlflow_uri="none", backend="torch")
     summary = tuner.search_policy(**flags)
     assert seen[0] == seen[1] == summary.config == tuner.search_config(**flags)
+    again = tuner.search(**flags)  # the search package is callable: the same run
+    assert again == summary and seen[2] == seen[0]
     assert summary.policy_path == out / "p.json" and summary.comparison == ({"policy": "full cache"},)
     assert (summary.study_name, summary.stop_reason, summary.interrupted) == (
         "tiny-ams-mem12pct", "reached 3 trials", False)
