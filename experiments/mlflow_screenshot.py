@@ -7,8 +7,9 @@ Needs a running ``mlflow server`` on the store the searches wrote, Debian's ``ch
 ``playwright`` package (not a project dependency; its own browser download is not used). Writes
 ``mlflow_study.png`` (the study's parent run with its trial runs), ``mlflow_pareto.png`` (the parent run's
 Pareto PNG artifact), ``mlflow_compare.png`` (the ``pareto.*`` front charts of every study run),
-``mlflow_grids.png`` (the chart view of the study's Pareto trials: their same-seed image grids, key
-``grid``, side by side) and ``mlflow_grid_artifact.png`` (the parent run's ``grids/winner.png``). With
+``mlflow_grids.png`` (the chart view of the study's Pareto trials, ticked, charts filtered to ``grid``:
+the one image chart, widened to half the chart area and without the run parameters, shows their same-seed
+image grids side by side) and ``mlflow_grid_artifact.png`` (the parent run's ``grids/winner.png``). With
 ``--dashboard URL`` of a running ``optuna-dashboard`` on the study's storage, also ``optuna_dashboard.png``
 (the study page) and ``optuna_dashboard_trials.png`` (its trial table with the user attributes). Each
 page is shot once a run name (or the study name) is on screen, not after a fixed sleep.
@@ -65,6 +66,41 @@ def tidy(page) -> None:
         training.first.click()
 
 
+def chart_view(page) -> None:
+    """Switch the runs page to its chart view (switching the sidebar to 'Model training' shows the table)."""
+    mode = page.locator('input[name="runs-view-mode"][value="CHART"]')
+    if not mode.is_checked():
+        page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+
+
+def expand_parent(page) -> None:
+    """Expand the first parent run of the runs table to show its trial runs (unless it is already: the page
+    keeps that state)."""
+    page.wait_for_timeout(1000)
+    if not page.get_by_text("trial-", exact=False).first.is_visible():
+        page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()
+    page.get_by_text("trial-", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+
+
+def widen_image_chart(page, card) -> None:
+    """Hide the run parameters of image chart ``card`` and resize it to half the chart area, the tallest
+    height: each run is then a 192 px thumbnail, next to each other (the parameters, one long line per run,
+    would put every run on a row of its own)."""
+    card.get_by_role("button").nth(1).click()  # the card's menu
+    page.get_by_role("menuitem", name="Configure").click()
+    page.get_by_text("Show run parameters").click()
+    page.get_by_role("button", name="Save changes").click()
+    page.wait_for_timeout(1000)
+    box = card.bounding_box()  # 1/3 of the area; the resize handle snaps to 1..5 columns, 300..500 px
+    x, y = box["x"] + box["width"] - 3, box["y"] + box["height"] - 3
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y + 40, steps=5)
+    page.mouse.move(box["x"] + 1.5 * box["width"], y + 400, steps=20)
+    page.mouse.up()
+    page.wait_for_timeout(1000)
+
+
 def show_metric_columns(page, names: list[str],
                         hide: tuple[str, ...] = ("Dataset", "Source", "Models")) -> None:
     """Tick ``names`` (metrics or tags) in the Columns menu and untick the empty default ``hide`` columns."""
@@ -83,7 +119,7 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:5000")
     ap.add_argument("--experiment", default="varkv-tiny")
     ap.add_argument("--study", default="tiny-all-mem25pct", help="study (parent run) shown expanded")
-    ap.add_argument("--metric", default="fid_vs_full")
+    ap.add_argument("--metric", default="psnr")  # the search's default metric
     ap.add_argument("--out", default="docs/images")
     ap.add_argument("--dashboard", default=None, help="URL of an optuna-dashboard on the study's storage")
     args = ap.parse_args()
@@ -103,8 +139,7 @@ def main() -> None:
         page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
         tidy(page)
         page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
-        page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()
-        page.get_by_text("trial-0", exact=True).first.wait_for(timeout=TIMEOUT_MS)
+        expand_parent(page)
         show_metric_columns(page, ["memory_fraction", args.metric, "psnr", "tuner.pareto"])
         page.get_by_text("trial-0", exact=True).first.wait_for(timeout=TIMEOUT_MS)
         page.wait_for_timeout(1500)  # let the table / charts finish their layout animation
@@ -124,17 +159,29 @@ def main() -> None:
         page.goto(f"{url}/#/experiments/{exp_id}/runs?compareRunsMode=CHART&searchFilter={flt}")
         page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
         tidy(page)
+        chart_view(page)
         page.get_by_placeholder("Search metric charts").fill("pareto.")
         page.get_by_text(f"pareto.{args.metric}").first.wait_for(timeout=TIMEOUT_MS)
         page.wait_for_timeout(1500)  # let the table / charts finish their layout animation
         page.screenshot(path=str(out / "mlflow_compare.png"))
 
-        # 4. same-seed image grids of the study's front trials, side by side (image key "grid")
+        # 4. same-seed image grids of the study's front trials, ticked, side by side (image key "grid")
         flt = urllib.parse.quote(f"tags.`tuner.study` = '{args.study}' and tags.`tuner.pareto` = 'true'")
         page.goto(f"{url}/#/experiments/{exp_id}/runs?compareRunsMode=CHART&searchFilter={flt}")
-        page.get_by_text("trial-", exact=False).first.wait_for(timeout=TIMEOUT_MS)
+        page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
         tidy(page)
+        page.get_by_text(args.study).first.wait_for(timeout=TIMEOUT_MS)
+        expand_parent(page)
+        chart_view(page)
         page.get_by_placeholder("Search metric charts").fill("grid")
+        card = page.locator('[data-testid="experiment-view-compare-runs-card"]').first
+        card.wait_for(timeout=TIMEOUT_MS)
+        page.wait_for_timeout(2000)  # the card re-renders once its images are listed
+        widen_image_chart(page, card)
+        trials = page.locator('[role="row"]', has=page.get_by_text("trial-", exact=False))
+        for i in range(min(3, trials.count())):
+            trials.nth(i).get_by_role("checkbox").first.check()
+        page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring
         page.wait_for_function("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 100)"
                                ".length >= 2", timeout=TIMEOUT_MS)
         page.wait_for_timeout(1500)

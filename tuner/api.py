@@ -9,8 +9,9 @@ Three lines from ``import tuner`` to images with a policy file::
 Every function runs the code the matching command runs: :func:`generate` is ``tuner generate``
 (same engine, batches, seeds: equal images), :func:`plan` is ``tuner plan`` (same figures),
 :func:`search_policy` (also ``tuner.search(...)``: the search package is callable) builds ``tuner
-search``'s :class:`~tuner.search.config.SearchConfig` and runs the same driver, and :func:`apply_policy` (:mod:`tuner.dropin`) applies a policy to the official
-VAR code. Bad input raises :class:`~tuner.errors.UserError` with the CLI's one-line messages.
+search``'s :class:`~tuner.search.config.SearchConfig` and runs the same driver, and
+:func:`apply_policy` (:mod:`tuner.dropin`) applies a policy to the official VAR code. Bad input
+raises :class:`~tuner.errors.UserError` with the CLI's one-line messages.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from tuner.options import SAMPLING
 from tuner.search.python_api import SearchSummary, search_config, search_policy
 
 __all__ = ["Model", "Policy", "PlanSummary", "SearchSummary", "PolicyHooks", "load_model", "load_policy",
-           "generate", "plan", "search_config", "search_policy", "apply_policy"]  # and tuner.search (callable)
+           "generate", "plan", "search_config", "search_policy", "apply_policy"]
+# (and tuner.search, the callable search package)
 
 
 def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: str | Path | None = None,

@@ -1,5 +1,6 @@
 """Same-seed image grids at export (tuner/search/grids.py): rendered by the real engine, logged to MLflow
-on the winner's and the front's trial runs and on the study run, and never in the way of the result."""
+on the winner's and the front's trial runs (image key ``grid``) and on the study run (artifacts only), and
+never in the way of the result."""
 from __future__ import annotations
 
 import io
@@ -43,6 +44,17 @@ def _enlarged(image_hw3: np.ndarray, k: int) -> np.ndarray:
 
 def _artifacts(client, run_id: str, path: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+def _image_keys(client, run_id: str) -> set[str]:
+    """The run's MLflow image keys (``client.log_image(key=...)`` writes ``images/<key>+step+...``)."""
+    return {p.split("/", 1)[1].split("+step+", 1)[0] for p in _artifacts(client, run_id, "images")}
+
+
+def _no_grid_images_on(client, parent: str) -> None:
+    """The study run holds its grids as artifacts only: no ``grid*`` image key (no extra image charts)."""
+    assert not {k for k in _image_keys(client, parent) if k.startswith("grid")}
+    assert "mlflow.loggedImages" not in client.get_run(parent).data.tags
 
 
 def test_grid_labels_and_spread():
@@ -108,9 +120,9 @@ def test_grids_of_a_real_search_are_in_mlflow_and_equal_the_engine(tmp_path, one
     client = MlflowClient(uri)
     winner_run = _trial_run(client, cfg, parent, number)
     assert _artifacts(client, winner_run, "grids") == {f"grids/trial_{number}.png"}
-    assert any(p.startswith("images/grid+") for p in _artifacts(client, winner_run, "images"))
+    assert _image_keys(client, winner_run) == {"grid"}
     assert "grids/winner.png" in _artifacts(client, parent, "grids")
-    assert any(p.startswith("images/grid.winner+") for p in _artifacts(client, parent, "images"))
+    _no_grid_images_on(client, parent)
 
     layout = GridLayout(rows=len(G.grid_labels(10)), cell=CELL)
     (tmp_path / "a").mkdir()
@@ -146,7 +158,8 @@ def _trial_run(client, cfg, parent: str, number: int) -> str:
 
 def test_front_and_preset_grids_go_to_their_runs(tmp_path):
     """With images from the fake evaluator: every preset of the final comparison has its grid on the
-    study run, every front trial (and the exported one, when a trial) on its own run."""
+    study run (an artifact, no image key), every front trial (and the exported one, when a trial) on
+    its own run (artifact and image key ``grid``)."""
     from mlflow.tracking import MlflowClient
 
     from tuner.search.objective import Objective
@@ -167,7 +180,10 @@ def test_front_and_preset_grids_go_to_their_runs(tmp_path):
     numbers = {r.number for r in front} | ({trial} if trial is not None else set())
     assert front
     for n in numbers:
-        assert _artifacts(client, _trial_run(client, cfg, parent, n), "grids") == {f"grids/trial_{n}.png"}
+        run = _trial_run(client, cfg, parent, n)
+        assert _artifacts(client, run, "grids") == {f"grids/trial_{n}.png"}
+        assert _image_keys(client, run) == {"grid"}
+    _no_grid_images_on(client, parent)
     written = sorted(p.name for p in (cfg.out_dir / "grids").glob("*.png"))
     assert written == sorted({p.rsplit("/", 1)[1] for p in on_parent} | {f"trial_{n}.png" for n in numbers})
     layout = GridLayout(rows=len(G.grid_labels(10)), cell=CELL)  # 8-px images enlarged x16

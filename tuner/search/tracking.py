@@ -311,17 +311,20 @@ class MlflowTracker:
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`tuner.trial` = '{number}'")
         return runs[0].info.run_id if runs else None
 
-    def log_image(self, path: str | Path, *, key: str, artifact_path: str, trial: int | None = None) -> bool:
-        """A PNG as an artifact under ``artifact_path`` and as image ``key`` (the compare view's image
-        charts) on the study run, or on trial ``trial``'s run; False when that trial has no run."""
+    def log_image(self, path: str | Path, *, key: str | None, artifact_path: str,
+                  trial: int | None = None) -> bool:
+        """A PNG as an artifact under ``artifact_path`` and, unless ``key`` is None, as image ``key`` (the
+        compare view's image charts) on the study run, or on trial ``trial``'s run; False when that trial
+        has no run."""
         from PIL import Image
 
         run_id = self.run_id if trial is None else self.trial_run_id(trial)
         if run_id is None:
             return False
         self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
-        with Image.open(path) as img:
-            self.client.log_image(run_id, img.convert("RGB"), key=key)
+        if key is not None:
+            with Image.open(path) as img:
+                self.client.log_image(run_id, img.convert("RGB"), key=key)
         return True
 
     def finish(self, status: str = "FINISHED") -> None:
