@@ -17,7 +17,6 @@ fp32 CPU run cannot make int8 look like a 4x saving: int8 is about half the 16-b
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,11 @@ def dtype_bytes(dtype: Any) -> int:
 
 
 def as_geometry(model: Any) -> CacheGeometry:
-    """A :class:`CacheGeometry` from a geometry, a ``ModelConfig`` or a ``VARConfig``."""
+    """A :class:`CacheGeometry` from a geometry or any config with a ``geometry`` (a named model's
+    ``ModelConfig`` / ``InfinityModelConfig``, a ``VARConfig``)."""
     if isinstance(model, CacheGeometry):
         return model
-    return CacheGeometry.from_var_config(getattr(model, "var", model))
+    return model.geometry
 
 
 @dataclass(frozen=True)
@@ -171,18 +171,6 @@ def resident_bytes_per_scale(plan: CachePlan, g: CacheGeometry, layer_bytes: tup
 
 
 # ---------------------------------------------------------------------------------------- sizing
-@functools.lru_cache(maxsize=16)
-def model_param_counts(model_cfg: Any) -> tuple[int, int]:
-    """(VAR parameters, VQ-VAE parameters), counted on the meta device (no memory, no weights)."""
-    import torch
-
-    from tuner.model.loading import build_models
-
-    with torch.device("meta"):
-        var, vae = build_models(model_cfg, "meta")
-    return sum(p.numel() for p in var.parameters()), sum(p.numel() for p in vae.parameters())
-
-
 @dataclass(frozen=True)
 class BatchEstimate:
     """How many images fit on a GPU at once, with every term and assumption spelled out."""
@@ -211,19 +199,21 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
 
     An estimate, not a measurement: the terms and their assumptions are in the result.
     """
+    from tuner.model.sizing import model_sizing
+
     g = report.geometry
     act = dtype_bytes(dtype)
-    c = model_cfg.var.embed_dim
+    size = model_sizing(model_cfg)
+    c = size.width
     n_last = g.scale_lengths[-1]
     rows = report.rows_per_image
-    var_params, vae_params = model_param_counts(model_cfg)
-    weights = 4 * (var_params + vae_params)
+    weights = size.weights_bytes
     hidden = rows * n_last * c * 10 * act
     kv_len = (g.seq_len if report.plan.full else max(report.capacities) + n_last)
     scores = rows * g.num_heads * n_last * kv_len * 4 if backend == "torch" else 0
-    logits = rows * n_last * model_cfg.vae.vocab_size * 4 * 2
-    res = model_cfg.resolution
-    decoder = model_cfg.vae.ch * model_cfg.vae.ch_mult[0] * res * res * act * 4
+    logits = rows * n_last * size.logits_per_token * 4 * 2
+    res = size.resolution
+    decoder = size.decoder_channels * res * res * act * 4
     # The report may be in another dtype than the deployment: re-count its plan in ``dtype``
     # (quantized layers cost the same in both).
     kv = memory_report(report.plan, g, dtype=dtype, cfg=rows == 2).kv_bytes_per_image
@@ -231,16 +221,15 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
     free = gpu_mem_bytes - weights - reserve_bytes
     batch = max(0, free // per_image) if per_image else 0
     assumptions = (
-        f"weights in fp32 ({var_params + vae_params:,} parameters), runs in {dtype} under autocast "
-        "as the official demo",
+        f"{size.weights_note}, runs in {dtype} under autocast as the official demo",
         f"KV cache in {dtype} (quantized layers: their codes + fp16 scales), {rows} rows per image "
         "(classifier-free guidance), exactly as planned",
         f"transformer activations at the largest scale ({n_last} tokens): 10 × width {c} per token "
         f"and row in {dtype}",
         "attention scores materialised (torch backend), fp32" if scores else
         "attention scores not materialised (fused Triton kernel)",
-        f"logits {rows} rows × {n_last} × vocab {model_cfg.vae.vocab_size} in fp32, plus one sampling copy",
-        f"VQ-VAE decoding at {res}px: 4 live maps of {model_cfg.vae.ch * model_cfg.vae.ch_mult[0]} channels; "
+        f"logits {rows} rows × {n_last} × {size.logits_note} in fp32, plus one sampling copy",
+        f"{size.decoder_name} decoding at {res}px: 4 live maps of {size.decoder_channels} channels; "
         "not at the same time as the transformer activations, the larger of the two counts",
         f"{reserve_bytes / GIB:.2f} GiB reserved for the CUDA context and allocator slack",
     )

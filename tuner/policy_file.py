@@ -67,9 +67,9 @@ def _plain(obj: Any) -> Any:
 
 
 def model_identity(model_cfg: Any, checkpoint_sha256: str | None) -> dict:
-    v = model_cfg.var
-    return {"name": model_cfg.name, "depth": v.depth, "patch_nums": list(v.patch_nums),
-            "num_heads": v.num_heads, "head_dim": v.head_dim, "checkpoint_sha256": checkpoint_sha256}
+    g = model_cfg.geometry
+    return {"name": model_cfg.name, "depth": g.num_layers, "patch_nums": list(g.patch_nums),
+            "num_heads": g.num_heads, "head_dim": g.head_dim, "checkpoint_sha256": checkpoint_sha256}
 
 
 def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
@@ -85,7 +85,7 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
     from tuner import __version__
     from tuner.memory import memory_report
 
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    geometry = model_cfg.geometry
     if calibration is None and spec is not None:
         calibration = spec.calibration
     spec = PolicySpec(geometry, model_cfg.name, calibration)
@@ -262,7 +262,7 @@ def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec:
 
 
 def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: Any) -> None:
-    want = CacheGeometry.from_var_config(model_cfg.var)
+    want = model_cfg.geometry
     name = model.get("name")
     if name != model_cfg.name or geometry != want:
         raise UserError(f"{where} is a policy for model {name} (depth {geometry.num_layers}, patch_nums "

@@ -50,20 +50,20 @@ class FakeEvaluator:
         from tuner.calibration import Calibration, CalibrationSpec
         from tuner.cli.policy_opts import placeholder_heads
 
-        v = self.model_cfg.var
-        n, s = v.depth, len(v.patch_nums)
+        g = self.model_cfg.geometry  # any named model (VAR or Infinity): only the shapes matter
+        n, s = g.num_layers, g.num_scales
 
         def table(fn):
             return tuple(tuple(None if j == 0 else fn(i, j) for j in range(s)) for i in range(n))
 
         density = tuple(tuple(tuple(1.0 if k <= j else 0.0 for k in range(s)) for j in range(s))
                         for _ in range(n))
-        return Calibration(self.model_cfg.name, tuple(v.patch_nums), n,
+        return Calibration(self.model_cfg.name, tuple(g.patch_nums), n,
                            key_similarity=table(lambda i, j: -1.0 - 0.37 * ((i * 5) % n)),
                            car=table(lambda i, j: 0.3 + 0.05 * ((i + j) % 4)),
                            htk=table(lambda i, j: 0.2 + 0.03 * ((3 * i + j) % 7)),
                            density=density, spec=CalibrationSpec(), checkpoint_sha256=self.model_hash,
-                           heads=placeholder_heads(n, v.num_heads, s))
+                           heads=placeholder_heads(n, g.num_heads, s))
 
     def _once(self, marker: str | None) -> bool:
         if marker is None or os.path.exists(marker):
@@ -74,7 +74,7 @@ class FakeEvaluator:
 
     def evaluate(self, family: str, params: dict, spec: EvalSpec) -> dict:
         from tuner.memory import memory_report
-        from tuner.policies.base import CacheGeometry, PolicySpec
+        from tuner.policies.base import PolicySpec
         from tuner.policies.registry import make_policy
 
         if (params.get("tag") == "crash" and self._once(self.crash_once)
@@ -85,7 +85,7 @@ class FakeEvaluator:
         if self.sleep:
             time.sleep(self.sleep)
         policy = make_policy(family, params)
-        pspec = PolicySpec(CacheGeometry.from_var_config(self.model_cfg.var), self.model_cfg.name,
+        pspec = PolicySpec(self.model_cfg.geometry, self.model_cfg.name,
                            self.calibration())
         rep = memory_report(policy, self.model_cfg, dtype="fp16", cfg=True, spec=pspec)
         frac = float(rep.fraction)

@@ -23,7 +23,7 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
     import optuna
 
     mc = model_config(model)
-    g = CacheGeometry.from_var_config(mc.var)
+    g = mc.geometry  # Infinity's too: every family plans on every named model's geometry
     cal = FakeEvaluator(model).calibration()
     spec = PolicySpec(g, model, cal)
     # ``all`` is derived: every registered family with a space file, in registration order (a new
@@ -93,7 +93,7 @@ def test_storage_formats_are_searched_and_quantized_presets_enqueue_exactly(mode
     from tuner.search.study import budgets_forms, quantized_presets
 
     mc = model_config(model)
-    g = CacheGeometry.from_var_config(mc.var)
+    g = mc.geometry  # Infinity's too: every family plans on every named model's geometry
     cal = FakeEvaluator(model).calibration()
     space = load_space(space_dir() / "all.yaml", g)
     groups = min(3, g.num_layers)

@@ -5,7 +5,8 @@ from typing import Optional
 
 import typer
 
-ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36.")
+ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36 "
+                                                 "(infinity-2b/8b: tuner plan only, no engine yet).")
 VarCkptOpt = typer.Option(None, "--var-ckpt", help="Path of an official-format VAR state dict (var_d*.pth).")
 VaeCkptOpt = typer.Option(None, "--vae-ckpt", help="Path of the VQ-VAE state dict (vae_ch160v4096z32.pth).")
 WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def plan(
-    model: str = typer.Option("tiny", "--model", help="Named model: tiny, d16, d20, d24, d30, d36."),
+    model: str = typer.Option("tiny", "--model", help="Named model: tiny, d16, d20, d24, d30, d36, "
+                                                      "infinity-2b, infinity-8b (1024px 1:1)."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy file (JSON)."),
     family: Optional[str] = typer.Option(None, "--family", help="Policy family: full, window, "
                                                                 "sink_window, ams, scalekv, budgets."),
@@ -37,10 +38,10 @@ def plan(
 ) -> None:
     from tuner.memory import max_batch, memory_report, plot_budget_heatmap
     from tuner.paths import ensure_parent
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
 
     cfg, gpu_bytes = _check_flags(model, policy, family, param, calibration, dtype, gpu_mem, heatmap)
-    geometry = CacheGeometry.from_var_config(cfg.var)
+    geometry = cfg.geometry
     pol, cal, note = _load_policy(cfg, policy, family, param, calibration)
     try:
         report = memory_report(pol, cfg, dtype=dtype, spec=PolicySpec(geometry, cfg.name, cal))
@@ -123,6 +124,7 @@ def _load_policy(cfg, policy: Optional[str], family: Optional[str], param: Optio
 def _print_report(cfg, pol, report, estimate, dtype: str, note: str, as_json: bool) -> None:
     """Echo the memory report: JSON with ``--json``, else the markdown table (and the note, if any)."""
     from tuner.memory import format_plan_table
+    from tuner.memory_conventions import convention_figures
 
     if as_json:
         out = {"model": cfg.name, "family": pol.family, "params": pol.params(), "dtype": dtype,
@@ -131,6 +133,7 @@ def _print_report(cfg, pol, report, estimate, dtype: str, note: str, as_json: bo
                "resident_bytes_per_scale": list(report.resident_bytes_per_scale),
                "capacities": list(report.capacities),
                "kv_formats": list(report.plan.layer_formats(report.geometry.num_layers)),
+               "scalekv_convention": convention_figures(report),
                "note": note or None}
         if estimate is not None:
             out["max_batch"] = estimate.batch

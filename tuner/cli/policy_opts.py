@@ -32,20 +32,23 @@ def policy_from_flags(family: str, params: list[str] | None):
 def placeholder_calibration(model_cfg):
     """Statistics with a fixed, arbitrary layer order, for memory planning without weights.
 
+    ``model_cfg``: any named model's config (VAR or Infinity: only its ``geometry`` and ``name`` are read).
+
     Memory of ``ams`` (quantile threshold) and ``scalekv`` depends only on how many layers/pairs get
     each role, not on which; the layer roles this implies are arbitrary and flagged as such.
     """
     from tuner.calibration import Calibration, CalibrationSpec
 
-    n, s = model_cfg.var.depth, model_cfg.var.geometry.num_scales
+    g = model_cfg.geometry
+    n, s = g.num_layers, g.num_scales
     sim = tuple(tuple(None if j == 0 else -float(layer + 1) for j in range(s)) for layer in range(n))
     car = tuple(tuple(None if j == 0 else 0.5 for j in range(s)) for _ in range(n))
     htk = tuple(tuple(None if j == 0 else 0.1 + 0.01 * ((layer * 7 + j) % n) for j in range(s))
                 for layer in range(n))
     dens = tuple(tuple(tuple(1.0 if k <= q else 0.0 for k in range(s)) for q in range(s)) for _ in range(n))
-    return Calibration(model_cfg.name, tuple(model_cfg.var.patch_nums), n, sim, car, htk, dens,
+    return Calibration(model_cfg.name, tuple(g.patch_nums), n, sim, car, htk, dens,
                        CalibrationSpec(samples=1), checkpoint_sha256="placeholder",
-                       heads=placeholder_heads(n, model_cfg.var.num_heads, s))
+                       heads=placeholder_heads(n, g.num_heads, s))
 
 
 def placeholder_heads(layers: int, heads: int, scales: int):

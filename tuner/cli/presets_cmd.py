@@ -30,12 +30,12 @@ def smallest_preset_memory(model_cfg) -> tuple[str, float, int]:
     """
     from tuner.cli.policy_opts import placeholder_calibration
     from tuner.memory import memory_report
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
     from tuner.policies.fit import memory_knob
     from tuner.presets import paper_presets
 
     cal = placeholder_calibration(model_cfg)
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    geometry = model_cfg.geometry
     spec = PolicySpec(geometry, model_cfg.name, cal)
     best = None
     for name, policy in paper_presets(model_cfg, cal).items():

@@ -1,14 +1,22 @@
-"""Frozen model configurations and the named sizes (``tiny``, ``d16`` … ``d36``).
+"""Frozen model configurations and the named sizes (``tiny``, ``d16`` … ``d36``, ``infinity-2b/8b``).
 
 Everything about a VAR model that the engine, the memory planner and the policies need is derived
 from two frozen dataclasses: :class:`VARConfig` (transformer) and :class:`VAEConfig` (multi-scale
 VQ-VAE). The official sizes follow ``build_vae_var``: heads = depth, width = 64·depth.
+
+Every named model's config offers what planning reads, whatever the architecture: ``name``,
+``geometry`` (:class:`CacheGeometry`), ``resolution``, ``kind`` (the sizing rules,
+:mod:`tuner.model.sizing`) and ``engine`` (what runs it; None for Infinity, which only plans, see
+:mod:`tuner.model.infinity_config`). Commands that run a model call :func:`require_engine`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from tuner.errors import UserError
 from tuner.geometry import CacheGeometry
+from tuner.model.infinity_config import INFINITY_MODELS
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -90,6 +98,13 @@ class ModelConfig:
     var: VARConfig
     vae: VAEConfig = field(default_factory=VAEConfig)
 
+    kind: ClassVar[str] = "var"
+    engine: ClassVar[str | None] = "var"
+
+    @property
+    def geometry(self) -> CacheGeometry:
+        return self.var.geometry
+
     @property
     def resolution(self) -> int:
         return self.var.patch_nums[-1] * self.vae.downsample
@@ -119,12 +134,33 @@ NAMED_MODELS = {
     "d24": lambda: _official("d24", 24),
     "d30": lambda: _official("d30", 30),
     "d36": lambda: _official("d36", 36, PATCH_NUMS_512, shared_aln=True),
+    **INFINITY_MODELS,  # planning only (no engine yet)
 }
 
 
-def model_config(name: str) -> ModelConfig:
-    """Return the named configuration; raises ``KeyError`` with the known names."""
+def model_config(name: str) -> Any:
+    """Return the named configuration (a :class:`ModelConfig`, or an
+    :class:`~tuner.model.infinity_config.InfinityModelConfig`); raises ``KeyError`` with the known names."""
     try:
         return NAMED_MODELS[name]()
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(NAMED_MODELS)}") from None
+
+
+def engine_models() -> tuple[str, ...]:
+    """The named models this version can run (generate, search, bench, calibrate, presets)."""
+    return tuple(name for name, make in NAMED_MODELS.items() if make().engine is not None)
+
+
+def require_engine(name: str) -> None:
+    """``UserError`` (one line) when ``--model name`` is a known model that nothing here can run yet.
+
+    Unknown names pass: the caller reports them with the list of known models.
+    """
+    make = NAMED_MODELS.get(name)
+    cfg = make() if make is not None else None
+    if cfg is None or cfg.engine is not None:
+        return
+    raise UserError(f"--model {name} can only be planned in this version (tuner plan --model {name}): the "
+                    f"{cfg.kind.capitalize()} engine that would run it is not built yet; to run a model "
+                    f"use one of {', '.join(engine_models())}")

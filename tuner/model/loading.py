@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import UserError
-from tuner.model.config import NAMED_MODELS, ModelConfig, model_config
+from tuner.model.config import NAMED_MODELS, ModelConfig, model_config, require_engine
 
 VAE_FILE = "vae_ch160v4096z32.pth"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -133,7 +133,10 @@ def resolve_weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Pat
 def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weights_dir=None,
                random_weights: bool = False, seed: int = 0,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """The one entry point the CLI and workers use to get a model."""
+    """The one entry point the CLI and workers use to get a model (``UserError`` for a model that
+    can only be planned, :func:`~tuner.model.config.require_engine`)."""
+    if name is not None:
+        require_engine(name)
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")
     if var_ckpt is not None:

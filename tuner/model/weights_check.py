@@ -47,9 +47,10 @@ def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights
     ``--random-weights`` (search, evaluate, policy check): the messages name only the flags the
     command has (``random_weights_flag``, ``ckpt_flags`` for ``--var-ckpt/--vae-ckpt``).
     """
-    from tuner.model.config import model_config
+    from tuner.model.config import model_config, require_engine
     from tuner.model.loading import VAE_FILE
 
+    require_engine(model)
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")
     if var_ckpt is not None:

@@ -285,11 +285,12 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
     Defaults that depend on other flags: the study name (model, space, target), the output directory
     ``runs/<study>``, the storage ``sqlite:///<out>/study.db`` and MLflow ``sqlite:///<out>/mlflow.db``.
     """
-    from tuner.model.config import NAMED_MODELS
+    from tuner.model.config import NAMED_MODELS, require_engine
 
     model = fields.get("model", "tiny")
     if model not in NAMED_MODELS:
         raise UserError(f"--model {model!r} is unknown; known models: {', '.join(NAMED_MODELS)}")
+    require_engine(model)
     if mem_target is not None and not str(mem_target).strip():
         raise UserError("--mem-target is empty; use a percentage like 15%, a fraction like 0.15 or 40MiB")
     mem = parse_mem_target(str(mem_target).strip()) if mem_target is not None else None

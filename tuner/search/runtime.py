@@ -114,9 +114,8 @@ def _calibration(info: dict[str, Any]) -> Any:
 def validate(cfg: SearchConfig):
     """Side-effect-free checks of everything checkable before the pool starts; returns (model config,
     space, space file). Nothing is created: the output and database directories are made later."""
-    from tuner.model.config import model_config
+    from tuner.model.config import model_config, require_engine
     from tuner.paths import check_writable_dir
-    from tuner.policies.base import CacheGeometry
     from tuner.search.config import DEFAULT_EVALUATOR
     from tuner.search.space_files import load_space, space_path_for
     from tuner.search.storage import check_storage_url
@@ -126,10 +125,11 @@ def validate(cfg: SearchConfig):
         model_cfg = model_config(cfg.model)
     except KeyError as exc:
         raise UserError(f"--model: {exc.args[0]}") from None
+    require_engine(cfg.model)
     check_writable_dir(cfg.out, "--out")
     space_file = Path(cfg.space) if cfg.space else space_path_for(cfg.family)
     try:
-        space = load_space(space_file, CacheGeometry.from_var_config(model_cfg.var))
+        space = load_space(space_file, model_cfg.geometry)
     except UserError as exc:  # the loader names the file and line; the flag is named here
         raise UserError(f"--space {exc}" if cfg.space else str(exc)) from None
     check_storage_url(cfg.storage)
