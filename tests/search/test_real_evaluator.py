@@ -20,7 +20,8 @@ def test_search_with_the_real_evaluator_on_tiny(tmp_path, workers):
     cfg = resolve_config(model="tiny", mem_target="50%", family="all", trials=4, samples=2, final_samples=2,
                          final_top_k=1, workers=workers, device="cpu",
                          mlflow_uri=f"sqlite:///{tmp_path / 'ml.db'}",
-                         out=str(tmp_path / "run"), eval_batch_size=8)
+                         out=str(tmp_path / "run"), eval_batch_size=8,
+                         proxy_candidates=0)  # the proxy has its own tests below
     result = run_search(cfg, progress=False)
     evaluated = [r for r in result.records if r.evaluated]
     assert evaluated, [r.error for r in result.records]
@@ -63,3 +64,32 @@ def test_proxy_prescreen_enqueues_the_best_scored_policies_once(tmp_path):
     run_search(resolve_config(trials=5, **kw), progress=False)
     study = optuna.load_study(study_name=result.study_name, storage=result.storage)
     assert len([t for t in study.trials if A_PROXY_SCORE in t.user_attrs]) == 3  # not enqueued again
+
+
+def test_warm_starts_run_best_proxy_score_first_presets_included(tmp_path):
+    """The presets and the proxy's best random policies form one queue ordered by proxy score: the
+    search's first trial is the best-scored policy (at 15% on tiny an int4 preset, not a 16-bit one),
+    every preset the space can express is enqueued exactly once, and a resume enqueues nothing again."""
+    import optuna
+
+    from tuner.search.prescreen import A_PROXY_SCORE
+    from tuner.search.trials import A_PRESET
+
+    kw = dict(model="tiny", mem_target="15%", family="all", samples=2, min_samples=2, final_samples=2,
+              final_top_k=1, workers=0, device="cpu", mlflow_uri="none", out=str(tmp_path / "run"),
+              eval_batch_size=8, proxy_candidates=6, proxy_top=2, grids=False)
+    result = run_search(resolve_config(trials=2, **kw), progress=False)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    queued = sorted((t for t in study.trials if A_PROXY_SCORE in t.user_attrs), key=lambda t: t.number)
+    scores = [t.user_attrs[A_PROXY_SCORE] for t in queued]
+    assert scores == sorted(scores) and queued[0].number == 0
+    presets = [t.user_attrs[A_PRESET] for t in study.trials if A_PRESET in t.user_attrs]
+    assert len(presets) == len(set(presets)) > 6 and {"ams", "ams + int8", "ams + int4"} <= set(presets)
+    assert len([t for t in queued if A_PRESET not in t.user_attrs]) == 2  # the proxy's best random ones
+    first = queued[0].user_attrs
+    assert "int4" in str(first.get("fixed_policy")) or "int8" in str(first.get("fixed_policy")), first
+    n = len(study.trials)
+    run_search(resolve_config(trials=3, **kw), progress=False)
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    again = [t.user_attrs[A_PRESET] for t in study.trials if A_PRESET in t.user_attrs]
+    assert sorted(again) == sorted(presets) and len(study.trials) >= n

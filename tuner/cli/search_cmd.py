@@ -138,10 +138,12 @@ def search_command(
                                         help="Seconds before a worker counts as hung."),
     no_presets: bool = typer.Option(False, "--no-presets", help="Do not enqueue the paper presets first."),
     proxy_candidates: int = typer.Option(
-        32, "--proxy-candidates", help="With --mem-target: rank this many random policies by the "
-                                        "zero-generation proxy before searching (0 = off)."),
+        32, "--proxy-candidates", help="With --mem-target: rank this many random policies and the "
+                                        "presets by the zero-generation proxy before searching, and run "
+                                        "them best first (0 = off: presets in their listed order)."),
     proxy_top: int = typer.Option(8, "--proxy-top",
-                                  help="Enqueue the proxy's best N as warm starts after the presets."),
+                                  help="Enqueue the proxy's best N random policies as warm starts, "
+                                       "ranked together with the presets."),
     no_fit: bool = typer.Option(False, "--no-fit",
                                 help="With --mem-target: do not fit each policy's budget knob "
                                       "(token cap, budget fraction, curve level) to the target."),

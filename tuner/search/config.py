@@ -67,7 +67,7 @@ class SearchConfig:
     trial_timeout_s: float = 3600.0
     presets: bool = True
     proxy_candidates: int = 32  # random policies ranked by the zero-generation proxy (0 = off)
-    proxy_top: int = 8  # the best of them enqueued as warm starts after the presets
+    proxy_top: int = 8  # the best of them enqueued as warm starts, ranked with the presets by the proxy
     fit_memory: bool = True  # with a memory target only: each policy's budget knob set to fill it
     grids: bool | None = None  # same-seed image grids at export (None: on when MLflow tracking is on)
     evaluator: str = DEFAULT_EVALUATOR

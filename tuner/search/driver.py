@@ -339,7 +339,7 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
     ``interrupted`` set (the CLI exits with 128 + the signal number).
     """
     from tuner.search.export import finish_search
-    from tuner.search.prescreen import prescreen
+    from tuner.search.prescreen import warm_start
 
     if console is None:
         import sys
@@ -354,7 +354,7 @@ def run_search(cfg: SearchConfig, console: Any = None, progress: bool = True) ->
         status = "FAILED"
         try:
             driver = SearchDriver(rt)
-            note = prescreen(rt, cfg.proxy_candidates, cfg.proxy_top)
+            note = warm_start(rt, cfg.proxy_candidates, cfg.proxy_top)
             if note:
                 console.print(note, highlight=False)
             rt.tracker.backfill(driver.records)  # trials an earlier driver finished but could not log

@@ -4,7 +4,7 @@
 storage URL, cluster address, MLflow URI and weights are validated with no side effects
 (:func:`validate`), so bad input leaves no study, no table, no run and no directory behind. Only then
 is the worker pool started (model loaded once per worker), the output and database directories
-created, the study opened or resumed, stale trials recovered and presets enqueued.
+created, the study opened or resumed, stale trials recovered and presets collected.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.search.ray_pool import RayPool
     from tuner.search.space import SearchSpace
     from tuner.search.storage import TunerTables
-    from tuner.search.study import Preset
+    from tuner.search.study import Preset, WarmStart
     from tuner.search.tracker_guard import GuardedTracker
     from tuner.search.tracking import NullTracker
     from tuner.search.workers import InlinePool
@@ -57,6 +57,7 @@ class SearchRuntime:
     resumed: bool = False
     session_id: str = ""
     presets: list["Preset"] = field(default_factory=list)
+    warm_starts: list["WarmStart"] = field(default_factory=list)  # enqueued by tuner.search.prescreen
     planner: "Planner | None" = None
     evals: "EvaluationService | None" = None
     screen_specs: list[dict[str, Any]] = field(default_factory=list)  # one per rung (tuner.search.fidelity)
@@ -182,7 +183,7 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
         _set_up_planning(rt)
         _open_study(rt)
         rt.evals = EvaluationService(rt.tables, rt.pool, rt.model_hash, cfg.study_name, rt.session_id)
-        _enqueue_presets(rt)
+        _collect_presets(rt)
         _start_tracking(rt, out)
         (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "model_hash": rt.model_hash,
                                                       "space_digest": space.digest}, indent=2) + "\n")
@@ -240,9 +241,10 @@ def _open_study(rt: SearchRuntime) -> None:
                       highlight=False)
 
 
-def _enqueue_presets(rt: SearchRuntime) -> None:
-    """Load the paper presets (unless ``--no-presets``) and their int8 / int4 variants, and enqueue those
-    the space can express as the study's first trials (all of them are compared in the final round)."""
+def _collect_presets(rt: SearchRuntime) -> None:
+    """Load the paper presets (unless ``--no-presets``) and their int8 / int4 variants; those the space
+    can express become ``rt.warm_starts``, the study's first trials (enqueued once per study by
+    :func:`tuner.search.prescreen.warm_start`; all presets are compared in the final round)."""
     from tuner.search import study as S
 
     spec = rt.planner.spec
@@ -257,9 +259,10 @@ def _enqueue_presets(rt: SearchRuntime) -> None:
     def forms(presets):
         return S.budgets_forms(presets, spec.geometry, build=lambda f, p: rt.planner.plan(f, p).policy)
 
-    # Warm starts in this order: the published presets, the baselines' budgets forms, then the same
-    # quantized (all of them are compared in the final round whether the space can express them or not).
-    S.enqueue_presets(rt.study, rt.space, published, forms(published) + quantized + forms(quantized))
+    # Warm starts in this order unless the proxy ranks them: the published presets, the baselines'
+    # budgets forms, then the same quantized.
+    extra = forms(published) + quantized + forms(quantized)
+    rt.warm_starts, _ = S.preset_warm_starts(rt.space, published, extra)
 
 
 def _start_tracking(rt: SearchRuntime, out: Path) -> None:

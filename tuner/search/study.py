@@ -6,7 +6,8 @@
 - :func:`recover_stale_trials`: RUNNING trials of a driver that no longer runs (killed) are marked
   FAIL and re-queued with the same parameters, so a resume loses nothing and evaluates nothing twice
   (finished evaluations come from the cache).
-- :func:`enqueue_presets`: the paper presets first (warm start), once per study.
+- :func:`preset_warm_starts`, :func:`enqueue_warm_starts`: the paper presets first (warm starts), once
+  per study (ordered by the zero-generation proxy when it runs, :mod:`tuner.search.prescreen`).
 """
 from __future__ import annotations
 
@@ -204,26 +205,57 @@ def budgets_forms(presets: list[Preset], geometry: Any, build: Any = None) -> li
     return out
 
 
-def enqueue_presets(study: Any, space: Any, presets: list[Preset],
-                    extra: list[Preset] = ()) -> tuple[list[str], list[Preset]]:
-    """Enqueue presets the space can express (once per study); return (enqueued names, the others).
+@dataclass(frozen=True)
+class WarmStart:
+    """A trial to enqueue before the sampler's own: a preset the space can express."""
+
+    preset: Preset
+    params: dict[str, Any]  # its trial parameters in the space
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {T.A_PRESET: self.preset.name,
+                T.A_FIXED: {"family": self.preset.family, "params": self.preset.params}}
+
+
+def preset_warm_starts(space: Any, presets: list[Preset],
+                       extra: list[Preset] = ()) -> tuple[list[WarmStart], list[Preset]]:
+    """(warm starts: the presets the space can express, the others).
 
     Presets outside the space (other families, off-range values) are not trials: they are evaluated
-    only for the final comparison table. ``extra`` presets are enqueued when the space can express
+    only for the final comparison table. ``extra`` presets are warm starts when the space can express
     them, and dropped otherwise (see :func:`budgets_forms`).
     """
     inside, outside = [], []
     for p in presets:
         params = space.trial_params(p.family, p.params)
-        (inside if params is not None else outside).append((p, params))
+        if params is not None:
+            inside.append(WarmStart(p, params))
+        else:
+            outside.append(p)
     for p in extra:  # e.g. the baselines' budgets forms: enqueued when the space has them, never compared
         params = space.trial_params(p.family, p.params)
         if params is not None:
-            inside.append((p, params))
+            inside.append(WarmStart(p, params))
+    return inside, outside
+
+
+def enqueue_warm_starts(study: Any, starts: list[WarmStart], scores: dict[int, float] | None = None) -> None:
+    """Enqueue ``starts`` once per study, in the given order, with their proxy score (by index) if any."""
     if study.user_attrs.get(A_PRESETS_DONE):
-        return [], [p for p, _ in outside]
-    for p, params in inside:
-        study.enqueue_trial(params, user_attrs={T.A_PRESET: p.name,
-                                                T.A_FIXED: {"family": p.family, "params": p.params}})
+        return
+    for i, w in enumerate(starts):
+        extra = {} if scores is None or i not in scores else {"proxy_score": scores[i]}
+        study.enqueue_trial(w.params, user_attrs={**w.attrs, **extra})
     study.set_user_attr(A_PRESETS_DONE, True)
-    return [p.name for p, _ in inside], [p for p, _ in outside]
+
+
+def enqueue_presets(study: Any, space: Any, presets: list[Preset],
+                    extra: list[Preset] = ()) -> tuple[list[str], list[Preset]]:
+    """Enqueue the presets the space can express in their order (once per study); return (enqueued
+    names, the others). The search itself orders them by the proxy first (:mod:`tuner.search.prescreen`)."""
+    inside, outside = preset_warm_starts(space, presets, extra)
+    if study.user_attrs.get(A_PRESETS_DONE):
+        return [], outside
+    enqueue_warm_starts(study, inside)
+    return [w.preset.name for w in inside], outside
