@@ -1,2 +1,2 @@
-"""VAR inference engine (transformer, multi-scale VQ-VAE, KV cache, generation loop) and the model configs,
-Infinity's included (planning only: no Infinity engine yet)."""
+"""Inference engines (VAR: transformer, multi-scale VQ-VAE; Infinity: text-conditioned transformer, BSQ-VAE
+decoder), the KV cache they share, the generation loops and the model configs."""

@@ -2,9 +2,10 @@
 
 Facts from the official code, FoundationVision/Infinity @4c27bbb (MIT): ``infinity/models/infinity.py``
 and ``basic.py`` (the transformer), ``tools/run_infinity.py`` (the sizes and how inference holds the
-weights), ``infinity/models/bsq_vae/`` (the tokenizer). This version knows the shapes only: ``tuner
-plan`` sizes memory from them; there is no Infinity engine yet (``engine`` is None, and the commands
-that run a model refuse these names, :func:`tuner.model.config.require_engine`).
+weights), ``infinity/models/bsq_vae/`` (the tokenizer). ``tuner plan`` sizes memory from these shapes.
+The engine (``tuner/model/infinity*.py``, ``bsq_vae.py``) runs them from Python; the CLI does not yet
+(``engine`` is None, and the commands that run a model refuse these names,
+:func:`tuner.model.config.require_engine`).
 
 Only self-attention keeps a KV cache (text enters by cross-attention, recomputed from the prompt), so
 the cache geometry is the image tokens of the scale schedule: ``depth`` layers × ``num_heads`` ×
