@@ -55,6 +55,11 @@ def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: 
             raise UserError("pass a model name, or (var_ckpt, vae_ckpt) as two paths, or var_ckpt= and "
                             "vae_ckpt=")
         (var_ckpt, vae_ckpt), name = paths, "tiny"
+    from tuner.model.config import NAMED_MODELS, model_config
+
+    if name in NAMED_MODELS and model_config(name).kind != "var":
+        raise UserError(f"tuner.load_model runs VAR models in this version; {name} runs through the CLI "
+                        f"(tuner generate / bench / evaluate / search --model {name} --random-weights)")
     dev = resolve_device(device)
     loaded = load(name, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
                   random_weights=random_weights, seed=seed, device=dev)

@@ -278,21 +278,25 @@ def calibration_labels(num_classes: int, samples: int) -> list[int]:
     return [(i * num_classes) // samples for i in range(samples)]
 
 
-def calibrate(var, vae, model_cfg, samples: int = 16, seed: int = 0,
+def calibrate(model, vae=None, model_cfg=None, samples: int = 16, seed: int = 0,
               progress: Callable[[float, int], None] | None = None, *, spec: CalibrationSpec | None = None,
               checkpoint_sha256: str | None = None, backend: str = "torch", dtype=None,
               progress_per_scale: bool = False) -> Calibration:
     """Generate ``samples`` images with the full cache and return their statistics.
 
-    ``spec`` overrides ``samples``/``seed``; the images and ``progress``/``progress_per_scale`` are
-    :func:`run_calibration_images`'.
+    ``model``: a loaded model (VAR or Infinity, :func:`tuner.model.runner.as_runner`), or the
+    transformer with ``vae`` and ``model_cfg``. ``spec`` overrides ``samples``/``seed``; the images and
+    ``progress``/``progress_per_scale`` are :func:`run_calibration_images`'.
     """
+    from tuner.model.runner import as_runner
+
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or CalibrationSpec(samples=samples, seed=seed)
-    geometry, softmax_scale = CacheGeometry.from_var_config(model_cfg.var), softmax_scale_of(var)
-    obs = CalibrationObserver(geometry, model_name=model_cfg.name, spec=spec,
+    geometry, softmax_scale = runner.config.geometry, runner.softmax_scale
+    obs = CalibrationObserver(geometry, model_name=runner.config.name, spec=spec,
                               checkpoint_sha256=checkpoint_sha256, softmax_scale=softmax_scale)
     heads = HeadStatsObserver(geometry, softmax_scale=softmax_scale)
-    run_calibration_images(var, vae, model_cfg, spec, _Both(obs, heads), progress=progress, backend=backend,
+    run_calibration_images(runner, spec=spec, observer=_Both(obs, heads), progress=progress, backend=backend,
                            dtype=dtype, progress_per_scale=progress_per_scale)
     measured = heads.finalize()
     summary = HeadCalibration.from_measured(measured["mass"], measured["dispersion"])
@@ -311,14 +315,18 @@ class _Both:
 
 
 def softmax_scale_of(var) -> float:
-    """The factor the model applies to ``q·k`` before the softmax (what an observer must use too)."""
+    """The factor a VAR transformer applies to ``q·k`` before the softmax (what an observer must use
+    too; a loaded model's ``softmax_scale`` says it for any kind)."""
     return float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
 
 
-def run_calibration_images(var, vae, model_cfg, spec: CalibrationSpec, observer,
-                           progress: Callable[[float, int], None] | None = None, *, backend: str = "torch",
-                           dtype=None, progress_per_scale: bool = False) -> None:
+def run_calibration_images(model, vae=None, model_cfg=None, spec: CalibrationSpec | None = None,
+                           observer=None, progress: Callable[[float, int], None] | None = None, *,
+                           backend: str = "torch", dtype=None, progress_per_scale: bool = False) -> None:
     """Generate ``spec``'s calibration images with the full cache, ``observer`` watching every attention.
+
+    ``model``: a loaded model, or the transformer with ``vae`` and ``model_cfg`` (as :func:`calibrate`);
+    labels are condition indices (classes for VAR, prompts of the built-in set for Infinity).
 
     ``observer(layer, scale, q, k_all, v_all, positions)`` is the engine's hook (see
     :class:`CalibrationObserver`); every per-model statistic computed from full-cache runs
@@ -333,19 +341,21 @@ def run_calibration_images(var, vae, model_cfg, spec: CalibrationSpec, observer,
     """
     import torch
 
-    from tuner.model.generate import generate
+    from tuner.model.runner import as_runner
     from tuner.policies.full import FullPolicy
 
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
-    device = next(var.parameters()).device
-    labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
+    runner = as_runner(model, vae, model_cfg)
+    spec = spec or CalibrationSpec()
+    geometry = runner.config.geometry
+    labels = torch.tensor(calibration_labels(runner.num_conditions, spec.samples))
     done = 0
     for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
         watcher = observer
         if progress is not None and progress_per_scale:
             watcher = _ScaleProgress(observer, geometry, done, len(chunk), spec.samples, progress)
-        generate(var, vae, chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
-                 policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32, observer=watcher)
+        runner.generate_chunk(chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
+                              policy=FullPolicy(), backend=backend, dtype=dtype or torch.float32,
+                              observer=watcher)
         done += len(chunk)
         if progress is not None:
             progress(done, spec.samples)
@@ -387,7 +397,7 @@ def cache_path(model_cfg, checkpoint_sha256: str, spec: CalibrationSpec,
     return Path(cache_dir or default_cache_dir()) / f"{model_cfg.name}_{key}_{spec.key()}.json"
 
 
-def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str | None,
+def load_or_compute_calibration(model, vae=None, model_cfg=None, *, checkpoint_sha256: str | None,
                                 spec: CalibrationSpec | None = None, cache_dir: str | Path | None = None,
                                 progress: Callable[[float, int], None] | None = None, recompute: bool = False,
                                 backend: str = "torch", dtype=None,
@@ -399,9 +409,12 @@ def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str |
     other string (e.g. ``"random:seed 0"``) works as a key. A cached file for another model or spec
     (or an unreadable one) is recomputed and replaced.
     """
+    from tuner.model.runner import as_runner
+
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or CalibrationSpec()
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
-    path = cache_path(model_cfg, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
+    geometry = runner.config.geometry
+    path = cache_path(runner.config, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
     if path is not None and path.is_file() and not recompute:
         try:
             cal = Calibration.from_dict(json.loads(path.read_text()))
@@ -410,7 +423,7 @@ def load_or_compute_calibration(var, vae, model_cfg, *, checkpoint_sha256: str |
                 return cal  # (saved before the per-head summary existed: recomputed below)
         except (OSError, ValueError):
             pass  # stale or corrupt: recompute below
-    cal = calibrate(var, vae, model_cfg, spec=spec, progress=progress, checkpoint_sha256=checkpoint_sha256,
+    cal = calibrate(model, vae, model_cfg, spec=spec, progress=progress, checkpoint_sha256=checkpoint_sha256,
                     backend=backend, dtype=dtype, progress_per_scale=progress_per_scale)
     if path is not None:
         cal.save(path)

@@ -177,18 +177,23 @@ def contextual_split(dispersion, quantile: float):
     return out
 
 
-def compute_head_stats(var, vae, model_cfg, spec: HeadSpec | None = None, *,
+def compute_head_stats(model, vae=None, model_cfg=None, spec: HeadSpec | None = None, *,
                        checkpoint_sha256: str | None = None, backend: str = "torch", dtype=None,
                        progress: Callable[[float, int], None] | None = None) -> HeadStats:
-    """Generate ``spec.images``' calibration images with the full cache and measure the head statistics."""
-    from tuner.calibration import run_calibration_images, softmax_scale_of
-    from tuner.calibration_heads_observer import HeadStatsObserver
+    """Generate ``spec.images``' calibration images with the full cache and measure the head statistics.
 
+    ``model``: a loaded model, or the transformer with ``vae`` and ``model_cfg``
+    (:func:`tuner.model.runner.as_runner`)."""
+    from tuner.calibration import run_calibration_images
+    from tuner.calibration_heads_observer import HeadStatsObserver
+    from tuner.model.runner import as_runner
+
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or HeadSpec()
-    obs = HeadStatsObserver(CacheGeometry.from_var_config(model_cfg.var), softmax_scale=softmax_scale_of(var))
-    run_calibration_images(var, vae, model_cfg, spec.images, obs, progress=progress, backend=backend,
+    obs = HeadStatsObserver(runner.config.geometry, softmax_scale=runner.softmax_scale)
+    run_calibration_images(runner, spec=spec.images, observer=obs, progress=progress, backend=backend,
                            dtype=dtype)
-    return stats_from(obs, model_cfg.name, spec, checkpoint_sha256)
+    return stats_from(obs, runner.config.name, spec, checkpoint_sha256)
 
 
 def stats_from(obs, model_name: str, spec: HeadSpec, checkpoint_sha256: str | None = None) -> HeadStats:
@@ -209,7 +214,8 @@ def cache_path(model_cfg, checkpoint_sha256: str, spec: HeadSpec,
     return Path(cache_dir or default_cache_dir()) / name
 
 
-def head_stats(var, vae, model_cfg, *, checkpoint_sha256: str | None, spec: HeadSpec | None = None,
+def head_stats(model, vae=None, model_cfg=None, *, checkpoint_sha256: str | None,
+               spec: HeadSpec | None = None,
                cache_dir: str | Path | None = None, recompute: bool = False, backend: str = "torch",
                dtype=None,
                progress: Callable[[float, int], None] | None = None) -> HeadStats:
@@ -218,9 +224,12 @@ def head_stats(var, vae, model_cfg, *, checkpoint_sha256: str | None, spec: Head
     ``checkpoint_sha256=None`` (random weights: nothing identifies them) computes without caching; a
     cached file for another geometry, spec or hash, or an unreadable one, is computed again and replaced.
     """
+    from tuner.model.runner import as_runner
+
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or HeadSpec()
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
-    path = cache_path(model_cfg, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
+    geometry = runner.config.geometry
+    path = cache_path(runner.config, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
     if path is not None and path.is_file() and not recompute:
         try:
             stats = HeadStats.load(path)
@@ -229,7 +238,7 @@ def head_stats(var, vae, model_cfg, *, checkpoint_sha256: str | None, spec: Head
                 return stats
         except ValueError:
             pass  # stale or corrupt: compute again below
-    stats = compute_head_stats(var, vae, model_cfg, spec, checkpoint_sha256=checkpoint_sha256,
+    stats = compute_head_stats(model, vae, model_cfg, spec=spec, checkpoint_sha256=checkpoint_sha256,
                                backend=backend, dtype=dtype, progress=progress)
     if path is not None:
         stats.save(path)

@@ -37,13 +37,15 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
     return grid
 
 
-def save_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, upscale: int = 1) -> list[Path]:
-    """Write ``samples.npz`` (images float32 [B,3,H,W] in [0,1], labels int64 [B]) and one PNG each."""
+def save_samples(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, upscale: int = 1,
+                 condition: str = "class") -> list[Path]:
+    """Write ``samples.npz`` (images float32 [B,3,H,W] in [0,1], labels int64 [B]) and one PNG each,
+    named ``<i>_<condition><label>.png`` (``condition``: ``class``, or ``prompt`` for a prompt index)."""
     np.savez(out_dir / "samples.npz", images=images.detach().float().cpu().numpy().astype(np.float32),
              labels=labels.detach().cpu().numpy().astype(np.int64))
     paths = []
     for i, (img, lab) in enumerate(zip(images, labels.tolist())):
-        p = out_dir / f"{i:04d}_class{lab}.png"
+        p = out_dir / f"{i:04d}_{condition}{lab}.png"
         save_png(img, p, upscale)
         paths.append(p)
     return paths

@@ -164,9 +164,9 @@ def match(candidates: list[Entry], refs: dict[tuple, Entry],
 
 def _with_file_calibration(evaluator: Any, entry: Entry) -> Any:
     """The evaluator planning with the calibration embedded in the file (what its budgets assume)."""
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
 
-    geometry = CacheGeometry.from_var_config(evaluator.loaded.config.var)
+    geometry = evaluator.loaded.config.geometry
     spec = PolicySpec(geometry, evaluator.loaded.config.name, entry.info.calibration)
     return dataclasses.replace(evaluator, spec_for=lambda policy: spec)
 
@@ -206,7 +206,7 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
             rows.append(CheckRow(cand.path, None, cand.describe_target(), name, cand_mem))
             continue
         ev = evaluator_for(cand.model)
-        spec = EvalSpec.balanced(ev.loaded.config.var.num_classes, samples, seed, batch_size=batch_size)
+        spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size)
         mc, mr = measure(cand, spec), measure(ref, spec)
         names = [name, *(g for g in guards if g != name)]
         missing = [n for n in names if n not in mc or n not in mr]

@@ -35,6 +35,8 @@ class _Done:
 def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypatch):
     weights = tmp_path / "w"
     weights.mkdir()
+    prompts = tmp_path / "my prompts.txt"
+    prompts.write_text("a cat\n")
     cfg = resolve_config(
         model="d16", weights_dir=str(weights), var_ckpt="v.pth", vae_ckpt="q.pth", mem_target="12.5%",
         fid_limit=3.25, metric="feat_dist", space=toy_space(tmp_path), trials=17, timeout_s=99.5, patience=4,
@@ -46,7 +48,8 @@ def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypa
         backend="torch", cfg=2.25, top_k=100, top_p=0.9, eval_batch_size=4, trial_timeout_s=123.0,
         presets=False, proxy_candidates=5, proxy_top=2, fit_memory=False, grids=False,
         evaluator="tests.search.fake_eval:build",
-        evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")})
+        evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")}, random_weights=True,
+        sides=(1, 2, 4), prompts=str(prompts))
     defaults = SearchConfig.__dataclass_fields__
     unchanged = [f.name for f in dataclasses.fields(cfg)
                  if getattr(cfg, f.name) == defaults[f.name].default and f.name != "family"]

@@ -48,7 +48,10 @@ def test_every_sampled_policy_plans_and_presets_round_trip(model):
         fractions[family].append(report.fraction)
         study.tell(trial, 0.0)
     assert all(fractions.values())
-    assert min(min(v) for v in fractions.values()) < 0.2  # low-memory regions are reachable
+    # low-memory regions are reachable: below 20%, or near the workspace's own share on a model too
+    # shallow for that (infinity-test: 2 layers, the 36-token workspace alone is 36 / (2 · 57) = 31.6%)
+    floor = max(g.scale_lengths) / (g.seq_len * g.num_layers)
+    assert min(min(v) for v in fractions.values()) < max(0.2, floor + 0.05)
     presets = {p.name: p for p in load_presets(mc, cal)}
     inside = {n for n, p in presets.items() if space.trial_params(p.family, p.params) is not None}
     assert inside == {"ams", "scalekv_10", "scalekv_20", "hack", "heatkv"}  # the baselines: other families

@@ -54,10 +54,8 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
     import torch
 
     from tuner.memory import memory_report
-    from tuner.model.generate import generate
 
-    n_cls = loaded.config.var.num_classes
-    labels = torch.arange(batch, device=device) % n_cls
+    conditions = torch.arange(batch) % loaded.num_conditions  # classes, or prompts (Infinity)
     cuda = str(device).startswith("cuda")
     if cuda:  # peak memory of the timed runs alone (weights included, earlier runs' peaks not)
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,9 +64,8 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
         if cuda:  # as generate() times its scales: nothing earlier still queued when the clock starts
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        res = generate(loaded.var, loaded.vae, labels, seed=seed + i, policy=policy, spec=spec,
-                       backend=backend, dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p,
-                       cfg=SAMPLING.cfg)
+        res = loaded.generate_chunk(conditions, seed=seed + i, policy=policy, spec=spec, backend=backend,
+                                    dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, cfg=SAMPLING.cfg)
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -94,6 +91,7 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
         "kv_bytes_per_image": report.kv_bytes_per_image,
         "memory_fraction": report.fraction,
         "peak_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+        "note": loaded.note,
     }
 
 
@@ -112,6 +110,8 @@ def format_table(r: dict) -> str:
               f"{r['kv_bytes_per_image']:,} B per image, {100 * r['memory_fraction']:.1f}% of full)"]
     if r.get("peak_bytes") is not None:
         lines.append(f"peak GPU memory {r['peak_bytes']:,} B (torch.cuda.max_memory_allocated)")
+    if r.get("note"):
+        lines.append(f"note: {r['note']}")
     return "\n".join(lines)
 
 
@@ -122,6 +122,7 @@ def bench(
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
+    sides: Optional[str] = mo.SidesOpt,
     policy: Optional[str] = mo.PolicyOpt,
     batch: int = typer.Option(8, "--batch", help="Images per forward pass."),
     device: str = mo.DeviceOpt,
@@ -134,6 +135,7 @@ def bench(
     threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
     check_threads(threads)
+    mo.parse_sides(sides)
     if batch <= 0 or repeats <= 0 or warmup < 0:
         raise UserError("--batch and --repeats must be positive and --warmup >= 0")
     check_choice(dtype, DTYPE_NAMES, "--dtype")
@@ -143,7 +145,8 @@ def bench(
     apply_threads(threads)
     tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
-    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev,
+                                        sides=sides)
     pol, spec = mo.load_policy_option(policy, loaded)
     backend = resolve_backend(attention_backend, dev)
     result = run_bench(loaded, pol, spec, batch=batch, device=dev, dtype=tdtype, backend=backend,

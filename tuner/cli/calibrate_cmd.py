@@ -29,9 +29,11 @@ def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = 
     from tuner.cli.progress import step_progress
 
     key = loaded.checkpoint_sha256 or f"random:{loaded.source}"
+    if loaded.conditions_key:  # as the evaluator keys it (tuner.quality.evaluate.PolicyEvaluator.model_hash)
+        key = f"{key}|{loaded.conditions_key}"
     with step_progress(f"calibrating {loaded.config.name}", samples, "images", quiet=quiet) as update:
         return load_or_compute_calibration(
-            loaded.var, loaded.vae, loaded.config, checkpoint_sha256=key,
+            loaded, checkpoint_sha256=key,
             spec=CalibrationSpec(samples=samples, seed=seed), recompute=recompute,
             progress=lambda done, total: update(done), progress_per_scale=True)
 
@@ -43,7 +45,9 @@ def calibrate(
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
-    samples: int = typer.Option(16, "--samples", help="Calibration images."),
+    sides: Optional[str] = mo.SidesOpt,
+    samples: int = typer.Option(16, "--samples", help="Calibration images (Infinity: over the built-in "
+                                "prompts)."),
     seed: int = typer.Option(0, "--seed", help="Calibration seed."),
     out: str = typer.Option("calibration", "--out",
                             help="Directory for calibration.json, heatmaps and table."),
@@ -58,9 +62,10 @@ def calibrate(
         raise UserError(f"--samples {samples} must be positive")
     check_seed(seed)
     check_writable_dir(out, "--out")
+    mo.parse_sides(sides)
     apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
-                                        resolve_device(device))
+                                        resolve_device(device), sides=sides)
     cal = calibration_for(loaded, samples, seed, recompute)
     out_dir = writable_dir(out)  # only now: bad input leaves no directory behind
     cal.save(out_dir / "calibration.json")

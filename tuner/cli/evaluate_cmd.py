@@ -65,6 +65,19 @@ def check_policy_name(name_or_path: str) -> None:
         raise UserError(f"unknown policy {name_or_path!r}: not a file and not a preset ({', '.join(names)})")
 
 
+def _check_prompts_flag(model: str, prompts: Optional[str]) -> None:
+    """``--prompts`` only for a text-to-image model, and the file must read (before any model loads)."""
+    if prompts is None:
+        return
+    from tuner.model.config import NAMED_MODELS, model_config
+    from tuner.model.prompts import read_prompts
+
+    if model not in NAMED_MODELS or model_config(model).kind != "infinity":
+        raise UserError(f"--prompts needs a text-to-image model (infinity-test, infinity-2b, infinity-8b); "
+                        f"--model {model} is class-conditional")
+    read_prompts(prompts)
+
+
 @contextmanager
 def progress_bar(evaluator, total_images: int, disable: bool):
     """A rich progress bar on stderr over the images generated (full cache, then policy).
@@ -101,7 +114,11 @@ def evaluate(
     var_ckpt: Optional[str] = mo.VarCkptOpt,
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     weights_dir: Optional[str] = mo.WeightsDirOpt,
-    samples: int = typer.Option(64, "--samples", help="Images (paired with the full cache)."),
+    random_weights: bool = mo.RandomWeightsOpt,
+    sides: Optional[str] = mo.SidesOpt,
+    prompts: Optional[str] = mo.PromptsOpt,
+    samples: int = typer.Option(64, "--samples", help="Images (paired with the full cache; Infinity: "
+                                "cycling through the prompts)."),
     seed: int = typer.Option(0, "--seed", help="Base seed (batch j uses seed + j)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights",
@@ -133,16 +150,20 @@ def evaluate(
         raise UserError(f"Inception weights {inception_weights} not found; pass the pt_inception-2015-12-05 "
                         f"file with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
     check_policy_name(policy)
-    check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=False)
+    mo.parse_sides(sides)
+    _check_prompts_flag(model, prompts)
+    check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=True,
+                  random_weights=random_weights)
     dev = resolve_device(device)
     apply_threads(threads)
     from tuner.quality.evaluate import EvalSpec, build_evaluator
 
     ev = build_evaluator(model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt,
                          device=dev, dtype=dtype, backend=attention_backend,
-                         inception_weights=inception_weights, reference=reference)
+                         inception_weights=inception_weights, reference=reference,
+                         random_weights=random_weights, sides=sides, prompts=prompts)
     pol = resolve_policy(ev, policy)
-    spec = EvalSpec.balanced(ev.loaded.config.var.num_classes, samples, seed, batch_size=batch_size)
+    spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size)
     with progress_bar(ev, 2 * samples, disable=as_json or no_progress):
         metrics = ev.evaluate(pol.family, pol.params(), spec)
     if as_json:
@@ -151,3 +172,5 @@ def evaluate(
         return
     for k, v in metrics.items():
         typer.echo(f"{k:>24}: {v:.6g}")
+    if ev.loaded.note:
+        typer.echo(f"note: {ev.loaded.note}")

@@ -1,7 +1,7 @@
 """``tuner generate``: images from a model (optionally under a policy file), as PNGs + samples.npz."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,11 +23,12 @@ from tuner.paths import check_writable_dir, writable_dir
 from tuner.threads import apply_threads, check_threads
 
 DEMO_CLASSES = "207,360,387,974,88,979,417,279"
+DEMO_PROMPTS = 8  # Infinity without --prompt/--prompts: the first 8 built-in prompts
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate", help="Generate class-conditional images and write samples.npz + one PNG "
-                                 "each.")(generate)
+    app.command("generate", help="Generate images (class-conditional VAR, or text-to-image Infinity from "
+                                 "--prompt/--prompts) and write samples.npz + one PNG each.")(generate)
 
 
 @user_errors
@@ -39,7 +40,12 @@ def generate(
     random_weights: bool = mo.RandomWeightsOpt,
     classes: Optional[str] = typer.Option(
         None, "--classes", help="Comma-separated class ids (default: 8 ImageNet demo classes, or every "
-                                "class of a smaller model)."),
+                                "class of a smaller model). VAR only."),
+    prompt: List[str] = typer.Option([], "--prompt", help="Infinity only: a prompt (repeat for more; "
+                                     "default: the first 8 built-in prompts). With --random-weights it only "
+                                     "seeds random text features, deterministically."),
+    prompts: Optional[str] = mo.PromptsOpt,
+    sides: Optional[str] = mo.SidesOpt,
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
     cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over "
                               "scales)."),
@@ -62,12 +68,15 @@ def generate(
     check_threads(threads)
     requested = _check_flags(cfg, top_k, top_p, seed, batch_size, upscale, dtype, attention_backend, out,
                              classes)
+    prompt_set = _prompt_set(model, prompt, prompts, classes)
+    mo.parse_sides(sides)
 
     apply_threads(threads)
     tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
-    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev)
-    labels = _labels(requested, loaded)
+    loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev,
+                                        sides=sides, prompts=prompt_set)
+    labels = _labels(requested, loaded, prompt_set is not None)
     pol, spec = mo.load_policy_option(policy, loaded)
     backend = resolve_backend(attention_backend, dev)
     out_dir = writable_dir(out)
@@ -80,6 +89,8 @@ def generate(
     typer.echo(f"wrote {len(labels)} images of {loaded.config.name} ({loaded.source}) to {out_dir}/ "
                f"(samples.npz, grid.png, one PNG each); policy {pol.family}, "
                f"KV cache {per_image / 2**20:.2f} MiB per image")
+    if loaded.note:
+        typer.echo(f"note: {loaded.note}")
 
 
 def _check_flags(cfg: float, top_k: int, top_p: float, seed: int, batch_size: int, upscale: int, dtype: str,
@@ -97,9 +108,40 @@ def _check_flags(cfg: float, top_k: int, top_p: float, seed: int, batch_size: in
     return parse_int_list(classes, "--classes") if classes is not None else None
 
 
-def _labels(requested: Optional[list[int]], loaded) -> list[int]:
-    """The class ids: ``--classes``, else the demo classes (ImageNet) or every class; range-checked."""
-    n_cls = loaded.config.var.num_classes
+def _prompt_set(model: str, prompt: list[str], prompts: Optional[str],
+                classes: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The prompts of ``--prompt`` / ``--prompts FILE`` (None: neither given); refused for a
+    class-conditional model, with ``--classes``, or both at once."""
+    from tuner.model.config import NAMED_MODELS, model_config
+    from tuner.model.prompts import MAX_PROMPT_CHARS, read_prompts
+
+    text_model = model in NAMED_MODELS and model_config(model).kind == "infinity"
+    given = "--prompt" if prompt else "--prompts" if prompts is not None else None
+    if given and not text_model:
+        raise UserError(f"{given} needs a text-to-image model (infinity-test, infinity-2b, infinity-8b); "
+                        f"--model {model} is class-conditional: pass --classes")
+    if text_model and classes is not None:
+        raise UserError(f"--classes: --model {model} is text-to-image; pass --prompt TEXT or --prompts FILE")
+    if prompt and prompts is not None:
+        raise UserError("pass --prompt TEXT (repeatable) or --prompts FILE, not both")
+    if prompts is not None:
+        return read_prompts(prompts)
+    if not prompt:
+        return None
+    bad = next((q for q in prompt if not q.strip() or len(q) > MAX_PROMPT_CHARS), None)
+    if bad is not None:
+        raise UserError(f"--prompt {bad[:40]!r} must be non-empty text of at most {MAX_PROMPT_CHARS} "
+                        "characters")
+    return tuple(q.strip() for q in prompt)
+
+
+def _labels(requested: Optional[list[int]], loaded, prompts_given: bool = False) -> list[int]:
+    """The conditions: ``--classes``, else the demo classes (ImageNet) or every class; for a
+    text-to-image model every given prompt, else the first built-in ones; range-checked."""
+    if loaded.condition_name == "prompt":
+        return list(range(loaded.num_conditions if prompts_given else min(DEMO_PROMPTS,
+                                                                          loaded.num_conditions)))
+    n_cls = loaded.num_conditions
     labels = requested if requested is not None else (
         parse_int_list(DEMO_CLASSES, "--classes") if n_cls == 1000 else list(range(n_cls)))
     bad = [c for c in labels if not 0 <= c < n_cls]
@@ -123,7 +165,7 @@ def _generate_batches(loaded, labels: list[int], dev, batch_size: int, seed: int
     n_batches = -(-len(labels) // batch_size)
     with Progress(transient=True, disable=n_batches == 1) as progress:
         task = progress.add_task("generating", total=n_batches)
-        images, kv_bytes = generate_batches(loaded.var, loaded.vae, label_t, batch_size, seed,
+        images, kv_bytes = generate_batches(loaded, None, label_t, batch_size, seed,
                                             on_batch=lambda: progress.advance(task), **sampling)
     return label_t, images, kv_bytes
 
@@ -133,5 +175,8 @@ def _write_images(out_dir, imgs, label_t, upscale: int, loaded) -> None:
     from tuner.images import make_grid, save_png, save_samples
 
     scale = upscale or (8 if loaded.config.resolution <= 64 else 1)
-    save_samples(out_dir, imgs, label_t.cpu(), upscale=scale)
+    save_samples(out_dir, imgs, label_t.cpu(), upscale=scale, condition=loaded.condition_name)
+    if loaded.condition_name == "prompt":  # what each prompt index meant
+        lines = [loaded.describe_condition(int(i)) for i in label_t.tolist()]
+        (out_dir / "prompts.txt").write_text("\n".join(lines) + "\n")
     save_png(make_grid(imgs, nrow=min(8, len(imgs))), out_dir / "grid.png", upscale=scale)

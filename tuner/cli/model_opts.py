@@ -5,13 +5,22 @@ from typing import Optional
 
 import typer
 
-ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36 "
-                                                 "(infinity-2b/8b: tuner plan only, no engine yet).")
+ModelOpt = typer.Option("tiny", "--model", help="Named model: tiny (built in), d16, d20, d24, d30, d36; "
+                                                 "Infinity (text-to-image): infinity-test (ours, small), "
+                                                 "infinity-2b, infinity-8b (random weights only, no text "
+                                                 "encoder yet).")
 VarCkptOpt = typer.Option(None, "--var-ckpt", help="Path of an official-format VAR state dict (var_d*.pth).")
 VaeCkptOpt = typer.Option(None, "--vae-ckpt", help="Path of the VQ-VAE state dict (vae_ch160v4096z32.pth).")
 WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TUNER_WEIGHTS_DIR",
                              help="Directory with var_<model>.pth and vae_ch160v4096z32.pth.")
-RandomWeightsOpt = typer.Option(False, "--random-weights", help="Use random weights of the model's shape.")
+RandomWeightsOpt = typer.Option(False, "--random-weights", help="Use random weights of the model's shape "
+                                "(Infinity: with seeded random text features instead of a T5 encoder's).")
+SidesOpt = typer.Option(None, "--sides", help="Infinity only: the square token maps to generate, a prefix of "
+                        "the 1:1 schedule 1,2,4,6,8,12,16,20,24,32,40,48,64 (16 px per token: 1,2,4,6 is "
+                        "96 px; default: the model's whole schedule).")
+PromptsOpt = typer.Option(None, "--prompts", help="Infinity only: a text file, one prompt per line (default: "
+                          "a built-in list of 16). With random weights a prompt only seeds random text "
+                          "features.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (non-fp32 runs under autocast).")
 BackendOpt = typer.Option("auto", "--attention-backend",
@@ -23,21 +32,32 @@ ThreadsOpt = typer.Option(None, "--threads",
                                "Use 1 when anything else runs on the machine.")
 
 
+def parse_sides(sides: Optional[str]) -> Optional[list[int]]:
+    """``--sides 1,2,4,6`` → ``[1, 2, 4, 6]`` (None when not given); whether they fit the model is
+    checked when it is loaded."""
+    from tuner.options import parse_int_list
+
+    return None if sides is None else parse_int_list(sides, "--sides")
+
+
 def load_model_from_options(model: Optional[str], var_ckpt, vae_ckpt, weights_dir, random_weights: bool,
-                            device: str, seed: int = 0):
-    """Return a :class:`~tuner.model.loading.LoadedModel` for the CLI options."""
+                            device: str, seed: int = 0, sides: Optional[str] = None,
+                            prompts: Optional[tuple[str, ...]] = None):
+    """The loaded model for the CLI options (a :class:`~tuner.model.loading.LoadedModel`, or an
+    :class:`~tuner.model.infinity_runner.InfinityModel`: the same interface)."""
     from tuner.model.loading import load_model
 
     return load_model(model, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
-                      random_weights=random_weights, seed=seed, device=device)
+                      random_weights=random_weights, seed=seed, device=device, sides=parse_sides(sides),
+                      prompts=prompts)
 
 
 def load_policy_option(path: Optional[str], loaded):
     """``(policy, PolicySpec)`` for ``--policy FILE`` (full cache when ``None``)."""
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
     from tuner.policies.full import FullPolicy
 
-    geometry = CacheGeometry.from_var_config(loaded.config.var)
+    geometry = loaded.config.geometry
     if path is None:
         return FullPolicy(), PolicySpec(geometry, loaded.config.name)
     from tuner.policy_file import load_policy_file

@@ -70,6 +70,9 @@ def search_command(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     var_ckpt: Optional[str] = mo.VarCkptOpt,
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
+    random_weights: bool = mo.RandomWeightsOpt,
+    sides: Optional[str] = mo.SidesOpt,
+    prompts: Optional[str] = mo.PromptsOpt,
     mem_target: Optional[str] = typer.Option(None, "--mem-target",
                                              help="KV memory target: 15%, 0.15 (of the full cache) "
                                                   "or 40MiB per image."),
@@ -170,7 +173,8 @@ def search_command(
         backend=attention_backend, cfg=cfg, top_k=top_k, top_p=top_p, eval_batch_size=eval_batch_size,
         trial_timeout_s=trial_timeout, presets=not no_presets, proxy_candidates=proxy_candidates,
         proxy_top=proxy_top, fit_memory=not no_fit, grids=grids, evaluator=evaluator,
-        evaluator_kwargs=_evaluator_args(evaluator_arg))
+        evaluator_kwargs=_evaluator_args(evaluator_arg), random_weights=random_weights, sides=sides,
+        prompts=prompts)
     result = run_search(config, progress=not no_progress)
     if result.interrupted:
         raise typer.Exit(result.exit_code)

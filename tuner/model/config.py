@@ -6,8 +6,9 @@ VQ-VAE). The official sizes follow ``build_vae_var``: heads = depth, width = 64Â
 
 Every named model's config offers what planning reads, whatever the architecture: ``name``,
 ``geometry`` (:class:`CacheGeometry`), ``resolution``, ``kind`` (the sizing rules,
-:mod:`tuner.model.sizing`) and ``engine`` (what runs it; None for Infinity, which only plans, see
-:mod:`tuner.model.infinity_config`). Commands that run a model call :func:`require_engine`.
+:mod:`tuner.model.sizing`) and ``engine`` (what runs it: ``var`` or ``infinity``; a model with None
+could only be planned). Commands that run a model call :func:`require_engine` (today every named
+model has an engine; Infinity runs with random weights only, :mod:`tuner.model.infinity_runner`).
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ NAMED_MODELS = {
     "d24": lambda: _official("d24", 24),
     "d30": lambda: _official("d30", 30),
     "d36": lambda: _official("d36", 36, PATCH_NUMS_512, shared_aln=True),
-    **INFINITY_MODELS,  # planning only (no engine yet)
+    **INFINITY_MODELS,  # text-to-image; run with random weights only (no T5 encoder yet)
 }
 
 
@@ -164,3 +165,19 @@ def require_engine(name: str) -> None:
     raise UserError(f"--model {name} can only be planned in this version (tuner plan --model {name}): the "
                     f"{cfg.kind.capitalize()} engine that would run it is not built yet; to run a model "
                     f"use one of {', '.join(engine_models())}")
+
+
+def at_sides(cfg: Any, sides: Any) -> Any:
+    """``cfg`` generating only the square maps ``sides`` (``--sides``; None: unchanged); one-line
+    :class:`UserError` for a VAR model (fixed schedule) or sides that are not the schedule's prefix."""
+    if sides is None:
+        return cfg
+    if cfg.kind != "infinity":
+        raise UserError(f"--sides applies to Infinity models only, not --model {cfg.name} (VAR models have "
+                        "a fixed schedule)")
+    from dataclasses import replace
+
+    try:
+        return replace(cfg, sides=tuple(int(s) for s in sides))
+    except ValueError as exc:
+        raise UserError(f"--sides: {exc}; pass a prefix such as 1,2,4,6") from None

@@ -111,12 +111,16 @@ def generate_batches(var, vae, labels: torch.Tensor, batch_size: int, seed: int,
     ``batch_size``, batch ``i`` seeded ``seed + i``, each a :func:`generate` call with ``sampling`` (its
     keyword arguments: cfg, top_k, top_p, policy, spec, backend, dtype).
 
-    ``on_batch()`` is called after each batch. Returns ``(images [N, 3, H, W] float32 in [0, 1] on the
-    CPU, the largest KV bytes one batch allocated)``.
+    ``var`` may be a loaded model (``vae`` None; VAR or Infinity, whose ``generate_chunk`` then runs
+    each batch, ``labels`` its conditions). ``on_batch()`` is called after each batch. Returns
+    ``(images [N, 3, H, W] float32 in [0, 1] on the CPU, the largest KV bytes one batch allocated)``.
     """
     images, kv_bytes = [], 0
     for i, chunk in enumerate(torch.split(labels, batch_size)):
-        res = generate(var, vae, chunk, seed=seed + i, **sampling)
+        if vae is None:
+            res = var.generate_chunk(chunk, seed=seed + i, **sampling)
+        else:
+            res = generate(var, vae, chunk, seed=seed + i, **sampling)
         images.append(res.images.cpu())
         kv_bytes = max(kv_bytes, res.kv_bytes_allocated)
         if on_batch is not None:

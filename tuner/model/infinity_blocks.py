@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tuner.model.infinity_rope import apply_rope
-from tuner.model.var import max_scale_mul
+from tuner.model.var import FFN, max_scale_mul  # the same tanh-GELU MLP and names (fc1, fc2)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.model.cache import KVCache
@@ -129,16 +129,6 @@ class SelfAttention(nn.Module):
         q, k, v = self.project_qkv(x, rope)
         out = cache.attend(layer, q, k, v, 1.0)  # cosine attention: the temperature is in q
         return self.proj(out.to(x.dtype).transpose(1, 2).reshape(r, n, c))
-
-
-class FFN(nn.Module):
-    def __init__(self, c: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(c, hidden)
-        self.fc2 = nn.Linear(hidden, c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 def ada_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

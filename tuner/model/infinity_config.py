@@ -3,9 +3,9 @@
 Facts from the official code, FoundationVision/Infinity @4c27bbb (MIT): ``infinity/models/infinity.py``
 and ``basic.py`` (the transformer), ``tools/run_infinity.py`` (the sizes and how inference holds the
 weights), ``infinity/models/bsq_vae/`` (the tokenizer). ``tuner plan`` sizes memory from these shapes.
-The engine (``tuner/model/infinity*.py``, ``bsq_vae.py``) runs them from Python; the CLI does not yet
-(``engine`` is None, and the commands that run a model refuse these names,
-:func:`tuner.model.config.require_engine`).
+The engine (``tuner/model/infinity*.py``, ``bsq_vae.py``) runs them; the commands reach it through
+:class:`tuner.model.infinity_runner.InfinityModel` (random weights only in this version: no T5 encoder).
+``infinity-test`` is a small model of ours (depth 2, 96² over sides 1 2 4 6) for tests and CPU runs.
 
 Only self-attention keeps a KV cache (text enters by cross-attention, recomputed from the prompt), so
 the cache geometry is the image tokens of the scale schedule: ``depth`` layers × ``num_heads`` ×
@@ -195,24 +195,45 @@ class T5EncoderConfig:
 class InfinityModelConfig:
     """A named Infinity model: transformer, tokenizer and text encoder. A peer of
     :class:`tuner.model.config.ModelConfig` for everything that plans (``geometry``, ``resolution``,
-    sizing); ``engine`` None: nothing can run it yet."""
+    sizing) and runs (``engine``).
+
+    ``sides``: the square token maps generated, a prefix of the 1:1 schedule (``--sides 1,2,4,6``: a
+    96² image); ``None``: the whole schedule. Geometry, resolution and memory follow it.
+    """
 
     name: str
     infinity: InfinityConfig
     vae: BSQVAEConfig = field(default_factory=BSQVAEConfig)
     text_encoder: T5EncoderConfig = field(default_factory=T5EncoderConfig)
+    sides: tuple[int, ...] | None = None
 
     kind: ClassVar[str] = "infinity"
-    engine: ClassVar[str | None] = None
+    engine: ClassVar[str | None] = "infinity"
+
+    def __post_init__(self) -> None:
+        if self.sides is not None:
+            full = tuple(h for h, _ in self.infinity.schedule)
+            if not self.sides or tuple(self.sides) != full[:len(self.sides)]:
+                raise ValueError(f"sides {','.join(map(str, self.sides))} are not a prefix of {self.name}'s "
+                                 f"schedule {','.join(map(str, full))}")
+            object.__setattr__(self, "sides", tuple(int(s) for s in self.sides))
+
+    @property
+    def schedule(self) -> tuple[tuple[int, int], ...]:
+        """``(h, w)`` per generated scale (``sides`` when set)."""
+        return self.infinity.schedule if self.sides is None else tuple((s, s) for s in self.sides)
 
     @property
     def geometry(self) -> CacheGeometry:
-        return self.infinity.geometry
+        if self.sides is None:
+            return self.infinity.geometry
+        a = self.infinity
+        return CacheGeometry(a.depth, a.num_heads, a.head_dim, self.sides)
 
     @property
     def resolution(self) -> int:
         """Image height in pixels (square schedules: also the width)."""
-        return image_size(self.infinity.schedule)[0]
+        return image_size(self.schedule)[0]
 
 
 def _named(name: str, depth: int, width: int, heads: int, vae: BSQVAEConfig) -> InfinityModelConfig:
@@ -234,4 +255,14 @@ def infinity_8b() -> InfinityModelConfig:
     return _named("infinity-8b", 40, 3584, 28, vae)
 
 
-INFINITY_MODELS = {"infinity-2b": infinity_2b, "infinity-8b": infinity_8b}
+def infinity_test() -> InfinityModelConfig:
+    """Ours, for tests and CPU runs (random weights): 2 blocks, width 128, 4 heads of 32, 8 bits per
+    token, 128-wide text of up to 32 tokens, a small patch-16 BSQ-VAE; 96² over sides 1 2 4 6 (57
+    tokens). Its sizing still counts a flan-t5-xl encoder (the named models' rule)."""
+    arch = InfinityConfig(depth=2, embed_dim=128, num_heads=4, codebook_dim=8, text_channels=128,
+                          text_maxlen=32)
+    vae = BSQVAEConfig(codebook_dim=8, patch_size=16, base_ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1)
+    return InfinityModelConfig("infinity-test", arch, vae, sides=(1, 2, 4, 6))
+
+
+INFINITY_MODELS = {"infinity-2b": infinity_2b, "infinity-8b": infinity_8b, "infinity-test": infinity_test}

@@ -26,7 +26,7 @@ from tuner.model.bsq_vae import BSQVAE
 from tuner.model.checkpoint import load_failure_reason, load_strict, sha256_file
 from tuner.model.infinity import InfinityEngineConfig, InfinityTransformer
 from tuner.model.infinity_config import BSQVAEConfig, InfinityConfig, InfinityModelConfig
-from tuner.model.loading import for_inference, randomize_
+from tuner.model.random_init import for_inference, randomize_
 
 VAE_SKIPPED = ("encoder.", "quantizer.", "quantize.")
 # Buffers of other training configurations that the official ``Infinity.load_state_dict`` pops.

@@ -1,17 +1,25 @@
 """Building models: from checkpoints (explicit paths, a weights directory, the shipped ``tiny``) or
-with random weights (for benchmarks and tests).
+with random weights (for benchmarks and tests); :func:`load_model` also returns Infinity models
+(:class:`tuner.model.infinity_runner.InfinityModel`, the same interface).
+
+The interface the product path calls, whatever the kind (docs/design.md, Model engine): ``config``,
+``checkpoint_sha256``, ``source``, ``num_conditions`` (classes, prompts), ``condition_name``,
+``conditions_key`` (what the conditions add to cache keys), ``softmax_scale`` (what calibration
+observers apply to ``q·k``), ``device``, ``note`` (a caveat to print, or None),
+``describe_condition(i)`` and ``generate_chunk(conditions, seed=, cfg=, top_k=, top_p=, **engine)``.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from tuner.errors import UserError
-from tuner.model.config import NAMED_MODELS, ModelConfig, model_config, require_engine
+from tuner.model.config import NAMED_MODELS, ModelConfig, at_sides, model_config, require_engine
+from tuner.model.random_init import for_inference, randomize_  # noqa: F401 - re-exported (older imports)
 
 VAE_FILE = "vae_ch160v4096z32.pth"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -27,6 +35,33 @@ class LoadedModel:
     checkpoint_sha256: str | None
     source: str
 
+    condition_name = "class"
+    conditions_key = ""  # a class id means the same for every VAR: cache keys stay as they were
+    note = None
+
+    @property
+    def num_conditions(self) -> int:
+        return self.config.var.num_classes
+
+    @property
+    def softmax_scale(self) -> float:
+        return float(getattr(self.var.blocks[0].attn, "softmax_scale", 1.0))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.var.parameters()).device
+
+    def describe_condition(self, index: int) -> str:
+        return f"class {index}"
+
+    def generate_chunk(self, conditions: Sequence[int] | torch.Tensor, *, seed: int | None, cfg: float,
+                       top_k: int, top_p: float, **engine):
+        """One batch: :func:`tuner.model.generate.generate` of class ids ``conditions`` ``[B]``."""
+        from tuner.model.generate import generate
+
+        labels = torch.as_tensor(conditions, dtype=torch.long, device=self.device)
+        return generate(self.var, self.vae, labels, seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, **engine)
+
 
 def build_models(config: ModelConfig, device: str | torch.device = "cpu"):
     """Instantiate an uninitialised (zero/default) VAR transformer and VQ-VAE for ``config``."""
@@ -36,42 +71,6 @@ def build_models(config: ModelConfig, device: str | torch.device = "cpu"):
     var = VARTransformer(config.var, vae_z=config.vae.z_channels, vocab=config.vae.vocab_size)
     vae = VQVAE(config.vae, config.var.patch_nums)
     return var.to(device).eval(), vae.to(device).eval()
-
-
-def for_inference(*modules: torch.nn.Module) -> None:
-    """Freeze loaded weights: weights that require grad make autocast keep an fp16/bf16 copy of every
-    weight for the whole run (about 4 GB for d30), memory that no plan counts."""
-    for m in modules:
-        m.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give every parameter a random, non-trivial value so that each one affects the output.
-
-    Matrices get ``N(0, 1/fan_in)``, vectors small offsets around their neutral value (1 for norm
-    scales), embeddings unit noise, VAR's temperatures ``log 4 ± 0.5``. The VAR head is scaled up
-    so logits have a realistic spread for top-k/top-p sampling.
-    """
-    device = next(module.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: d30's 2 GB drawn in a second
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float32, device=device)
-        if name.endswith("scale_mul_1H11"):
-            value = math.log(4.0) + 0.5 * noise
-        elif p.dim() >= 2 \
-                and not name.endswith(("class_emb.weight", "embedding.weight", "lvl_embed.weight")) \
-                and "pos_" not in name and "ada_gss" not in name:
-            fan_in = p[0].numel()
-            value = noise / math.sqrt(fan_in) * (4.0 if name == "head.weight" else 1.0)
-        elif name.endswith("weight") and p.dim() == 1 and ("norm" in name):
-            value = 1.0 + 0.1 * noise
-        elif p.dim() == 1:
-            value = 0.05 * noise
-        else:
-            value = 0.5 * noise
-        p.copy_(value.to(p.dtype))
-    return module
 
 
 def random_models(config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
@@ -131,12 +130,25 @@ def resolve_weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Pat
 
 
 def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weights_dir=None,
-               random_weights: bool = False, seed: int = 0,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """The one entry point the CLI and workers use to get a model (``UserError`` for a model that
-    can only be planned, :func:`~tuner.model.config.require_engine`)."""
+               random_weights: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+               sides: Sequence[int] | None = None, prompts: Sequence[str] | None = None):
+    """The one entry point the CLI and workers use to get a model: a :class:`LoadedModel` (VAR) or an
+    :class:`~tuner.model.infinity_runner.InfinityModel` (``UserError`` for a model that can only be
+    planned, :func:`~tuner.model.config.require_engine`).
+
+    ``sides`` (Infinity only): the square token maps to generate, a prefix of the schedule.
+    ``prompts`` (Infinity only): the prompt set conditions index (default the built-in list).
+    """
     if name is not None:
         require_engine(name)
+    cfg = model_config(name) if name in NAMED_MODELS else None
+    if cfg is not None and cfg.kind == "infinity":
+        return _load_infinity(cfg, var_ckpt, random_weights, seed, device, sides, prompts)
+    if sides is not None and (name or "tiny") in NAMED_MODELS:
+        at_sides(model_config(name or "tiny"), sides)  # refuses: a VAR schedule is fixed
+    if prompts is not None:
+        raise UserError(f"--model {name or 'tiny'} is class-conditional: it takes no prompts; pass --classes "
+                        "(or use an Infinity model)")
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")
     if var_ckpt is not None:
@@ -156,3 +168,12 @@ def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weigh
     if name == "tiny":
         loaded.config = ModelConfig("tiny", loaded.config.var, loaded.config.vae)
     return loaded
+
+
+def _load_infinity(cfg, var_ckpt, random_weights: bool, seed: int, device, sides, prompts):
+    from tuner.model.infinity_runner import load_infinity_model, require_random_weights
+
+    if var_ckpt is not None or not random_weights:
+        require_random_weights(cfg.name)
+    return load_infinity_model(at_sides(cfg, sides), random_weights=True, seed=seed, device=device,
+                               prompts=tuple(prompts) if prompts is not None else None)

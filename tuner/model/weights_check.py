@@ -40,17 +40,26 @@ def check_checkpoint_file(path: str | Path, what: str, flag: str) -> Path:
 
 
 def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights_flag: bool,
-                  ckpt_flags: bool = True) -> None:
+                  ckpt_flags: bool = True, random_weights: bool = False) -> None:
     """Find the weights a command will load before it does anything expensive; reads no tensor.
 
     For commands whose model is loaded late (in search workers, after Ray started) or that lack
-    ``--random-weights`` (search, evaluate, policy check): the messages name only the flags the
-    command has (``random_weights_flag``, ``ckpt_flags`` for ``--var-ckpt/--vae-ckpt``).
+    ``--random-weights`` (policy check): the messages name only the flags the command has
+    (``random_weights_flag``, ``ckpt_flags`` for ``--var-ckpt/--vae-ckpt``). ``random_weights``: the
+    command will use random weights (nothing to check). Infinity models run with random weights only.
     """
     from tuner.model.config import model_config, require_engine
     from tuner.model.loading import VAE_FILE
 
     require_engine(model)
+    if random_weights:
+        return  # nothing to find (the loader refuses what cannot run)
+    from tuner.model.config import NAMED_MODELS
+
+    if model in NAMED_MODELS and model_config(model).kind == "infinity":
+        from tuner.model.infinity_runner import require_random_weights
+
+        require_random_weights(model)
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")
     if var_ckpt is not None:

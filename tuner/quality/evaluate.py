@@ -21,8 +21,9 @@ from tuner.options import SAMPLING
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Which images a policy is judged on: image ``i`` has class ``labels[i]``; images are generated
-    in batches of ``batch_size`` and batch ``j`` is sampled with seed ``seed + j``.
+    """Which images a policy is judged on: image ``i`` has condition ``labels[i]`` (a class id, or an
+    index into an Infinity model's prompts); images are generated in batches of ``batch_size`` and
+    batch ``j`` is sampled with seed ``seed + j``.
     """
 
     labels: tuple[int, ...]
@@ -65,7 +66,7 @@ class Reference:
 class PolicyEvaluator:
     """Evaluates policies on one loaded model. Create with :func:`build_evaluator`."""
 
-    loaded: Any  # tuner.model.loading.LoadedModel
+    loaded: Any  # tuner.model.loading.LoadedModel or tuner.model.infinity_runner.InfinityModel
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     backend: str = "torch"
@@ -81,30 +82,32 @@ class PolicyEvaluator:
 
     @property
     def model_hash(self) -> str:
-        return self.loaded.checkpoint_sha256 or f"random:{self.loaded.source}"
+        """The weights' identity in cache keys, with what the conditions mean (an Infinity prompt set;
+        nothing for VAR, whose keys are unchanged)."""
+        base = self.loaded.checkpoint_sha256 or f"random:{self.loaded.source}"
+        extra = self.loaded.conditions_key
+        return f"{base}|{extra}" if extra else base
 
     def policy_spec(self, policy):
-        from tuner.policies.base import CacheGeometry, PolicySpec
+        from tuner.policies.base import PolicySpec
 
         if self.spec_for is not None:
             return self.spec_for(policy)
-        return PolicySpec(CacheGeometry.from_var_config(self.loaded.config.var), self.loaded.config.name)
+        return PolicySpec(self.loaded.config.geometry, self.loaded.config.name)
 
     def generate(self, policy, spec: EvalSpec, phase: str = "policy") -> tuple[torch.Tensor, int, float]:
         """Images ``[N, 3, H, W]`` (CPU), KV bytes allocated per image, seconds per image.
 
         ``phase`` only labels the :attr:`progress` callbacks.
         """
-        from tuner.model.generate import generate
-
-        labels = torch.tensor(spec.labels, dtype=torch.long, device=self.device)
+        labels = torch.tensor(spec.labels, dtype=torch.long)
         pspec = self.policy_spec(policy)
         images, kv_per_image, seconds = [], 0, 0.0
         for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
             t0 = time.perf_counter()
-            res = generate(self.loaded.var, self.loaded.vae, chunk, seed=spec.seed + j, cfg=spec.cfg,
-                           top_k=spec.top_k, top_p=spec.top_p, policy=policy, spec=pspec,
-                           backend=self.backend, dtype=self.dtype)
+            res = self.loaded.generate_chunk(chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k,
+                                             top_p=spec.top_p, policy=policy, spec=pspec,
+                                             backend=self.backend, dtype=self.dtype)
             seconds += time.perf_counter() - t0
             images.append(res.images.cpu())
             kv_per_image = max(kv_per_image, res.kv_bytes_allocated // len(chunk))
@@ -181,8 +184,8 @@ class PolicyEvaluator:
         if getattr(self, "_proxy_record", None) is None:
             from tuner.quality.proxy_record import load_or_record_proxy
 
-            self._proxy_record = load_or_record_proxy(self.loaded.var, self.loaded.vae, self.loaded.config,
-                                                      checkpoint_sha256=self.model_hash, backend=self.backend)
+            self._proxy_record = load_or_record_proxy(self.loaded, checkpoint_sha256=self.model_hash,
+                                                      backend=self.backend)
         out = []
         for family, params in items:
             policy = make_policy(family, params)
@@ -203,20 +206,21 @@ class PolicyEvaluator:
             from tuner.calibration import CalibrationSpec, load_or_compute_calibration
 
             self._calibration = load_or_compute_calibration(
-                self.loaded.var, self.loaded.vae, self.loaded.config, checkpoint_sha256=self.model_hash,
+                self.loaded, checkpoint_sha256=self.model_hash,
                 spec=CalibrationSpec(samples=self.calibration_samples), backend=self.backend)
         return self._calibration
 
     def describe(self) -> dict:
-        """Facts the search driver needs from a worker: classes and the calibration it plans with."""
-        return {"num_classes": self.loaded.config.var.num_classes, "model": self.loaded.config.name,
+        """Facts the search driver needs from a worker: conditions (classes or prompts; the key keeps
+        its name) and the calibration it plans with."""
+        return {"num_classes": self.loaded.num_conditions, "model": self.loaded.config.name,
                 "calibration": self.calibration().to_dict()}
 
 
 def _spec_with_calibration(evaluator: PolicyEvaluator):
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
 
-    geometry = CacheGeometry.from_var_config(evaluator.loaded.config.var)
+    geometry = evaluator.loaded.config.geometry
 
     def spec_for(policy):
         cal = evaluator.calibration() if policy.needs_calibration else None
@@ -239,8 +243,12 @@ def tiny_reference_stats(features, samples: int = 2000, seed: int = 777):
 def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae_ckpt=None,
                     device: str = "cpu",
                     dtype: str = "fp32", backend: str = "auto", inception_weights=None, reference=None,
-                    calibration_samples: int = 16, random_weights: bool = False) -> PolicyEvaluator:
+                    calibration_samples: int = 16, random_weights: bool = False, sides=None,
+                    prompts: str | None = None) -> PolicyEvaluator:
     """Load a model and its feature network once; the factory the search workers call.
+
+    ``sides`` (Infinity: a schedule prefix, ``"1,2,4,6"`` or a tuple) and ``prompts`` (Infinity: a
+    prompt file; default the built-in prompts) as ``tuner generate`` takes them.
 
     Features: the shipped tiny feature net for ``tiny``; the FID Inception-v3 (local weights) for
     ImageNet models, without which only PSNR/SSIM are reported. ``reference``: a reference batch
@@ -249,8 +257,16 @@ def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae
     from kernels.dispatch import resolve_backend
     from tuner.model.loading import load_model
 
+    from tuner.model.prompts import read_prompts
+    from tuner.options import parse_int_list
+
+    if isinstance(sides, str):  # from --evaluator-arg or a worker's string kwargs
+        sides = parse_int_list(sides, "--sides")
+    if isinstance(random_weights, str):
+        random_weights = random_weights.strip().lower() in ("1", "true", "yes")
     loaded = load_model(model, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
-                        random_weights=random_weights, device=device)
+                        random_weights=random_weights, device=device, sides=sides,
+                        prompts=read_prompts(prompts) if prompts is not None else None)
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     features, stats = None, None
     if loaded.config.name == "tiny":

@@ -42,9 +42,8 @@ def generate_same_seed(evaluator: Any, policy: Any, req: GridRequest) -> Any:
 
     from tuner.model.generate import generate_batches
 
-    loaded = evaluator.loaded
-    labels = torch.tensor(req.labels, dtype=torch.long, device=evaluator.device)
-    images, _ = generate_batches(loaded.var, loaded.vae, labels, len(req.labels), req.seed, cfg=req.cfg,
+    labels = torch.tensor(req.labels, dtype=torch.long)  # conditions: classes, or Infinity prompts
+    images, _ = generate_batches(evaluator.loaded, None, labels, len(req.labels), req.seed, cfg=req.cfg,
                                  top_k=req.top_k, top_p=req.top_p, policy=policy,
                                  spec=evaluator.policy_spec(policy), backend=evaluator.backend,
                                  dtype=evaluator.dtype)

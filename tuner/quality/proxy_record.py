@@ -217,34 +217,35 @@ class _Recorder:
         self.q[layer, rows, :, off:off + self.counts[scale]] = q.detach().to("cpu", self.q.dtype)
 
 
-def record_proxy(var, vae, model_cfg, spec: ProxySpec | None = None, *, backend: str = "torch",
+def record_proxy(model, vae=None, model_cfg=None, spec: ProxySpec | None = None, *, backend: str = "torch",
                  checkpoint_sha256: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> ProxyRecord:
     """Generate ``spec.samples`` images with the full cache (fp32) and record what the proxy replays.
 
-    Batch ``j`` of ``spec.batch_size`` labels is sampled with seed ``spec.seed + j`` (labels spread over
-    the classes like the calibration's). ``progress(done, total)`` is called after every batch.
+    ``model``: a loaded model, or the transformer with ``vae`` and ``model_cfg``
+    (:func:`tuner.model.runner.as_runner`). Batch ``j`` of ``spec.batch_size`` conditions is sampled
+    with seed ``spec.seed + j`` (spread over the classes or prompts like the calibration's).
+    ``progress(done, total)`` is called after every batch.
     """
     import torch
 
     from tuner.calibration import calibration_labels
-    from tuner.model.generate import generate
+    from tuner.model.runner import as_runner
     from tuner.policies.full import FullPolicy
 
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or ProxySpec()
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
+    geometry = runner.config.geometry
     dtype = torch.float16 if spec.store == "fp16" else torch.float32
     rec = _Recorder(geometry, spec, 2 * spec.samples, dtype)
-    device = next(var.parameters()).device
-    labels = torch.tensor(calibration_labels(model_cfg.var.num_classes, spec.samples), device=device)
+    labels = torch.tensor(calibration_labels(runner.num_conditions, spec.samples))
     for j, chunk in enumerate(torch.split(labels, spec.batch_size)):
-        generate(var, vae, chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
-                 policy=FullPolicy(), backend=backend, dtype=torch.float32, observer=rec)
+        runner.generate_chunk(chunk, seed=spec.seed + j, cfg=spec.cfg, top_k=spec.top_k, top_p=spec.top_p,
+                              policy=FullPolicy(), backend=backend, dtype=torch.float32, observer=rec)
         rec.row0 += 2 * len(chunk)
         if progress is not None:
             progress(rec.row0 // 2, spec.samples)
-    softmax_scale = float(getattr(var.blocks[0].attn, "softmax_scale", 1.0))
-    return ProxyRecord(model_cfg.name, geometry, spec, softmax_scale, rec.k, rec.v, rec.q,
+    return ProxyRecord(runner.config.name, geometry, spec, runner.softmax_scale, rec.k, rec.v, rec.q,
                        checkpoint_sha256=checkpoint_sha256)
 
 
@@ -257,7 +258,8 @@ def cache_path(model_cfg, checkpoint_sha256: str, spec: ProxySpec,
     return Path(cache_dir or default_cache_dir()) / name
 
 
-def load_or_record_proxy(var, vae, model_cfg, *, checkpoint_sha256: str | None, spec: ProxySpec | None = None,
+def load_or_record_proxy(model, vae=None, model_cfg=None, *, checkpoint_sha256: str | None,
+                         spec: ProxySpec | None = None,
                          backend: str = "torch", progress: Callable[[int, int], None] | None = None,
                          cache_dir: str | Path | None = None, recompute: bool = False) -> ProxyRecord:
     """Cached :func:`record_proxy`, keyed by checkpoint hash + spec (like the calibration statistics).
@@ -265,9 +267,12 @@ def load_or_record_proxy(var, vae, model_cfg, *, checkpoint_sha256: str | None, 
     ``checkpoint_sha256=None`` (random weights) records without caching; a cached file for another
     model, geometry or spec (or an unreadable one) is recorded again and replaced.
     """
+    from tuner.model.runner import as_runner
+
+    runner = as_runner(model, vae, model_cfg)
     spec = spec or ProxySpec()
-    geometry = CacheGeometry.from_var_config(model_cfg.var)
-    path = cache_path(model_cfg, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
+    geometry = runner.config.geometry
+    path = cache_path(runner.config, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
     if path is not None and path.is_file() and not recompute:
         try:
             record = ProxyRecord.load(path)
@@ -276,8 +281,8 @@ def load_or_record_proxy(var, vae, model_cfg, *, checkpoint_sha256: str | None, 
                 return record
         except ValueError:
             pass  # stale or corrupt: record again below
-    record = record_proxy(var, vae, model_cfg, spec, backend=backend, checkpoint_sha256=checkpoint_sha256,
-                          progress=progress)
+    record = record_proxy(model, vae, model_cfg, spec=spec, backend=backend,
+                          checkpoint_sha256=checkpoint_sha256, progress=progress)
     if path is not None:
         record.save(path)
     return record

@@ -16,6 +16,7 @@ from typing import Any
 FLAG_OF = {"quality_limit": "--fid-limit", "timeout_s": "--timeout", "backend": "--attention-backend",
            "trial_timeout_s": "--trial-timeout"}
 BOOLEAN_OFF = {"presets": "--no-presets", "fit_memory": "--no-fit"}  # field default True -> flag when False
+BOOLEAN_ON = {"random_weights": "--random-weights"}  # field default False -> flag when True
 TRI_STATE = {"grids": ("--grids", "--no-grids")}  # field default None (automatic) -> flag when True / False
 ALWAYS = ("model", "study_name", "storage", "out", "mlflow_uri", "trials")
 
@@ -40,6 +41,10 @@ def config_argv(cfg: Any) -> list[str]:
             if not value:
                 argv.append(BOOLEAN_OFF[name])
             continue
+        if name in BOOLEAN_ON:
+            if value:
+                argv.append(BOOLEAN_ON[name])
+            continue
         if name in TRI_STATE:
             if value is not None:
                 argv.append(TRI_STATE[name][0 if value else 1])
@@ -49,6 +54,8 @@ def config_argv(cfg: Any) -> list[str]:
         flag = FLAG_OF.get(name, "--" + name.replace("_", "-"))
         if name == "mem_target":
             argv += [flag, value.text]
+        elif name == "sides":
+            argv += [flag, ",".join(map(str, value))]
         elif name == "evaluator_kwargs":
             for key, item in value:
                 argv += ["--evaluator-arg", f"{key}={item}"]

@@ -72,6 +72,9 @@ class SearchConfig:
     grids: bool | None = None  # same-seed image grids at export (None: on when MLflow tracking is on)
     evaluator: str = DEFAULT_EVALUATOR
     evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
+    random_weights: bool = False  # random weights of the model's shape (Infinity: random text features)
+    sides: tuple[int, ...] | None = None  # Infinity: the schedule prefix generated (checked in validate)
+    prompts: str | None = None  # Infinity: a prompt file (absolute; default the built-in prompts)
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -118,6 +121,8 @@ class SearchConfig:
             raise ValueError(f"--timeout {self.timeout_s} must be positive seconds")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"--patience {self.patience} must be at least 1")
+        if self.sides is not None and (not self.sides or min(self.sides) < 1):
+            raise ValueError(f"--sides {self.sides} must be positive token-map sides like 1,2,4,6")
         if self.trial_timeout_s <= 0:
             raise ValueError("the per-trial timeout must be positive")
         problem = (sampling_problem(self.cfg, self.top_k, self.top_p)
@@ -181,11 +186,14 @@ class SearchConfig:
         if self.mem_target is not None:
             target = self.mem_target.fraction if self.mem_target.fraction is not None \
                 else f"{self.mem_target.bytes_per_image}B"
-        return {"model": self.model, "metric": self.metric, "mem_target": target,
-                "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
-                "rungs": list(self.fidelity.rungs),
-                "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p,
-                "fit_memory": self.fits_to_target}
+        out = {"model": self.model, "metric": self.metric, "mem_target": target,
+               "quality_limit": self.quality_limit, "space": self.space_label, "samples": self.samples,
+               "rungs": list(self.fidelity.rungs),
+               "seed": self.seed, "cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p,
+               "fit_memory": self.fits_to_target}
+        if self.sides is not None:  # only when set: studies made before the flag keep their identity
+            out["sides"] = list(self.sides)
+        return out
 
 
 def quality_limit_problem(metric: str, limit: float) -> str | None:
@@ -302,7 +310,19 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
     label = Path(space).stem if space else fields.get("family", "all")
     if fields.get("metric") is None:
         fields["metric"] = default_metric(mem, fid_limit)
-    name = study_name or default_study_name(model, label, mem, fid_limit, fields["metric"])
+    if fields.get("sides") is not None:
+        from tuner.options import parse_int_list
+
+        sides = fields["sides"]
+        fields["sides"] = tuple(parse_int_list(sides, "--sides") if isinstance(sides, str) else sides)
+    if fields.get("prompts") is not None:
+        from tuner.model.prompts import read_prompts
+
+        read_prompts(fields["prompts"])  # one-line error now, not in a worker
+        fields["prompts"] = str(Path(fields["prompts"]).resolve())
+    sides_label = "-".join(map(str, fields["sides"])) if fields.get("sides") else None
+    name = study_name or default_study_name(model if sides_label is None else f"{model}@{sides_label}", label,
+                                            mem, fid_limit, fields["metric"])
     out_dir = Path(out) if out else Path("runs") / name
     from tuner.quality.metric_info import MIN_DISTRIBUTION_SAMPLES
 

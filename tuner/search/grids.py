@@ -147,7 +147,9 @@ def _log_grids(rt: Any, winner: Any, records: list[Any]) -> list[Path]:
 
     from tuner.image_grid import comparison_grid, save_grid_png
 
-    num_classes = int(rt.info.get("num_classes", rt.model_cfg.var.num_classes))
+    from tuner.search.runtime import num_conditions
+
+    num_classes = num_conditions(rt)
     jobs = plan_jobs(rt, winner, records)
     done, errors = render(rt, jobs, grid_labels(num_classes))
     if errors:

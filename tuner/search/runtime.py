@@ -85,6 +85,9 @@ def make_pool(cfg: SearchConfig):
 
     kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt,
               "vae_ckpt": cfg.vae_ckpt, "dtype": cfg.dtype, "backend": cfg.backend}
+    # only when set: an evaluator factory written before these flags still gets what it takes
+    extra = {"random_weights": cfg.random_weights or None, "sides": cfg.sides, "prompts": cfg.prompts}
+    kwargs.update({k: v for k, v in extra.items() if v is not None})
     kwargs.update(dict(cfg.evaluator_kwargs))
     if cfg.workers == 0:
         if "device" not in kwargs:
@@ -127,6 +130,7 @@ def validate(cfg: SearchConfig):
     except KeyError as exc:
         raise UserError(f"--model: {exc.args[0]}") from None
     require_engine(cfg.model)
+    model_cfg = _at_sides(model_cfg, cfg)
     check_writable_dir(cfg.out, "--out")
     space_file = Path(cfg.space) if cfg.space else space_path_for(cfg.family)
     try:
@@ -145,8 +149,19 @@ def validate(cfg: SearchConfig):
         # the workers load the weights only after Ray started; a remote cluster's nodes hold their own
         from tuner.model.weights_check import check_weights
 
-        check_weights(cfg.model, cfg.var_ckpt, cfg.vae_ckpt, cfg.weights_dir, random_weights_flag=False)
+        check_weights(cfg.model, cfg.var_ckpt, cfg.vae_ckpt, cfg.weights_dir, random_weights_flag=True,
+                      random_weights=cfg.random_weights)
     return model_cfg, space, space_file
+
+
+def _at_sides(model_cfg: Any, cfg: SearchConfig) -> Any:
+    """The model config the driver plans with (an Infinity model at ``--sides``, as the workers load
+    it); ``--prompts`` refused for a class-conditional model."""
+    from tuner.model.config import at_sides
+
+    if model_cfg.kind != "infinity" and cfg.prompts is not None:
+        raise UserError(f"--prompts applies to Infinity models only, not --model {cfg.model}")
+    return at_sides(model_cfg, cfg.sides)
 
 
 def make_directories(cfg: SearchConfig) -> Path:
@@ -199,18 +214,26 @@ def prepare_runtime(cfg: SearchConfig, console: Any) -> SearchRuntime:
 def _set_up_planning(rt: SearchRuntime) -> None:
     """The screening and final evaluation specs and the planner (whose policy spec carries the started
     workers' calibration), from the workers' model description."""
-    from tuner.policies.base import CacheGeometry, PolicySpec
+    from tuner.policies.base import PolicySpec
     from tuner.search.planner import Planner
 
     cfg, model_cfg = rt.cfg, rt.model_cfg
-    num_classes = int(rt.info.get("num_classes", model_cfg.var.num_classes))
+    num_classes = num_conditions(rt)
     common = dict(cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.eval_batch_size)
     from tuner.search.fidelity import chunk_specs
 
     rt.screen_specs = chunk_specs(cfg.fidelity, T.eval_spec(cfg.samples, num_classes, cfg.seed, **common))
     rt.final_spec = T.eval_spec(cfg.final_samples, num_classes, cfg.seed, final=True, **common)
-    spec = PolicySpec(CacheGeometry.from_var_config(model_cfg.var), model_cfg.name, _calibration(rt.info))
+    spec = PolicySpec(model_cfg.geometry, model_cfg.name, _calibration(rt.info))
     rt.planner = Planner(model_cfg, spec, cfg.mem_target, fit=cfg.fits_to_target)
+
+
+def num_conditions(rt: SearchRuntime) -> int:
+    """What the workers' model is conditioned on, counted (classes, or an Infinity model's prompts; the
+    description's key is ``num_classes`` for both), else the VAR config's classes."""
+    if "num_classes" in rt.info:
+        return int(rt.info["num_classes"])
+    return int(rt.model_cfg.var.num_classes)
 
 
 def _open_study(rt: SearchRuntime) -> None:

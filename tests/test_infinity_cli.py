@@ -1,0 +1,121 @@
+"""Infinity through the product CLI with random weights (issue 19): `tuner bench` allocates what it
+plans, `tuner generate` writes images from prompts, `tuner evaluate` measures paired quality, and bad
+input is one `error:` line with exit 2 (CPU, the depth-2 `infinity-test` at 64², seeded)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.test_cli_generate import assert_user_error
+from tuner.cli.app import build_app
+
+runner = CliRunner()
+SMALL = ("--model", "infinity-test", "--random-weights", "--sides", "1,2,4", "--device", "cpu")  # 21 tokens
+
+
+def run(*args):
+    return runner.invoke(build_app(), list(map(str, args)))
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _bench(*extra) -> dict:
+    r = run("bench", *SMALL, "--batch", "2", "--warmup", "0", "--repeats", "1", "--json", *extra)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_bench_allocates_what_it_plans_full_and_compressed(tmp_path, cache_dir):
+    full = _bench()
+    assert full["model"] == "infinity-test" and "random text features" in full["weights"]
+    assert full["kv_bytes_allocated"] == full["kv_bytes_planned"] > 0 and full["memory_fraction"] == 1.0
+    assert len(full["per_scale_ms"]) == 3 and "random text features" in full["note"]
+    r = run("presets", *SMALL, "--mem-target", "60%", "--out", tmp_path / "presets")
+    assert r.exit_code == 0, r.output
+    for name in ("scalekv_10", "ams"):
+        res = _bench("--policy", tmp_path / "presets" / f"{name}.json")
+        assert res["kv_bytes_allocated"] == res["kv_bytes_planned"] < full["kv_bytes_planned"]
+        assert res["memory_fraction"] <= 0.6
+
+
+def test_generate_writes_images_of_prompts(tmp_path):
+    out = tmp_path / "out"
+    r = run("generate", *SMALL, "--prompt", "a red fox", "--prompt", "a lighthouse at night", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 images of infinity-test" in r.output and "random text features" in r.output
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (2, 3, 64, 64) and data["labels"].tolist() == [0, 1]
+    assert 0 <= data["images"].min() and data["images"].max() <= 1
+    assert sorted(p.name for p in out.glob("0*.png")) == ["0000_prompt0.png", "0001_prompt1.png"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red fox", "a lighthouse at night"]
+    # a prompt file: one prompt per non-empty line, surrounding spaces dropped
+    again, prompts = tmp_path / "again", tmp_path / "p.txt"
+    prompts.write_text("a lighthouse at night\n\n  a red fox  \n")
+    assert run("generate", *SMALL, "--prompts", prompts, "--out", again).exit_code == 0
+    assert (again / "prompts.txt").read_text().splitlines() == ["a lighthouse at night", "a red fox"]
+    assert np.load(again / "samples.npz")["images"].shape == (2, 3, 64, 64)
+
+
+def test_same_prompt_same_seed_same_image(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run("generate", *SMALL, "--prompt", "a cat", "--out", a).exit_code == 0
+    assert run("generate", *SMALL, "--prompt", "a cat", "--out", b).exit_code == 0
+    assert np.array_equal(np.load(a / "samples.npz")["images"], np.load(b / "samples.npz")["images"])
+    c = tmp_path / "c"
+    assert run("generate", *SMALL, "--prompt", "a dog", "--out", c).exit_code == 0
+    assert not np.array_equal(np.load(a / "samples.npz")["images"], np.load(c / "samples.npz")["images"])
+
+
+def test_evaluate_measures_paired_quality_against_the_full_cache(cache_dir):
+    r = run("evaluate", *SMALL, "--policy", "scalekv_10", "--samples", "2", "--batch-size", "2", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert m["model"] == "infinity-test" and m["samples"] == 2
+    assert 0 < m["memory_fraction"] < 1 and np.isfinite(m["psnr"]) and 0 < m["ssim"] < 1
+    full = json.loads(run("evaluate", *SMALL, "--policy", "full", "--samples", "2", "--json").output)
+    assert full["memory_fraction"] == 1.0 and full["psnr"] == float("inf") and full["ssim"] == 1.0
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["generate", "--model", "tiny", "--prompt", "a cat"], ["--prompt", "class-conditional"]),
+    (["generate", "--model", "tiny", "--prompts", "p.txt"], ["--prompts", "class-conditional"]),
+    (["generate", *SMALL, "--prompts", "missing.txt"], ["--prompts", "not found"]),
+    (["generate", *SMALL, "--prompts", "empty.txt"], ["holds no prompt"]),
+    (["generate", *SMALL, "--prompt", "a", "--prompts", "p.txt"], ["not both"]),
+    (["generate", *SMALL, "--classes", "1,2"], ["--classes", "text-to-image"]),
+    (["generate", *SMALL, "--prompt", "  "], ["--prompt", "non-empty"]),
+    (["generate", "--model", "infinity-test", "--random-weights", "--sides", "1,2,3"], ["--sides", "prefix"]),
+    (["generate", "--model", "infinity-test", "--random-weights", "--sides", "x"], ["--sides", "integers"]),
+    (["generate", "--model", "tiny", "--sides", "1,2"], ["--sides", "Infinity models only"]),
+    (["bench", "--model", "tiny", "--sides", "1,2"], ["--sides", "Infinity models only"]),
+    (["generate", "--model", "infinity-test"], ["--model infinity-test", "text encoder", "--random-weights"]),
+    (["evaluate", "--model", "tiny", "--policy", "full", "--prompts", "p.txt"], ["--prompts",
+                                                                                 "class-conditional"]),
+    (["search", "--model", "tiny", "--mem-target", "50%", "--sides", "1,2", "--out", "s"],
+     ["--sides", "Infinity models only"]),
+    (["search", *SMALL[:3], "--mem-target", "50%", "--prompts", "missing.txt", "--out", "s"],
+     ["--prompts", "not found"]),
+])
+def test_bad_input_is_one_error_line(tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = [] if args[0] in ("search", "evaluate") or "--out" in args else ["--out", "o"]
+    assert_user_error(run(*args, *out), *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_python_api_refuses_infinity_with_the_cli_way():
+    import tuner
+    from tuner.errors import UserError
+
+    with pytest.raises(UserError, match="through the CLI"):
+        tuner.load_model("infinity-test", random_weights=True)

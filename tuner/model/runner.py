@@ -1,0 +1,28 @@
+"""One loaded model, whatever its kind, from what a caller holds (docs/design.md, Model engine).
+
+The per-model passes (calibration, per-head statistics, the proxy record) take a loaded model (the
+interface of :class:`tuner.model.loading.LoadedModel`) or, as they always have, the modules and the
+config: ``f(var, vae, model_cfg, ...)``. :func:`as_runner` turns either into the loaded model; the
+one choice by kind is here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_runner(model: Any, vae: Any = None, model_cfg: Any = None) -> Any:
+    """``model`` itself when it is a loaded model (``vae`` and ``model_cfg`` None), else the loaded model
+    of the modules ``model`` (transformer) and ``vae`` for ``model_cfg`` (no checkpoint identity;
+    an Infinity model gets the built-in prompts)."""
+    if vae is None and model_cfg is None:
+        if not callable(getattr(model, "generate_chunk", None)):
+            raise TypeError("pass a loaded model (tuner.model.loading.load_model) or (transformer, vae, "
+                            "model config)")
+        return model
+    if getattr(model_cfg, "kind", "var") == "infinity":
+        from tuner.model.infinity_runner import InfinityModel
+
+        return InfinityModel(model_cfg, model, vae, None, "modules")
+    from tuner.model.loading import LoadedModel
+
+    return LoadedModel(model_cfg, model, vae, None, "modules")
