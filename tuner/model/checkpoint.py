@@ -47,23 +47,30 @@ def load_failure_reason(path: Path, exc: Exception) -> str:
     return (text.strip().splitlines() or [type(exc).__name__])[0][:120]
 
 
-def read_state_dict(path: str | Path, what: str, flag: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, what: str, flag: str = "",
+                    inner: str | None = None) -> dict[str, torch.Tensor]:
     """Load a plain state dict (``name -> Tensor``) from ``path``.
 
-    ``what`` names the checkpoint for messages (e.g. "VAR"), ``flag`` the option that sets it.
+    ``what`` names the checkpoint for messages (e.g. "VAR"), ``flag`` the option that sets it (none
+    for a path given in Python). ``inner``: the key of a wrapper dict that holds it (e.g. ``"vae"``);
+    any single-key wrapper is unwrapped too.
     """
+    with_flag = f" with {flag}" if flag else ""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{what} checkpoint not found: {p}; pass an existing file with {flag}")
+        raise UserError(f"{what} checkpoint not found: {p}; pass an existing file{with_flag}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, pickled code objects...
         raise UserError(f"{p} is not a readable PyTorch checkpoint ({load_failure_reason(p, exc)}); "
-                        f"re-download or re-save it and pass it with {flag}") from None
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+                        f"re-download or re-save it{' and pass it' + with_flag if flag else ''}") from None
+    if inner is not None and isinstance(obj, dict) and isinstance(obj.get(inner), dict):
+        obj = obj[inner]
+    elif isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))  # {"model": state_dict} / {"state_dict": ...} wrappers
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{p} does not hold a state dict of tensors; pass a {what} state dict with {flag}")
+        fix = f"pass a {what} state dict{with_flag}" if flag else f"pass the official {what} file"
+        raise UserError(f"{p} does not hold a state dict of tensors; {fix}")
     return obj
 
 

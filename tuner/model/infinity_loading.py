@@ -23,7 +23,7 @@ import torch
 
 from tuner.errors import UserError
 from tuner.model.bsq_vae import BSQVAE
-from tuner.model.checkpoint import load_failure_reason, load_strict, sha256_file
+from tuner.model.checkpoint import load_strict, read_state_dict, sha256_file
 from tuner.model.infinity import InfinityEngineConfig, InfinityTransformer
 from tuner.model.infinity_config import BSQVAEConfig, InfinityConfig, InfinityModelConfig
 from tuner.model.random_init import for_inference, randomize_
@@ -175,24 +175,6 @@ def load_infinity_state(engine: InfinityEngineConfig, vae_cfg: BSQVAEConfig, mod
     return model, vae
 
 
-def _read(path: str | Path, what: str, inner: str | None) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} checkpoint not found: {p}; pass an existing file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, random bytes, pickled code objects...
-        raise UserError(f"{p} is not a readable PyTorch checkpoint ({load_failure_reason(p, exc)}); "
-                        "re-download or re-save it") from None
-    if isinstance(obj, dict) and isinstance(obj.get(inner), dict):
-        obj = obj[inner]
-    elif isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
-        obj = next(iter(obj.values()))  # {"vae": ...}, {"model": ...}: the kind is checked from the keys
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{p} does not hold a state dict of tensors; pass the official {what} file")
-    return obj
-
-
 def load_infinity(model_path: str | Path, vae_path: str | Path, *, name: str | None = None,
                   sides: tuple[int, ...] | None = None, h_div_w: float = 1.0, pixels: str = "1M",
                   device: str | torch.device = "cpu") -> LoadedInfinity:
@@ -204,7 +186,8 @@ def load_infinity(model_path: str | Path, vae_path: str | Path, *, name: str | N
     from tuner.model.infinity_config import INFINITY_MODELS
 
     model_src, vae_src = f"Infinity checkpoint {model_path}", f"BSQ-VAE checkpoint {vae_path}"
-    model_sd, vae_sd = _read(model_path, "Infinity", None), _read(vae_path, "BSQ-VAE", "vae")
+    model_sd = read_state_dict(model_path, "Infinity")
+    vae_sd = read_state_dict(vae_path, "BSQ-VAE", inner="vae")
     engine = infer_infinity_config(model_sd, model_src, sides, h_div_w, pixels)
     vae_sd = prepare_vae_state(vae_sd)
     vae_cfg = infer_bsq_config(vae_sd, vae_src)
