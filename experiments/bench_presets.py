@@ -36,10 +36,10 @@ def main(argv=None) -> None:
              f"{machine_description('cpu')}; {dt.date.today().isoformat()}.", "",
              "Each row is `tuner bench --model M --random-weights --policy FILE --batch 1 --repeats 1` on "
              "the preset file `tuner presets --model M --random-weights` wrote (fp32 cache; fractions are "
-             "the same in fp16).", "",
-             "| model | preset | memory | KV bytes planned | KV bytes allocated | equal | "
-             "end-to-end latency (s/image) |",
-             "|---|---|---|---|---|---|---|"]
+             "the same in fp16). No latency column: one cold image per policy on a shared CPU is not a "
+             "speed measurement (warmed-up, repeated timings: bench_cpu.md).", "",
+             "| model | preset | memory | KV bytes planned | KV bytes allocated | equal |",
+             "|---|---|---|---|---|---|"]
     for model in args.models.split(","):
         work = Path(args.work) / model
         subprocess.run([sys.executable, "-m", "tuner", "presets", "--model", model, "--random-weights",
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
             ok = r["kv_bytes_allocated"] == r["kv_bytes_planned"]
             lines.append(f"| {model} | {path.stem.replace('_at_', '@')} | {100 * r['memory_fraction']:.2f}% "
                          f"| {r['kv_bytes_planned']:,} | {r['kv_bytes_allocated']:,} "
-                         f"| {'yes' if ok else 'NO'} | {r['end_to_end_ms'] / 1e3:.1f} |")
+                         f"| {'yes' if ok else 'NO'} |")
             print(lines[-1], flush=True)
         del loaded
     Path(args.out).write_text("\n".join(lines) + "\n")
