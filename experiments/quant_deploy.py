@@ -93,7 +93,7 @@ def main() -> None:
               "", "## d16, random weights, CPU: `tuner bench --model d16 --random-weights --batch 2 "
               "--dtype fp32 --policy <joint d16 file>`", "", "```",
               cli("bench", "--model", "d16", "--random-weights", "--batch", "2", "--dtype", "fp32",
-                  "--device", "cpu", "--warmup", "0", "--repeats", "1",
+                  "--device", "cpu", "--warmup", "1", "--repeats", "3",
                   "--policy", str(files[("d16", "joint (searched on tiny)")])).strip(), "```", ""]
     (OUT / "deploy.md").write_text("\n".join(lines))
     print("\n".join(lines))
