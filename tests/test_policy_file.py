@@ -268,3 +268,18 @@ def test_cli_refuses_malformed_policy_files_with_one_line(tmp_path, case, comman
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), proc.stderr
     assert fragment in lines[0], lines[0]
+
+
+def test_a_winner_equal_to_the_full_cache_keeps_its_infinite_psnr_and_loads(tmp_path):
+    """Images equal to the full cache's have PSNR +inf; JSON has no inf, so the file says "inf"
+    (it used to write a bare Infinity that the schema then refused)."""
+    cfg = model_config("tiny")
+    from tuner.policies.full import FullPolicy
+
+    path = write_policy_file(tmp_path / "p.json", FullPolicy(), cfg,
+                             metrics={"psnr": float("inf"), "ssim": 1.0, "delta": float("-inf")})
+    doc = json.loads(path.read_text())
+    assert doc["metrics"] == {"psnr": "inf", "ssim": 1.0, "delta": "-inf"}
+    policy, info = load_policy_file(path, cfg)
+    assert info.metrics["psnr"] == "inf"
+    assert "psnr inf" in describe_policy_file(policy, info)

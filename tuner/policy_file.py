@@ -4,7 +4,8 @@ strictly on load.
 Layout (``schema_version`` 1)::
 
     {"schema_version": 1, "kind": "varkv-tuner policy",
-     "model": {"name", "depth", "patch_nums", "num_heads", "head_dim", "checkpoint_sha256"},
+     "model": {"name", "depth", "patch_nums", "num_heads", "head_dim", "checkpoint_sha256",
+               "scale_shapes"},   # [h, w] per scale, only for non-square maps (absent: square)
      "policy": {"family", "params"},
      "budgets": [[...per scale...] per layer], "full": false,
      "kv_formats": ["compute" | "int8" | "int4", ... per layer],   # absent in older files: all compute
@@ -17,7 +18,8 @@ Layout (``schema_version`` 1)::
 Loading re-plans the policy from its family and params (with the embedded calibration) and refuses
 the file unless the result equals the stored budget table and storage formats — the table is what
 memory was promised on, so a file can never silently run with other budgets. A file written before
-quantized storage existed has no ``kv_formats`` and loads as the 16-bit (compute dtype) cache it was.
+quantized storage existed has no ``kv_formats`` and loads as the 16-bit (compute dtype) cache it was;
+``model.scale_shapes`` only for non-square maps (``patch_nums`` the heights): without it, square.
 
 The file is user input: :mod:`tuner.policy_schema` bounds its size and nesting and type-checks every
 field above before any of it is used, each refusal one line naming the file and the field.
@@ -33,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.geometry import format_shapes
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
+from tuner.policy_model import check_model, file_geometry, model_identity  # noqa: F401 - re-exported
 from tuner.policy_schema import KIND, check_policy_schema, read_policy_json
 from tuner.provenance import git_sha
 
@@ -64,12 +68,6 @@ def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return json.loads(json.dumps(dataclasses.asdict(obj)))
     return dict(obj)
-
-
-def model_identity(model_cfg: Any, checkpoint_sha256: str | None) -> dict:
-    g = model_cfg.geometry
-    return {"name": model_cfg.name, "depth": g.num_layers, "patch_nums": list(g.patch_nums),
-            "num_heads": g.num_heads, "head_dim": g.head_dim, "checkpoint_sha256": checkpoint_sha256}
 
 
 def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
@@ -105,7 +103,7 @@ def write_policy_file(path: str | Path, policy: KVPolicy, model_cfg: Any, *,
                    "full_kv_bytes_per_image": report.full_kv_bytes_per_image, "fraction": report.fraction,
                    "capacities": list(report.capacities), "workspace_tokens": report.workspace_tokens},
         "calibration": _calibration_section(policy, calibration),
-        "metrics": dict(metrics) if metrics else None,
+        "metrics": _finite_metrics(metrics) if metrics else None,
         "eval_spec": _plain(eval_spec),
         "provenance": json.loads(json.dumps(prov, default=str)),
     }
@@ -138,7 +136,7 @@ def load_policy_file(path: str | Path, model_cfg: Any = None, *,
     model = doc["model"]
     geometry, family, params = _model_and_policy_section(where, doc, redo)
     if model_cfg is not None:
-        _check_model(where, model, geometry, model_cfg)
+        check_model(where, model, geometry, model_cfg)
     file_sha = model.get("checkpoint_sha256")
     if file_sha and checkpoint_sha256 and file_sha != checkpoint_sha256:
         raise UserError(f"{where} was tuned on checkpoint {file_sha[:12]}…, the loaded weights are "
@@ -174,8 +172,7 @@ def _model_and_policy_section(where: str, doc: dict, redo: str) -> tuple[CacheGe
     """``(geometry, family, params)`` from the file's ``model`` and ``policy`` sections."""
     model, pol = doc["model"], doc["policy"]
     try:
-        geometry = CacheGeometry(int(model["depth"]), int(model["num_heads"]), int(model["head_dim"]),
-                                 tuple(int(p) for p in model["patch_nums"]))
+        geometry = file_geometry(model)
         family, params = str(pol["family"]), dict(pol.get("params") or {})
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{where}: malformed model or policy section ({exc!r}); {redo}") from None
@@ -261,16 +258,6 @@ def _check_replanned(where: str, doc: dict, family: str, policy: KVPolicy, spec:
                         f"({report.fraction}); {redo}")
 
 
-def _check_model(where: str, model: dict, geometry: CacheGeometry, model_cfg: Any) -> None:
-    want = model_cfg.geometry
-    name = model.get("name")
-    if name != model_cfg.name or geometry != want:
-        raise UserError(f"{where} is a policy for model {name} (depth {geometry.num_layers}, patch_nums "
-                        f"{list(geometry.patch_nums)}), not {model_cfg.name} (depth {want.num_layers}, "
-                        f"patch_nums {list(want.patch_nums)}); pass --model {name} or use a policy exported "
-                        f"for {model_cfg.name}")
-
-
 def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
     """Human summary for ``tuner policy show``."""
     from tuner.memory import format_summary
@@ -278,6 +265,7 @@ def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
     m, mem, prov = info.model, info.memory, info.provenance or {}
     lines = [f"policy file {info.path} (schema {info.schema_version})",
              f"model: {m.get('name')} depth {m.get('depth')} patch_nums {m.get('patch_nums')} "
+             + (f"scales {format_shapes(m['scale_shapes'])} " if m.get("scale_shapes") else "") +
              f"checkpoint {m.get('checkpoint_sha256') or 'none (random weights)'}",
              f"policy: {policy.family} {json.dumps(policy.params())}",
              f"storage: {format_summary(info.plan.formats)}"
@@ -295,3 +283,14 @@ def describe_policy_file(policy: KVPolicy, info: PolicyFileInfo) -> str:
     if prov:
         lines.append("provenance: " + ", ".join(f"{k} {v}" for k, v in prov.items() if v is not None))
     return "\n".join(lines)
+
+
+def _finite_metrics(metrics: dict) -> dict:
+    """Metrics as JSON can hold them: a non-finite number (PSNR of images equal to the full cache's is
+    +inf) becomes the string ``"inf"`` / ``"-inf"`` / ``"nan"``, which the schema accepts and
+    ``tuner policy show`` prints as it is."""
+    import math
+
+    return {k: (repr(float(v)) if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
+
