@@ -5,7 +5,12 @@
 Ours (docs/design.md, Memory): what a run allocates, every scale, K and V 16-bit, per image with CFG;
 max batch on 80 GiB from :func:`tuner.memory.max_batch`. ScaleKV's (:mod:`tuner.memory_conventions`):
 the tokens cached when the last scale starts, K fp32 + V bf16, at batch 8 as in their Table 1.
-ScaleKV plans with placeholder drafter roles (no Infinity engine to calibrate yet).
+ScaleKV and AMS plan with placeholder layer roles (calibrating needs the real weights).
+
+The searched joint policies are the *shapes* of the shipped tiny winners (``policies/tiny-*pct.json``:
+family, structure and storage format), their one token knob refitted to 10% of the Infinity geometry
+(:func:`joint_shapes`), as ``tuner search --mem-target`` refits every candidate. Their quality on
+Infinity is not measured here (no real weights on this machine).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from tuner.memory import GIB, max_batch, memory_report
 from tuner.memory_conventions import scalekv_convention
 from tuner.model.config import model_config
 from tuner.policies.base import PolicySpec
+from tuner.policies.fit import fit_to_memory
 from tuner.policies.full import FullPolicy
 from tuner.policies.scalekv import ScaleKVPolicy
 
@@ -35,6 +41,43 @@ NOTE = ("Their 4% / 10% / 20% are 265 / 650 / 1300 tokens per layer (the release
         "ours moves by −1.3% (8B) to +0.3% (2B).")
 
 
+def _shape_params(params: dict, num_scales: int) -> dict | None:
+    """A shipped winner's parameters for another scale count: a flat ``scale_curve`` is stretched to
+    ``num_scales - 1`` entries; a non-flat one has no meaning there (None)."""
+    curve = params.get("scale_curve")
+    if curve:
+        if len(set(curve)) != 1:
+            return None
+        params = {**params, "scale_curve": [curve[0]] * (num_scales - 1)}
+    return params
+
+
+def joint_shapes(cfg, spec: PolicySpec, fraction: float = 0.10) -> list[tuple[str, str, object]]:
+    """``(label, tuner plan flags, policy)`` for each shipped tiny winner's shape, its knob fitted to
+    ``fraction`` of this model's full cache (16-bit reference, fp16 buffers)."""
+    import json
+
+    from tuner.policies.registry import make_policy
+
+    out = []
+    for path in sorted((ROOT / "policies").glob("tiny-*pct.json")):
+        entry = json.loads(path.read_text())["policy"]
+        params = _shape_params(entry["params"], cfg.geometry.num_scales)
+        if params is None:
+            continue
+        shape = make_policy(entry["family"], params)
+        fitted = fit_to_memory(shape, cfg.geometry, lambda p: memory_report(
+            p, cfg, dtype="fp16", spec=spec).fraction <= fraction)
+        if fitted is None:
+            continue
+        fmt = params.get("kv_format")
+        flags = " ".join(f"--param {k}={json.dumps(v, separators=(',', ':'))}"
+                         for k, v in fitted.params().items() if v is not None)
+        out.append((f"{path.stem} shape: {entry['family']} + {fmt}, at {fraction:.0%}",
+                    f"`--family {entry['family']} {flags}`", fitted))
+    return out
+
+
 def rows_for(name: str) -> list[str]:
     cfg = model_config(name)
     g = cfg.geometry
@@ -43,16 +86,21 @@ def rows_for(name: str) -> list[str]:
     policies = [("full", "`--family full`", FullPolicy()),
                 ("scalekv 10%", "`--family scalekv --param budget_fraction=0.1`", ScaleKVPolicy(0.10)),
                 ("scalekv 650 tok", f"`--family scalekv --param budget_fraction={650 / cached!r}`",
-                 ScaleKVPolicy(650 / cached))]
+                 ScaleKVPolicy(650 / cached))] + joint_shapes(cfg, spec)
     out = []
     for label, flags, policy in policies:
         r = memory_report(policy, cfg, dtype="fp16", spec=spec)
-        theirs = scalekv_convention(r.plan, g, batch=8)
         full_theirs = scalekv_convention(FullPolicy().plan(spec), g, batch=8)
         est = max_batch(r, cfg, 80 * GIB, "fp16")
+        kept = sum(r.capacities) / len(r.capacities)
+        try:
+            theirs = scalekv_convention(r.plan, g, batch=8)
+            conv = (f"{theirs.bytes_per_image / MIB:,.1f} | {theirs.mib_total:,} | "
+                    f"{100 * theirs.bytes_total / full_theirs.bytes_total:.2f}%")
+        except ValueError:  # their convention has no quantized formats
+            conv = "– | – | –"
         out.append(f"| {name} | {label} | {r.kv_bytes_per_image / MIB:,.1f} | {100 * r.fraction:.2f}% | "
-                   f"{est.batch} | {theirs.bytes_per_image / MIB:,.1f} | {theirs.mib_total:,} | "
-                   f"{100 * theirs.bytes_total / full_theirs.bytes_total:.2f}% | {flags} |")
+                   f"{kept:,.0f} | {est.batch} | {conv} | {flags} |")
     return out
 
 
@@ -74,7 +122,7 @@ def paper_rows(name: str) -> list[str]:
 def main() -> None:
     lines = ["# Infinity at 1024² (1:1): KV memory in our convention and in ScaleKV's", "",
              f"Command: `python -m experiments.infinity_plan`; date {dt.date.today().isoformat()}; pure "
-             "arithmetic (no weights, no GPU, no Infinity engine yet). Geometry: 13 scales, sides "
+             "arithmetic (no weights, no GPU). Geometry: 13 scales, sides "
              "1 … 64, 10,521 tokens, 6,425 cached when the last scale starts; 2B 32 layers × 16 heads × 128, "
              "8B 40 × 28 × 128.", "",
              "- **Ours** (`tuner plan`, docs/design.md Memory): per image with CFG (2 rows), K and V 16-bit, "
@@ -86,9 +134,17 @@ def main() -> None:
              "- **ScaleKV's** (`tuner.memory_conventions`, their Table 1): the tokens every layer holds when "
              "the last scale starts, K fp32 + V bf16 (6 bytes per channel pair), at batch 8 with CFG "
              "(16 rows). For the full cache ours = theirs × 10,521·4 / (6,425·6) = 1.0917 per image.", "",
-             "| model | policy | ours MiB / image | ours fraction | max batch 80 GiB | ScaleKV MiB / image | "
-             "ScaleKV MiB @ batch 8 | ScaleKV fraction | `tuner plan --model M` flags |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- **Searched joint shapes**: the shipped tiny winners (`policies/tiny-*pct.json`: family, "
+             "structure and K/V storage format), their token knob refitted to 10% here, as the search refits "
+             "every candidate (tiny-10pct's flat scale curve stretched to 13 scales). At the same bytes, "
+             "int4 / int8 storage keeps about 3.6× / 1.9× the tokens of a 16-bit policy (tokens / layer: "
+             "the mean of the layers' buffers). Their quality on Infinity is not measured (no real weights "
+             "here); "
+             "ScaleKV's convention has no quantized formats (–).", "",
+             "| model | policy | ours MiB / image | ours fraction | tokens / layer | max batch 80 GiB | "
+             "ScaleKV MiB / image | ScaleKV MiB @ batch 8 | ScaleKV fraction | "
+             "`tuner plan --model M` flags |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("infinity-2b", "infinity-8b"):
         lines += rows_for(name)
     lines += ["", "## ScaleKV's published budgets (Table 1) against our `scalekv` planner", "", NOTE, "",
