@@ -9,7 +9,10 @@ small official ``vae_model`` (base channels 32, one residual block), draws rando
 :func:`tuner.model.loading.randomize_`, saves both state dicts in the official format, runs the
 official ``autoregressive_infer_cfg`` on CPU in fp32, then loads the saved files through our strict
 loader and runs :func:`tuner.model.infinity_generate.generate_infinity` with the same seed and
-features. The table compares the sampled bits of every scale and the decoded images.
+features. The table compares the sampled bits of every scale and the decoded images. A configuration
+is a prefix of the 1:1 schedule (``sides``) or the first ``scales`` maps of another official ratio
+(``aspect``): that schedule is what both sides generate (``scale_schedule`` of the official call), RoPE
+normalised to the ratio's 1M map on both.
 
 What the official code needs and a CPU lacks is replaced by plain stand-ins written to a temporary
 directory: ``flash_attn``'s varlen kernel by per-prompt ``scaled_dot_product_attention`` (what it
@@ -30,7 +33,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> flags of one configuration (sides, prompt lengths, guidance, sampling, patchify)
+# name -> flags of one configuration (sides, or aspect + scales; prompt lengths, guidance, sampling,
+# patchify)
 CONFIGS = {
     "official CLI: cfg 3 on the logits, ragged prompts": dict(sides="1,2,4,6,8", lens="10,6"),
     "guidance on the last block's output, top-k 1": dict(sides="1,2,4,6", lens="7,7", cfg=4.0, layer=-1,
@@ -39,6 +43,9 @@ CONFIGS = {
     "no guidance (cfg 1)": dict(sides="1,2,4,6", lens="8,4", cfg=1.0),
     "8B layout (spatial patchify)": dict(sides="1,2,4,6", lens="6,4", patchify=1),
     "7 scales, 256² image": dict(sides="1,2,4,6,8,12,16", lens="9,5"),
+    "2:1, its first 5 scales (160 × 80 image)": dict(aspect="2:1", scales=5, lens="9,5"),
+    "1:2, 8B layout, guidance on the last block": dict(aspect="1:2", scales=4, lens="6,4", patchify=1,
+                                                      layer=-1),
 }
 STUBS = {
     "flash_attn/__init__.py": '''import torch, torch.nn.functional as F
@@ -126,10 +133,11 @@ def main(argv: list[str] | None = None) -> None:
              "experiments.infinity_official_check --official DIR`. Depth-2 random official-format weights "
              "(64 wide, 4 heads, 256-wide text features, small BSQ-VAE), seed 42 for sampling, the same "
              "random text features on both sides; our side loads the official state dicts strictly.", "",
-             "| configuration | scales (sides) | prompts (tokens) | scales with equal bits | bits compared "
-             "| image max \\|diff\\| |", "|---|---|---|---|---|---|"]
+             "| configuration | scales (sides, or h×w maps) | prompts (tokens) | scales with equal bits "
+             "| bits compared | image max \\|diff\\| |", "|---|---|---|---|---|---|"]
     for name, flags, r in rows:
-        lines.append(f"| {name} | {flags['sides']} | {flags['lens']} | {r['equal_scales']}/{r['scales']} "
+        maps = flags.get("sides") or " ".join(f"{h}×{w}" for h, w in r["maps"])
+        lines.append(f"| {name} | {maps} | {flags['lens']} | {r['equal_scales']}/{r['scales']} "
                      f"| {r['bits']:,} | {r['image_max_diff']:.1e} |")
     lines += ["", "Equal bits at every scale mean the two runs sampled the same tokens from the same "
               "generator stream; the images then differ only by float rounding (0 here: the same "

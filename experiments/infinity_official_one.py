@@ -61,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--sides", default="1,2,4")
+    ap.add_argument("--aspect", default=None, help="an official ratio H:W (with --scales instead of --sides)")
+    ap.add_argument("--scales", type=int, default=None, help="the first N maps of the --aspect schedule")
     ap.add_argument("--lens", default="10,6")
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--top_k", type=int, default=900)
@@ -79,11 +81,17 @@ def main() -> None:
     work = Path(args.work)
     torch.save(model.state_dict(), work / "model.pth")
     torch.save({"vae": vae.state_dict()}, work / "vae.pth")
-    sides = tuple(int(s) for s in args.sides.split(","))
     lens = [int(n) for n in args.lens.split(",")]
-    schedule = [(1, s, s) for s in sides]
-    full = [(1, h, w) for _, h, w in dynamic_resolution_h_w[1.0]["1M"]["scales"]]
-    # a prefix of the 1M schedule: RoPE stays normalised to the 1M map, as in our engine
+    h_div_w = 1.0
+    if args.aspect is not None:  # the first --scales maps of the official schedule of that ratio
+        from tuner.model.infinity_schedules import aspect_ratio
+
+        h_div_w = aspect_ratio(args.aspect)
+        schedule = [(1, h, w) for _, h, w in dynamic_resolution_h_w[h_div_w]["1M"]["scales"][:args.scales]]
+    else:
+        schedule = [(1, s, s) for s in (int(s) for s in args.sides.split(","))]
+    full = [(1, h, w) for _, h, w in dynamic_resolution_h_w[h_div_w]["1M"]["scales"]]
+    # a prefix of the 1M schedule: RoPE stays normalised to the ratio's 1M map, as in our engine
     model.rope2d_freqs_grid[str(tuple(schedule))] = model.rope2d_freqs_grid[str(tuple(full))]
     text, _ = random_text(len(lens), TEXT_CHANNELS, max(lens), seed=1)
     packed = torch.cat([f[:n] for f, n in zip(text, lens)])
@@ -103,7 +111,8 @@ def main() -> None:
             inference_mode=True)
     reference = (seen_images[0] + 1) / 2
 
-    loaded = load_infinity(work / "model.pth", work / "vae.pth", sides=sides)
+    loaded = load_infinity(work / "model.pth", work / "vae.pth", h_div_w=h_div_w, scales=len(schedule))
+    assert loaded.engine.schedule == tuple((h, w) for _, h, w in schedule)
     ours = generate_infinity(loaded.model, loaded.vae, text, lens, seed=42, cfg=args.cfg, top_k=args.top_k,
                              top_p=args.top_p, cfg_insertion_layer=args.layer)
     equal = 0
@@ -113,8 +122,8 @@ def main() -> None:
             theirs = torch.nn.functional.pixel_unshuffle(theirs.permute(0, 3, 1, 2).float(), 2) \
                 .permute(0, 2, 3, 1).long()
         equal += int(torch.equal(mine, theirs.reshape(mine.shape)))
-    print(json.dumps({"scales": len(sides), "equal_scales": equal, "bits_equal": equal == len(sides),
-                      "bits": sum(t.numel() for t in ours.tokens),
+    print(json.dumps({"scales": len(schedule), "equal_scales": equal, "bits_equal": equal == len(schedule),
+                      "maps": [[h, w] for _, h, w in schedule], "bits": sum(t.numel() for t in ours.tokens),
                       "image_max_diff": float((ours.images - reference).abs().max())}))
 
 

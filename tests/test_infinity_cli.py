@@ -95,7 +95,8 @@ def test_evaluate_measures_paired_quality_against_the_full_cache(cache_dir):
     (["generate", "--model", "infinity-test", "--random-weights", "--sides", "x"], ["--sides", "integers"]),
     (["generate", "--model", "tiny", "--sides", "1,2"], ["--sides", "Infinity models only"]),
     (["bench", "--model", "tiny", "--sides", "1,2"], ["--sides", "Infinity models only"]),
-    (["generate", "--model", "infinity-test"], ["--model infinity-test", "text encoder", "--random-weights"]),
+    (["generate", "--model", "infinity-test"], ["--model infinity-test needs its weights", "--weights-dir",
+                                                 "--random-weights"]),
     (["evaluate", "--model", "tiny", "--policy", "full", "--prompts", "p.txt"], ["--prompts",
                                                                                  "class-conditional"]),
     (["search", "--model", "tiny", "--mem-target", "50%", "--sides", "1,2", "--out", "s"],
@@ -119,3 +120,23 @@ def test_python_api_refuses_infinity_with_the_cli_way():
 
     with pytest.raises(UserError, match="through the CLI"):
         tuner.load_model("infinity-test", random_weights=True)
+
+
+@pytest.mark.slow  # Inception-v3 at 299² on the CPU
+def test_evaluate_measures_fid_vs_full_with_local_inception_weights(tmp_path, cache_dir):
+    """ScaleKV and HeatKV measure Infinity with PSNR, SSIM and FID against the full cache: with an
+    Inception-v3 weights file (here random weights of the standard layout) `tuner evaluate` reports
+    fid_vs_full on the paired images next to PSNR/SSIM."""
+    import torch
+
+    from tuner.quality.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pt_inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)
+    r = run("evaluate", *SMALL, "--policy", "scalekv_10", "--samples", "4", "--json",
+            "--inception-weights", weights)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert m["fid_vs_full"] is not None and m["fid_vs_full"] >= 0 and m["samples"] == 4
+    assert 0 < m["ssim"] <= 1

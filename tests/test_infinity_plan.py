@@ -1,5 +1,5 @@
 """Infinity-2B/8B as planning-only named models: geometry, parameter counts, both memory conventions,
-`tuner plan` on them, and the refusal of real weights by every command that runs a model (issue 19)."""
+`tuner plan` on them, and what every command that runs a model says without their weights (issue 19)."""
 from __future__ import annotations
 
 import json
@@ -52,8 +52,8 @@ def test_schedules_of_the_official_table():
     assert two[-1] == (90, 45) and infinity_schedule(0.5)[-1] == (45, 90)
     # equal to the official dynamic_resolution_h_w for all 15 ratios × 4 pixel counts (checked once)
     assert sum(h * w for h, w in two) == 11_269
-    with pytest.raises(ValueError, match="non-square"):
-        _ = InfinityConfig(depth=2, embed_dim=256, num_heads=2, h_div_w=2.0).geometry
+    g = InfinityConfig(depth=2, embed_dim=256, num_heads=2, h_div_w=2.0).geometry  # (h, w) maps now plan
+    assert g.shapes == two and g.patch_nums == tuple(h for h, _ in two) and g.seq_len == 11_269
     with pytest.raises(ValueError, match="aspect ratio"):
         infinity_schedule(1.1)
 
@@ -169,10 +169,12 @@ def test_plan_json_for_scalekv_10_on_infinity_2b():
     ["search", "--mem-target", "10%", "--out", "{tmp}/s"],
 ])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_commands_refuse_real_infinity_weights_until_a_text_encoder_loads(tmp_path, command, name):
-    """Infinity runs with --random-weights only (tests/test_infinity_cli.py); real weights need the T5
-    encoder this version does not load: one line naming the way out, before any file is read or written."""
+def test_commands_without_infinity_weights_name_the_folder_and_the_way_out(tmp_path, command, name,
+                                                                         monkeypatch):
+    """Real Infinity weights come from --weights-dir (tests/test_infinity_real_weights.py); without it
+    every command says which files it needs, before any file is read or written."""
+    monkeypatch.delenv("TUNER_WEIGHTS_DIR", raising=False)
     args = [a.format(tmp=tmp_path) for a in command]
-    assert_user_error(run(args[0], "--model", name, *args[1:]), f"--model {name}", "text encoder",
-                      "--random-weights")
+    assert_user_error(run(args[0], "--model", name, *args[1:]), f"--model {name} needs its weights",
+                      "--weights-dir", "flan-t5-xl/", "--random-weights")
     assert not any(tmp_path.iterdir())  # nothing written

@@ -59,7 +59,8 @@ def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: 
 
     if name in NAMED_MODELS and model_config(name).kind != "var":
         raise UserError(f"tuner.load_model runs VAR models in this version; {name} runs through the CLI "
-                        f"(tuner generate / bench / evaluate / search --model {name} --random-weights)")
+                        f"(tuner generate / bench / evaluate / search --model {name} with --weights-dir DIR "
+                        "or --random-weights)")
     dev = resolve_device(device)
     loaded = load(name, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
                   random_weights=random_weights, seed=seed, device=dev)

@@ -4,7 +4,7 @@ Three statistics per layer, measured on the queries/keys of generations with the
 (classifier-free guidance rows, conditional and unconditional, all averaged):
 
 - **inter-scale key similarity** ``key_similarity[l][s]`` (AMS-KV): keys of scale ``s-1``, laid out
-  on their ``p × p`` grid and bilinearly upsampled to scale ``s``'s grid, against scale ``s``'s keys:
+  on their ``h × w`` grid and bilinearly upsampled to scale ``s``'s grid, against scale ``s``'s keys:
   minus the L2 distance per token, averaged over tokens, heads and rows (``None`` for ``s = 0``).
 - **attention selectivity** (ScaleKV): ``car[l][s]`` = mean over the queries of scale ``s`` of the
   softmax mass on scale ``s``'s own keys; ``htk[l][s]`` = mean over the queries of the mass of the
@@ -75,6 +75,8 @@ class Calibration:
     heads: the per-(layer, head) summary head-aware policies plan from
            (:class:`tuner.calibration_head_summary.HeadCalibration`), measured in the same pass;
            ``None`` in statistics saved before it existed (such policies then ask for a recalibration).
+    scale_shapes: ``(h, w)`` per scale for a non-square schedule (``patch_nums`` the heights), else None
+           (absent from the JSON: square statistics read and write as they always have).
     """
 
     model_name: str
@@ -87,8 +89,11 @@ class Calibration:
     spec: CalibrationSpec
     checkpoint_sha256: str | None = None
     heads: Any = None
+    scale_shapes: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
+        geometry = CacheGeometry(self.num_layers, 1, 1, tuple(self.patch_nums), self.scale_shapes)
+        object.__setattr__(self, "scale_shapes", geometry.scale_shapes)  # None when every map is square
         s, n = len(self.patch_nums), self.num_layers
         for name in ("key_similarity", "car", "htk"):
             table = getattr(self, name)
@@ -129,14 +134,17 @@ class Calibration:
 
     def check_geometry(self, geometry: CacheGeometry) -> None:
         """``ValueError`` if these statistics were computed for another layer/scale layout."""
-        if (self.num_layers, tuple(self.patch_nums)) != (geometry.num_layers, tuple(geometry.patch_nums)):
-            raise ValueError(f"calibration is for {self.num_layers} layers with patch_nums "
-                             f"{list(self.patch_nums)}, the model has {geometry.num_layers} layers with "
-                             f"{list(geometry.patch_nums)}")
+        mine = CacheGeometry(self.num_layers, 1, 1, tuple(self.patch_nums), self.scale_shapes)
+        theirs = CacheGeometry(geometry.num_layers, 1, 1, tuple(geometry.patch_nums), geometry.scale_shapes)
+        if mine != theirs:
+            raise ValueError(f"calibration is for {self.num_layers} layers with {mine.describe_scales()}, "
+                             f"the model has {geometry.num_layers} layers with {theirs.describe_scales()}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "heads"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("heads", "scale_shapes")}
+        if self.scale_shapes is not None:  # non-square maps only: square files are as they were
+            d["scale_shapes"] = [list(hw) for hw in self.scale_shapes]
         if self.heads is not None:  # absent, not null, without heads: files read as they always have
             d["heads"] = self.heads.to_dict()
         d.update(schema_version=SCHEMA_VERSION, patch_nums=list(self.patch_nums), spec=asdict(self.spec),
@@ -157,7 +165,9 @@ class Calibration:
                        car=table(d["car"]), htk=table(d["htk"]),
                        density=tuple(tuple(tuple(float(v) for v in r) for r in m) for m in d["density"]),
                        spec=CalibrationSpec(**d["spec"]), checkpoint_sha256=d.get("checkpoint_sha256"),
-                       heads=None if d.get("heads") is None else HeadCalibration.from_dict(d["heads"]))
+                       heads=None if d.get("heads") is None else HeadCalibration.from_dict(d["heads"]),
+                       scale_shapes=None if d.get("scale_shapes") is None
+                       else tuple((int(h), int(w)) for h, w in d["scale_shapes"]))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed calibration data: {exc!r}") from None
 
@@ -242,12 +252,12 @@ class CalibrationObserver:
         import torch.nn.functional as F
 
         r, h, _, d = k.shape
-        p, pn = self.geometry.patch_nums[scale - 1], self.geometry.patch_nums[scale]
+        (ph, pw), (sh, sw) = self.geometry.shapes[scale - 1], self.geometry.shapes[scale]
         prev = k.index_select(2, (key_scale == scale - 1).nonzero().flatten())
         cur = k.index_select(2, (key_scale == scale).nonzero().flatten())
-        grid = prev.reshape(r * h, p, p, d).permute(0, 3, 1, 2)
-        up = F.interpolate(grid, size=(pn, pn), mode="bilinear", align_corners=False)
-        up = up.permute(0, 2, 3, 1).reshape(r, h, pn * pn, d)
+        grid = prev.reshape(r * h, ph, pw, d).permute(0, 3, 1, 2)
+        up = F.interpolate(grid, size=(sh, sw), mode="bilinear", align_corners=False)
+        up = up.permute(0, 2, 3, 1).reshape(r, h, sh * sw, d)
         return -(up - cur).norm(dim=-1).mean(-1).sum()
 
     def _add(self, key: str, layer: int, scale: int, value: float, count: int) -> None:
@@ -269,7 +279,8 @@ class CalibrationObserver:
                               for j, row in enumerate(m))
                         for layer, m in enumerate(self._density))
         return Calibration(self.model_name, tuple(g.patch_nums), g.num_layers, self._table("sim"), car,
-                           self._table("htk"), density, self.spec, self.checkpoint_sha256)
+                           self._table("htk"), density, self.spec, self.checkpoint_sha256,
+                           scale_shapes=g.scale_shapes)
 
 
 # ---------------------------------------------------------------------------------------- running it

@@ -130,7 +130,7 @@ class HeadStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         spec = {"images": asdict(self.spec.images), "contextual_quantile": self.spec.contextual_quantile}
         meta = {"schema_version": SCHEMA_VERSION, "model_name": self.model_name,
-                "geometry": asdict(self.geometry), "spec": spec,
+                "geometry": self.geometry.to_dict(), "spec": spec,
                 "half_images": list(self.half_images), "checkpoint_sha256": self.checkpoint_sha256}
         doc = {"meta": json.dumps(meta), **{k: getattr(self, k).contiguous() for k in TENSORS}}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -149,8 +149,7 @@ class HeadStats:
             if meta.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"head stats schema_version must be {SCHEMA_VERSION}")
             g = meta["geometry"]
-            geometry = CacheGeometry(int(g["num_layers"]), int(g["num_heads"]), int(g["head_dim"]),
-                                     tuple(int(p) for p in g["patch_nums"]))
+            geometry = CacheGeometry.from_dict(g)
             spec = HeadSpec(CalibrationSpec(**meta["spec"]["images"]),
                             float(meta["spec"]["contextual_quantile"]))
             tensors = {k: doc[k] for k in TENSORS}

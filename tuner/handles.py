@@ -79,11 +79,11 @@ class Policy:
         must be a policy for that model (name, depth, heads, patch_nums; the checkpoint hash too when
         both are known), else a one-line :class:`~tuner.errors.UserError`."""
         from tuner.policy_file import load_policy_file
+        from tuner.policy_model import file_geometry
 
         policy, info = load_policy_file(path, model_config, checkpoint_sha256=checkpoint_sha256)
         m = info.model
-        geometry = CacheGeometry(int(m["depth"]), int(m["num_heads"]), int(m["head_dim"]),
-                                 tuple(int(p) for p in m["patch_nums"]))
+        geometry = file_geometry(m)
         spec = PolicySpec(geometry, str(m.get("name", "")), info.calibration)
         checked = (model_config.name, checkpoint_sha256) if model_config is not None else None
         return cls(str(path), policy, spec, info, checked)

@@ -213,7 +213,8 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
     scores = rows * g.num_heads * n_last * kv_len * 4 if backend == "torch" else 0
     logits = rows * n_last * size.logits_per_token * 4 * 2
     res = size.resolution
-    decoder = size.decoder_channels * res * res * act * 4
+    img_h, img_w = size.image_hw or (res, res)
+    decoder = size.decoder_channels * img_h * img_w * act * 4
     # The report may be in another dtype than the deployment: re-count its plan in ``dtype``
     # (quantized layers cost the same in both).
     kv = memory_report(report.plan, g, dtype=dtype, cfg=rows == 2).kv_bytes_per_image
@@ -229,7 +230,8 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
         "attention scores materialised (torch backend), fp32" if scores else
         "attention scores not materialised (fused Triton kernel)",
         f"logits {rows} rows × {n_last} × {size.logits_note} in fp32, plus one sampling copy",
-        f"{size.decoder_name} decoding at {res}px: 4 live maps of {size.decoder_channels} channels; "
+        f"{size.decoder_name} decoding at {res if img_h == img_w else f'{img_h}×{img_w} '}px: 4 live maps of "
+        f"{size.decoder_channels} channels; "
         "not at the same time as the transformer activations, the larger of the two counts",
         f"{reserve_bytes / GIB:.2f} GiB reserved for the CUDA context and allocator slack",
     )
@@ -239,6 +241,12 @@ def max_batch(report: MemoryReport, model_cfg: Any, gpu_mem_bytes: int, dtype: A
 
 
 # ---------------------------------------------------------------------------------------- output
+def _scale_label(g: CacheGeometry, s: int) -> str:
+    """A scale's map in a table header: ``4²`` (square) or ``4×2`` (h × w)."""
+    h, w = g.shapes[s]
+    return f"{h}²" if h == w else f"{h}×{w}"
+
+
 def format_plan_table(report: MemoryReport, estimate: BatchEstimate | None = None) -> str:
     """Markdown: memory summary, budgets per layer and scale, and the resident-bytes curve."""
     g, mib = report.geometry, 1 << 20
@@ -249,7 +257,7 @@ def format_plan_table(report: MemoryReport, estimate: BatchEstimate | None = Non
              f"{report.dtype}, {report.rows_per_image} rows per image, "
              f"workspace {report.workspace_tokens} tokens; storage {format_summary(report.formats)}", "",
              "| layer | format | capacity | "
-             + " | ".join(f"s{s} ({g.patch_nums[s]}²)" for s in range(g.num_scales)) + " |",
+             + " | ".join(f"s{s} ({_scale_label(g, s)})" for s in range(g.num_scales)) + " |",
              "|---|---|---|" + "---|" * g.num_scales]
     formats = report.plan.layer_formats(g.num_layers)
     for layer, row in enumerate(report.plan.budgets):

@@ -64,7 +64,8 @@ class Entry:
     @property
     def key(self) -> tuple:
         m = self.info.model
-        return (m.get("name"), m.get("depth"), tuple(m.get("patch_nums") or ()), self.target)
+        shapes = tuple(tuple(hw) for hw in m.get("scale_shapes") or ())  # () for square maps
+        return (m.get("name"), m.get("depth"), tuple(m.get("patch_nums") or ()), shapes, self.target)
 
     def describe_target(self) -> str:
         kind, a, b = self.target

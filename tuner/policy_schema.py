@@ -25,7 +25,8 @@ _TOP = {"kind": "string?", "model": "object", "policy": "object", "budgets": "ar
         "eval_spec": "object|null?", "provenance": "object|null?"}
 _SECTIONS = {
     "model": {"name": "string", "depth": "integer", "patch_nums": "array", "num_heads": "integer",
-              "head_dim": "integer", "checkpoint_sha256": "string|null?"},
+              "head_dim": "integer", "checkpoint_sha256": "string|null?",
+              "scale_shapes": "array?"},  # [h, w] per scale, only for non-square maps
     "policy": {"family": "string", "params": "object|null?"},
     "memory": {"dtype": "string?", "cfg": "boolean?", "kv_bytes_per_image": "number", "fraction": "number",
                "full_kv_bytes_per_image": "number?", "capacities": "array?", "workspace_tokens": "integer?"},
@@ -150,6 +151,10 @@ def check_policy_schema(where: str, doc: dict, redo: str) -> None:
         raise UserError(f"{where}: field 'kv_formats' has {len(doc['kv_formats'])} entries, the budget table "
                         f"{len(doc['budgets'])} layers; {redo}")
     _check_head_budgets(where, redo, doc.get("head_budgets") or ())
+    for i, hw in enumerate(doc["model"].get("scale_shapes") or ()):
+        if not (isinstance(hw, list) and len(hw) == 2 and all(_is(v, "integer") for v in hw)):
+            raise UserError(f"{where}: field 'model.scale_shapes[{i}]' must be [height, width] integers, not "
+                            f"{_json_type(hw)}; {redo}")
     for key, value in (doc.get("metrics") or {}).items():
         if not any(_is(value, k) for k in ("number", "string", "null")):
             raise UserError(f"{where}: field 'metrics.{key}' must be a number, a string or null, not "

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 SIDES_1M = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)  # dynamic_resolution_h_w[1.0]['1M']
+# The last map of dynamic_resolution_h_w[h_div_w]['1M'] (what RoPE positions are spread over), per ratio.
+LAST_1M = {1.0: (64, 64), 2.0: (90, 45), 0.5: (45, 90), 1.333: (72, 54), 0.75: (54, 72)}
 GRID = 128  # precompute_rope2d_freqs_grid: max_height = max_width = 2048 // 16
 
 
@@ -156,17 +158,19 @@ def _cross(sd, p, q_in, kv, lens, heads, width):
     return _lin(sd, p + "proj", out.reshape(rows, lq, width))
 
 
-def _rope_cache(head_dim, sides):
-    """``[2, L, head_dim/2]``: the official 1:1 table (positions spread over 64×64), this prefix of it."""
+def _rope_cache(head_dim, shapes, last):
+    """``[2, L, head_dim/2]``: the official table of a ratio (positions spread over its 1M map ``last``,
+    64×64 at 1:1), for the ``(h, w)`` maps of this prefix of its schedule."""
     half = head_dim // 2
     inv = 1.0 / (10000.0 ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
     f = torch.outer(torch.arange(GRID, dtype=torch.int64).float(), inv)
     grid = torch.cat((f[:, None, :].expand(-1, GRID, -1), f[None, :, :].expand(GRID, -1, -1)), dim=-1)
     grid = torch.stack((grid.cos(), grid.sin()))
     parts = []
-    for s in SIDES_1M[:len(sides)]:
-        i = (torch.arange(s) * (SIDES_1M[-1] / s)).round().int()
-        parts.append(grid[:, i.view(s, 1).expand(s, s).reshape(-1), i.view(1, s).expand(s, s).reshape(-1)])
+    for h, w in shapes:
+        i = (torch.arange(h) * (last[0] / h)).round().int()
+        j = (torch.arange(w) * (last[1] / w)).round().int()
+        parts.append(grid[:, i.view(h, 1).expand(h, w).reshape(-1), j.view(1, w).expand(h, w).reshape(-1)])
     return torch.cat(parts, dim=1)
 
 
@@ -222,12 +226,15 @@ def _decode(vsd, z):
 
 
 @torch.no_grad()
-def official_infer(sd: dict, vae_sd: dict, sides: tuple[int, ...], features: torch.Tensor,
+def official_infer(sd: dict, vae_sd: dict, sides, features: torch.Tensor,
                    lens: list[int], g_seed: int, cfg: float, tau: float, top_k: int, top_p: float,
-                   cfg_insertion_layer: int = 0,
-                   patchify: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                   cfg_insertion_layer: int = 0, patchify: bool = False,
+                   h_div_w: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(bits per scale [B, h·w, d] int64, images [B, 3, H, W] in [0, 1])`` for fp32 state dicts
-    (``sd`` the transformer's, ``vae_sd`` the VAE's with wrapper names) and padded ``features [B, T, Ct]``."""
+    (``sd`` the transformer's, ``vae_sd`` the VAE's with wrapper names) and padded ``features [B, T, Ct]``.
+
+    ``sides``: the square sides of a 1:1 prefix, or the ``(h, w)`` maps of a prefix of the ``h_div_w``
+    schedule (:data:`LAST_1M` names the ratios this reading knows)."""
     found = {m.groups() for k in sd if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
     blocks = [f"block_chunks.{a}.module.{j}" for a, j in sorted(found, key=lambda t: (int(t[0]), int(t[1])))]
     c, d = sd["word_embed.weight"].shape
@@ -244,15 +251,16 @@ def official_infer(sd: dict, vae_sd: dict, sides: tuple[int, ...], features: tor
     sos = _cross(sd, "text_proj_for_sos.ca.", None, kv, lens, ct // (64 if c > 4096 else 128), c).squeeze(1)
     ca_kv = _lin(sd, "text_proj_for_ca.2", F.gelu(_lin(sd, "text_proj_for_ca.0", kv), approximate="tanh"))
     gss = _lin(sd, "shared_ada_lin.1", F.silu(sos)).view(-1, 1, 6, c)
-    rope = _rope_cache(hd, sides)
+    shapes = [(s, s) if isinstance(s, int) else tuple(s) for s in sides]
+    rope = _rope_cache(hd, shapes, LAST_1M[h_div_w])
     cap = torch.log(torch.tensor(100)).item()
     rng = torch.Generator().manual_seed(g_seed)
     at = len(blocks) + cfg_insertion_layer if cfg_insertion_layer < 0 else None
     x = sos[:, None] + sd["pos_start"]
     caches, bits_out, summed, start = [None] * len(blocks), [], None, 0
-    vae_sides = [2 * s if patchify else s for s in sides]
-    for si, side in enumerate(sides):
-        n = side * side
+    vae_shapes = [(2 * h, 2 * w) if patchify else (h, w) for h, w in shapes]
+    for si, (side_h, side_w) in enumerate(shapes):
+        n = side_h * side_w
         rc = rope[:, start:start + n]
         x = x + sd["lvl_embed.weight"][si]
         for i, p in enumerate(blocks):
@@ -280,20 +288,19 @@ def official_infer(sd: dict, vae_sd: dict, sides: tuple[int, ...], features: tor
         logits = _lin(sd, "head", F.layer_norm(x[:rows], (c,), eps=1e-6) * (sc + 1) + sh).mul(1 / tau)
         if rows == bs and guided:
             logits = cfg * logits[:b] + (1 - cfg) * logits[b:]
-        bits = _sample(logits.reshape(b, -1, 2), top_k, top_p, rng).reshape(b, side, side, d)
+        bits = _sample(logits.reshape(b, -1, 2), top_k, top_p, rng).reshape(b, side_h, side_w, d)
         bits_out.append(bits.reshape(b, n, d))
         if patchify:
             bits = F.pixel_shuffle(bits.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
         scale = 1 / math.sqrt(bits.shape[-1])
         codes = F.normalize(bits * scale * 2 - scale, dim=-1).permute(0, 3, 1, 2).unsqueeze(2)
-        last = vae_sides[-1]
-        if si == len(sides) - 1:
+        last = vae_shapes[-1]
+        if si == len(shapes) - 1:
             summed = codes if summed is None else summed + codes
         else:
-            up = F.interpolate(codes, size=(1, last, last), mode="trilinear")
+            up = F.interpolate(codes, size=(1, *last), mode="trilinear")
             summed = up if summed is None else summed + up
-            nxt_side = vae_sides[si + 1]
-            nxt = F.interpolate(summed, size=(1, nxt_side, nxt_side), mode="trilinear")[:, :, 0]
+            nxt = F.interpolate(summed, size=(1, *vae_shapes[si + 1]), mode="trilinear")[:, :, 0]
             if patchify:
                 nxt = F.pixel_unshuffle(nxt, 2)
             x = _lin(sd, "word_embed", nxt.flatten(2).transpose(1, 2)).repeat(bs // b, 1, 1)

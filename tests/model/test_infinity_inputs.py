@@ -71,5 +71,8 @@ def test_engine_config_rejects_what_it_cannot_run():
         InfinityEngineConfig(arch, sides=(1, 2, 3))
     with pytest.raises(ValueError, match="not a multiple of block_chunks"):
         InfinityEngineConfig(arch, block_chunks=3)
-    with pytest.raises(ValueError, match="not square"):
-        InfinityEngineConfig(InfinityConfig(2, 64, 4, text_channels=256, h_div_w=2.0))
+    two = InfinityConfig(2, 64, 4, text_channels=256, h_div_w=2.0)  # non-square ratios run: sides = heights
+    with pytest.raises(ValueError, match="not a prefix of the official schedule's heights"):
+        InfinityEngineConfig(two, sides=(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="has 13 scales, not 14"):
+        InfinityEngineConfig.first_scales(two, 14)

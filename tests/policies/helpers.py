@@ -33,7 +33,8 @@ def synthetic_calibration(g: CacheGeometry, seed: int = 0, name: str = "syntheti
             m.append(tuple(float(w[i]) / g.scale_lengths[i] if i <= j else 0.0 for i in range(s)))
         density.append(tuple(m))
     return Calibration(name, tuple(g.patch_nums), n, table(sim), table(car), table(htk), tuple(density),
-                       CalibrationSpec(samples=4, seed=seed), heads=synthetic_heads(g, gen))
+                       CalibrationSpec(samples=4, seed=seed), heads=synthetic_heads(g, gen),
+                       scale_shapes=g.scale_shapes)
 
 
 def synthetic_heads(g: CacheGeometry, gen: torch.Generator) -> HeadCalibration:

@@ -18,6 +18,19 @@ def test_observation_window_grid_like_released_scalekv():
     assert w == sorted([r * 16 + c for r in (2, 7, 12) for c in (2, 7, 12)] + [255])
 
 
+def test_observation_window_on_non_square_maps():
+    """``(h, w)`` maps (Infinity's other aspect ratios): g bands of rows and of columns, each side apart."""
+    assert observation_window((16, 16), 256, 16) == observation_window(16, 256, 16)  # square: unchanged
+    rows, cols = [0, 2, 4, 6], [0, 1, 2, 3]  # 8x6 (4:3): row cells of 2, column cells of 1
+    assert observation_window((8, 6), 48, 16) == sorted(r * 6 + c for r in rows for c in cols)
+    rows, cols = [2, 7, 12], [1, 4, 7]  # 15x9 with a 3x3 grid: cells 5 and 3, centre offsets 2 and 1
+    assert observation_window((15, 9), 135, 9) == sorted(r * 9 + c for r in rows for c in cols)
+    # a side shorter than the grid (3x9, 1:3): one band per row, then the newest unused tokens pad
+    # (24 and 22 are grid cells already)
+    w = observation_window((3, 9), 27, 16)
+    assert w == sorted([r * 9 + c for r in (0, 1, 2) for c in (0, 2, 4, 6)] + [26, 25, 23, 21])
+
+
 def test_share_budget_water_fills():
     assert share_budget(10, [5, 5, 5]) == [3, 3, 4]
     assert share_budget(10, [1, 9, 9]) == [1, 4, 5]

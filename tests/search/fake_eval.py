@@ -63,7 +63,7 @@ class FakeEvaluator:
                            car=table(lambda i, j: 0.3 + 0.05 * ((i + j) % 4)),
                            htk=table(lambda i, j: 0.2 + 0.03 * ((3 * i + j) % 7)),
                            density=density, spec=CalibrationSpec(), checkpoint_sha256=self.model_hash,
-                           heads=placeholder_heads(n, g.num_heads, s))
+                           heads=placeholder_heads(n, g.num_heads, s), scale_shapes=g.scale_shapes)
 
     def _once(self, marker: str | None) -> bool:
         if marker is None or os.path.exists(marker):

@@ -49,7 +49,7 @@ def test_every_field_that_differs_from_its_default_comes_back(tmp_path, monkeypa
         presets=False, proxy_candidates=5, proxy_top=2, fit_memory=False, grids=False,
         evaluator="tests.search.fake_eval:build",
         evaluator_kwargs={"sleep": "0.5", "log": str(tmp_path / "l og")}, random_weights=True,
-        sides=(1, 2, 4), prompts=str(prompts))
+        sides=(1, 2, 4), aspect="2:1", scales=3, prompts=str(prompts))
     defaults = SearchConfig.__dataclass_fields__
     unchanged = [f.name for f in dataclasses.fields(cfg)
                  if getattr(cfg, f.name) == defaults[f.name].default and f.name != "family"]

@@ -123,6 +123,8 @@ def bench(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     policy: Optional[str] = mo.PolicyOpt,
     batch: int = typer.Option(8, "--batch", help="Images per forward pass."),
     device: str = mo.DeviceOpt,
@@ -135,7 +137,7 @@ def bench(
     threads: Optional[int] = mo.ThreadsOpt,
 ) -> None:
     check_threads(threads)
-    mo.parse_sides(sides)
+    mo.check_schedule_options(sides, aspect, scales)
     if batch <= 0 or repeats <= 0 or warmup < 0:
         raise UserError("--batch and --repeats must be positive and --warmup >= 0")
     check_choice(dtype, DTYPE_NAMES, "--dtype")
@@ -146,7 +148,7 @@ def bench(
     tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev,
-                                        sides=sides)
+                                        sides=sides, aspect=aspect, scales=scales)
     pol, spec = mo.load_policy_option(policy, loaded)
     backend = resolve_backend(attention_backend, dev)
     result = run_bench(loaded, pol, spec, batch=batch, device=dev, dtype=tdtype, backend=backend,

@@ -28,9 +28,9 @@ def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = 
     from tuner.calibration import CalibrationSpec, load_or_compute_calibration
     from tuner.cli.progress import step_progress
 
-    key = loaded.checkpoint_sha256 or f"random:{loaded.source}"
-    if loaded.conditions_key:  # as the evaluator keys it (tuner.quality.evaluate.PolicyEvaluator.model_hash)
-        key = f"{key}|{loaded.conditions_key}"
+    from tuner.model.runner import cache_key
+
+    key = cache_key(loaded)  # as the evaluator keys it (tuner.quality.evaluate.PolicyEvaluator.model_hash)
     with step_progress(f"calibrating {loaded.config.name}", samples, "images", quiet=quiet) as update:
         return load_or_compute_calibration(
             loaded, checkpoint_sha256=key,
@@ -46,6 +46,8 @@ def calibrate(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     samples: int = typer.Option(16, "--samples", help="Calibration images (Infinity: over the built-in "
                                 "prompts)."),
     seed: int = typer.Option(0, "--seed", help="Calibration seed."),
@@ -62,10 +64,10 @@ def calibrate(
         raise UserError(f"--samples {samples} must be positive")
     check_seed(seed)
     check_writable_dir(out, "--out")
-    mo.parse_sides(sides)
+    mo.check_schedule_options(sides, aspect, scales)
     apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
-                                        resolve_device(device), sides=sides)
+                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales)
     cal = calibration_for(loaded, samples, seed, recompute)
     out_dir = writable_dir(out)  # only now: bad input leaves no directory behind
     cal.save(out_dir / "calibration.json")

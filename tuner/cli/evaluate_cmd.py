@@ -116,6 +116,8 @@ def evaluate(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     prompts: Optional[str] = mo.PromptsOpt,
     samples: int = typer.Option(64, "--samples", help="Images (paired with the full cache; Infinity: "
                                 "cycling through the prompts)."),
@@ -150,7 +152,7 @@ def evaluate(
         raise UserError(f"Inception weights {inception_weights} not found; pass the pt_inception-2015-12-05 "
                         f"file with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
     check_policy_name(policy)
-    mo.parse_sides(sides)
+    mo.check_schedule_options(sides, aspect, scales)
     _check_prompts_flag(model, prompts)
     check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=True,
                   random_weights=random_weights)
@@ -161,7 +163,8 @@ def evaluate(
     ev = build_evaluator(model, weights_dir=weights_dir, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt,
                          device=dev, dtype=dtype, backend=attention_backend,
                          inception_weights=inception_weights, reference=reference,
-                         random_weights=random_weights, sides=sides, prompts=prompts)
+                         random_weights=random_weights, sides=sides, aspect=aspect, scales=scales,
+                         prompts=prompts)
     pol = resolve_policy(ev, policy)
     spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size)
     with progress_bar(ev, 2 * samples, disable=as_json or no_progress):

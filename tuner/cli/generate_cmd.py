@@ -46,6 +46,8 @@ def generate(
                                      "seeds random text features, deterministically."),
     prompts: Optional[str] = mo.PromptsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
     cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over "
                               "scales)."),
@@ -69,13 +71,13 @@ def generate(
     requested = _check_flags(cfg, top_k, top_p, seed, batch_size, upscale, dtype, attention_backend, out,
                              classes)
     prompt_set = _prompt_set(model, prompt, prompts, classes)
-    mo.parse_sides(sides)
+    mo.check_schedule_options(sides, aspect, scales)
 
     apply_threads(threads)
     tdtype = torch_dtype(dtype)
     dev = resolve_device(device)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights, dev,
-                                        sides=sides, prompts=prompt_set)
+                                        sides=sides, aspect=aspect, scales=scales, prompts=prompt_set)
     labels = _labels(requested, loaded, prompt_set is not None)
     pol, spec = mo.load_policy_option(policy, loaded)
     backend = resolve_backend(attention_backend, dev)

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from tuner.cli import model_opts as mo
 from tuner.cli.common import user_errors
 from tuner.errors import UserError
 
@@ -20,7 +21,11 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def plan(
     model: str = typer.Option("tiny", "--model", help="Named model: tiny, d16, d20, d24, d30, d36, "
-                                                      "infinity-2b, infinity-8b (1024px 1:1)."),
+                                                      "infinity-test, infinity-2b, infinity-8b (1024px 1:1; "
+                                                      "--aspect for the other official ratios)."),
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
+    sides: Optional[str] = mo.SidesOpt,
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy file (JSON)."),
     family: Optional[str] = typer.Option(None, "--family", help="Policy family: full, window, "
                                                                 "sink_window, ams, scalekv, budgets."),
@@ -41,6 +46,7 @@ def plan(
     from tuner.policies.base import PolicySpec
 
     cfg, gpu_bytes = _check_flags(model, policy, family, param, calibration, dtype, gpu_mem, heatmap)
+    cfg = mo.schedule_config(cfg, sides, aspect, scales)
     geometry = cfg.geometry
     pol, cal, note = _load_policy(cfg, policy, family, param, calibration)
     try:

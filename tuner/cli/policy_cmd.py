@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from tuner.cli import model_opts as mo
 from tuner.cli.common import user_errors
 from tuner.errors import UserError
 
@@ -52,10 +53,12 @@ def show(path: str = typer.Argument(..., help="Policy file (JSON)."),
 @user_errors
 def validate(path: str = typer.Argument(..., help="Policy file (JSON)."),
              model: str = typer.Option(..., "--model",
-                                       help="Model the policy must fit (tiny, d16, ... d36).")) -> None:
+                                       help="Model the policy must fit (tiny, d16, ... d36, infinity-*)."),
+             aspect: Optional[str] = mo.AspectOpt, scales: Optional[int] = mo.ScalesOpt,
+             sides: Optional[str] = mo.SidesOpt) -> None:
     from tuner.policy_file import load_policy_file
 
-    policy, info = load_policy_file(path, _model(model))
+    policy, info = load_policy_file(path, mo.schedule_config(_model(model), sides, aspect, scales))
     typer.echo(f"ok: {path} is a valid {policy.family} policy for {model} "
                f"({100 * info.memory['fraction']:.2f}% of the full cache)")
 

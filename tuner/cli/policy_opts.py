@@ -48,7 +48,7 @@ def placeholder_calibration(model_cfg):
     dens = tuple(tuple(tuple(1.0 if k <= q else 0.0 for k in range(s)) for q in range(s)) for _ in range(n))
     return Calibration(model_cfg.name, tuple(g.patch_nums), n, sim, car, htk, dens,
                        CalibrationSpec(samples=1), checkpoint_sha256="placeholder",
-                       heads=placeholder_heads(n, g.num_heads, s))
+                       heads=placeholder_heads(n, g.num_heads, s), scale_shapes=g.scale_shapes)
 
 
 def placeholder_heads(layers: int, heads: int, scales: int):

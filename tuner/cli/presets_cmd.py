@@ -91,6 +91,8 @@ def presets(
     weights_dir: Optional[str] = mo.WeightsDirOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     mem_target: Optional[str] = typer.Option(None, "--mem-target",
                                              help="Fit each preset to this memory: 15%, "
                                                   "0.15 or 40MiB per image."),
@@ -112,10 +114,10 @@ def presets(
         raise UserError("--mem-target is empty; use a percentage like 15%, a fraction like 0.15 or 40MiB")
     target = parse_mem_target(mem_target) if mem_target is not None else None
     check_writable_dir(out, "--out")
-    mo.parse_sides(sides)
+    mo.check_schedule_options(sides, aspect, scales)
     apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
-                                        resolve_device(device), sides=sides)
+                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales)
     if target is not None:
         check_target_reachable(loaded.config, target, mem_target)
     cal = calibration_for(loaded, calibration_samples)

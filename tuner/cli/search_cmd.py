@@ -72,6 +72,8 @@ def search_command(
     vae_ckpt: Optional[str] = mo.VaeCkptOpt,
     random_weights: bool = mo.RandomWeightsOpt,
     sides: Optional[str] = mo.SidesOpt,
+    aspect: Optional[str] = mo.AspectOpt,
+    scales: Optional[int] = mo.ScalesOpt,
     prompts: Optional[str] = mo.PromptsOpt,
     mem_target: Optional[str] = typer.Option(None, "--mem-target",
                                              help="KV memory target: 15%, 0.15 (of the full cache) "
@@ -174,7 +176,7 @@ def search_command(
         trial_timeout_s=trial_timeout, presets=not no_presets, proxy_candidates=proxy_candidates,
         proxy_top=proxy_top, fit_memory=not no_fit, grids=grids, evaluator=evaluator,
         evaluator_kwargs=_evaluator_args(evaluator_arg), random_weights=random_weights, sides=sides,
-        prompts=prompts)
+        aspect=aspect, scales=scales, prompts=prompts)
     result = run_search(config, progress=not no_progress)
     if result.interrupted:
         raise typer.Exit(result.exit_code)

@@ -8,7 +8,7 @@ Every named model's config offers what planning reads, whatever the architecture
 ``geometry`` (:class:`CacheGeometry`), ``resolution``, ``kind`` (the sizing rules,
 :mod:`tuner.model.sizing`) and ``engine`` (what runs it: ``var`` or ``infinity``; a model with None
 could only be planned). Commands that run a model call :func:`require_engine` (today every named
-model has an engine; Infinity runs with random weights only, :mod:`tuner.model.infinity_runner`).
+model has an engine; Infinity: :mod:`tuner.model.infinity_runner`).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ NAMED_MODELS = {
     "d24": lambda: _official("d24", 24),
     "d30": lambda: _official("d30", 30),
     "d36": lambda: _official("d36", 36, PATCH_NUMS_512, shared_aln=True),
-    **INFINITY_MODELS,  # text-to-image; run with random weights only (no T5 encoder yet)
+    **INFINITY_MODELS,  # text-to-image (official files + flan-t5-xl, or random weights)
 }
 
 
@@ -169,7 +169,8 @@ def require_engine(name: str) -> None:
 
 def at_sides(cfg: Any, sides: Any) -> Any:
     """``cfg`` generating only the square maps ``sides`` (``--sides``; None: unchanged); one-line
-    :class:`UserError` for a VAR model (fixed schedule) or sides that are not the schedule's prefix."""
+    :class:`UserError` for a VAR model (fixed schedule), a non-square ratio (``--scales`` there) or sides
+    that are not the schedule's prefix."""
     if sides is None:
         return cfg
     if cfg.kind != "infinity":
@@ -177,7 +178,50 @@ def at_sides(cfg: Any, sides: Any) -> Any:
                         "a fixed schedule)")
     from dataclasses import replace
 
+    if not cfg.is_square:
+        from tuner.geometry import format_shapes
+
+        raise UserError(f"--sides names the square maps of the 1:1 schedule; at --aspect {cfg.aspect} pass "
+                        f"--scales N (the first N of {format_shapes(cfg.infinity.schedule)})")
     try:
         return replace(cfg, sides=tuple(int(s) for s in sides))
     except ValueError as exc:
         raise UserError(f"--sides: {exc}; pass a prefix such as 1,2,4,6") from None
+
+
+def at_schedule(cfg: Any, *, sides: Any = None, aspect: Any = None, scales: Any = None) -> Any:
+    """``cfg`` at ``--aspect H:W`` (an official ratio; the number of generated scales is kept), then its
+    first ``--scales N`` maps or the square ``--sides`` (1:1 only); all None: unchanged. One-line
+    :class:`UserError` for a VAR model, an unknown ratio, both ``--sides`` and ``--scales``, or a count
+    outside the schedule."""
+    flags = (("--aspect", aspect), ("--scales", scales), ("--sides", sides))
+    given = [flag for flag, value in flags if value is not None]
+    if not given:
+        return cfg
+    if cfg.kind != "infinity":
+        raise UserError(f"{given[0]} applies to Infinity models only, not --model {cfg.name} (VAR models "
+                        "have one fixed square schedule)")
+    if sides is not None and scales is not None:
+        raise UserError("pass --sides (square maps of the 1:1 schedule) or --scales N (the first N maps of "
+                        "any ratio), not both")
+    if aspect is not None:
+        cfg = cfg.at_aspect(parse_aspect(aspect))
+    if scales is not None:
+        try:
+            cfg = cfg.at_scales(int(scales))
+        except ValueError as exc:
+            raise UserError(f"--scales {scales}: {exc}") from None
+    return at_sides(cfg, sides)
+
+
+def parse_aspect(aspect: Any) -> float:
+    """``--aspect H:W`` → the official ``h_div_w`` template (a float passes if it is one); one-line
+    :class:`UserError` naming the allowed ratios otherwise."""
+    from tuner.model.infinity_schedules import ASPECT_RATIOS, aspect_ratio
+
+    if isinstance(aspect, float) and any(abs(aspect - r) < 1e-9 for r in ASPECT_RATIOS):
+        return aspect
+    try:
+        return aspect_ratio(str(aspect))
+    except ValueError as exc:
+        raise UserError(f"--aspect {exc}") from None

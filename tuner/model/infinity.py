@@ -38,10 +38,12 @@ NUM_LEVEL_EMBEDDINGS = 15  # the official ``lvl_embed`` table size, whatever the
 class InfinityEngineConfig:
     """What the engine builds: the architecture, the generated schedule and the checkpoint layout.
 
-    arch: depth, width, heads, bits and text sizes (:class:`InfinityConfig`; its ``h_div_w`` also
-        fixes the RoPE normalisation, the last map of that ratio's 1M schedule).
-    sides: the square token maps generated, a prefix of ``arch.schedule`` (e.g. ``(1, 2, 4, 6, 8)``
-        for a 128² test image); ``None``: all of ``arch.schedule``.
+    arch: depth, width, heads, bits and text sizes (:class:`InfinityConfig`); its ``h_div_w`` picks
+        the official schedule of ``(h, w)`` maps (any template: 1:1, 2:1, 1:2, 4:3 …) and fixes the
+        RoPE normalisation, the last map of that ratio's 1M schedule.
+    sides: the heights of the generated maps, the first ``N`` of ``arch.schedule`` (at 1:1 the square
+        sides, e.g. ``(1, 2, 4, 6, 8)`` for a 128² test image; at 2:1 ``(1, 2, 4, 6, 10)`` is 1x1 2x2
+        4x2 6x3 10x5, a 160 × 80 image); ``None``: all of ``arch.schedule``.
     block_chunks: how the official module groups the blocks (8 for 2B and 8B); ``depth`` must be a
         multiple. Only the parameter names (``block_chunks.{c}.module.{j}``) depend on it; the official
         inference loop needs more than one chunk (with one, the official module names its blocks
@@ -54,31 +56,37 @@ class InfinityEngineConfig:
 
     def __post_init__(self) -> None:
         full = self.arch.schedule
-        if any(h != w for h, w in full):
-            raise ValueError(f"the {self.arch.h_div_w:g} schedule is not square; the engine runs 1:1 "
-                             "schedules")
         if self.sides is not None:
             prefix = tuple(h for h, _ in full[:len(self.sides)])
             if not self.sides or tuple(self.sides) != prefix:
-                raise ValueError(f"sides {self.sides} are not a prefix of the official schedule "
+                raise ValueError(f"sides {self.sides} are not a prefix of the official schedule's heights "
                                  f"{tuple(h for h, _ in full)}")
         if self.block_chunks < 1 or self.arch.depth % self.block_chunks:
             raise ValueError(f"depth {self.arch.depth} is not a multiple of block_chunks {self.block_chunks}")
 
+    @classmethod
+    def first_scales(cls, arch: InfinityConfig, n: int, block_chunks: int = 1) -> "InfinityEngineConfig":
+        """The first ``n`` maps of ``arch.schedule`` (``ValueError`` outside ``1 … len(schedule)``)."""
+        full = arch.schedule
+        if not 1 <= n <= len(full):
+            raise ValueError(f"the schedule has {len(full)} scales, not {n}")
+        return cls(arch, tuple(h for h, _ in full[:n]), block_chunks)
+
     @property
     def schedule(self) -> tuple[tuple[int, int], ...]:
         """``(h, w)`` per generated scale."""
-        return self.arch.schedule if self.sides is None else tuple((s, s) for s in self.sides)
+        return self.arch.schedule if self.sides is None else self.arch.schedule[:len(self.sides)]
 
     @property
     def rope_last_hw(self) -> tuple[int, int]:
-        """The map RoPE positions are spread over: the last scale of the ratio's 1M schedule."""
+        """The map RoPE positions are spread over: the last scale of the ratio's 1M schedule
+        (64×64 at 1:1, 90×45 at 2:1), whatever prefix or pixel count is generated."""
         return infinity_schedule(self.arch.h_div_w, "1M")[-1]
 
     @property
     def geometry(self) -> CacheGeometry:
         a = self.arch
-        return CacheGeometry(a.depth, a.num_heads, a.head_dim, tuple(h for h, _ in self.schedule))
+        return CacheGeometry.from_shapes(a.depth, a.num_heads, a.head_dim, self.schedule)
 
 
 class _Chunk(nn.Module):

@@ -4,8 +4,9 @@ Facts from the official code, FoundationVision/Infinity @4c27bbb (MIT): ``infini
 and ``basic.py`` (the transformer), ``tools/run_infinity.py`` (the sizes and how inference holds the
 weights), ``infinity/models/bsq_vae/`` (the tokenizer). ``tuner plan`` sizes memory from these shapes.
 The engine (``tuner/model/infinity*.py``, ``bsq_vae.py``) runs them; the commands reach it through
-:class:`tuner.model.infinity_runner.InfinityModel` (random weights only in this version: no T5 encoder).
+:class:`tuner.model.infinity_runner.InfinityModel` (official files and the T5 encoder, or random weights).
 ``infinity-test`` is a small model of ours (depth 2, 96² over sides 1 2 4 6) for tests and CPU runs.
+Every official aspect ratio plans and runs (``h_div_w``; non-square maps give an ``(h, w)`` geometry).
 
 Only self-attention keeps a KV cache (text enters by cross-attention, recomputed from the prompt), so
 the cache geometry is the image tokens of the scale schedule: ``depth`` layers × ``num_heads`` ×
@@ -13,11 +14,11 @@ the cache geometry is the image tokens of the scale schedule: ``depth`` layers �
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from tuner.geometry import CacheGeometry
-from tuner.model.infinity_schedules import image_size, infinity_schedule
+from tuner.model.infinity_schedules import aspect_name, image_size, infinity_schedule
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,8 @@ class InfinityConfig:
 
     @property
     def geometry(self) -> CacheGeometry:
-        """The self-attention cache geometry. Square schedules only: :class:`CacheGeometry` (and the
-        policies' observation windows) read one side per scale; other aspect ratios raise ValueError."""
-        sides = []
-        for h, w in self.schedule:
-            if h != w:
-                raise ValueError(f"the {self.h_div_w:g} schedule has non-square scales ({h}x{w}); "
-                                 "only 1:1 Infinity schedules can be planned in this version")
-            sides.append(h)
-        return CacheGeometry(self.depth, self.num_heads, self.head_dim, tuple(sides))
+        """The self-attention cache geometry over the whole schedule (``(h, w)`` maps; square at 1:1)."""
+        return CacheGeometry.from_shapes(self.depth, self.num_heads, self.head_dim, self.schedule)
 
     def block_params(self) -> int:
         """Parameters of one block, ``8C² + 2CF + F + 15C + H`` (C width, F FFN width, H heads):
@@ -197,8 +191,11 @@ class InfinityModelConfig:
     :class:`tuner.model.config.ModelConfig` for everything that plans (``geometry``, ``resolution``,
     sizing) and runs (``engine``).
 
-    ``sides``: the square token maps generated, a prefix of the 1:1 schedule (``--sides 1,2,4,6``: a
-    96² image); ``None``: the whole schedule. Geometry, resolution and memory follow it.
+    The aspect ratio is the transformer's ``infinity.h_div_w`` (an official template, 1.0 = 1:1;
+    :meth:`at_aspect`). ``sides``: the heights of the generated scales, the first ``N`` of that
+    ratio's schedule (at 1:1 the square sides: ``--sides 1,2,4,6`` is a 96² image; :meth:`at_scales`
+    takes the first ``N`` of any ratio); ``None``: the whole schedule. Geometry, resolution and memory
+    follow them.
     """
 
     name: str
@@ -214,26 +211,56 @@ class InfinityModelConfig:
         if self.sides is not None:
             full = tuple(h for h, _ in self.infinity.schedule)
             if not self.sides or tuple(self.sides) != full[:len(self.sides)]:
-                raise ValueError(f"sides {','.join(map(str, self.sides))} are not a prefix of {self.name}'s "
+                what = "sides" if self.is_square else f"heights (the {self.aspect} schedule's)"
+                raise ValueError(f"{what} {','.join(map(str, self.sides))} are not a prefix of {self.name}'s "
                                  f"schedule {','.join(map(str, full))}")
             object.__setattr__(self, "sides", tuple(int(s) for s in self.sides))
 
     @property
+    def aspect(self) -> str:
+        """``H:W`` of the ratio (``"1:1"``, ``"2:1"`` …)."""
+        return aspect_name(self.infinity.h_div_w)
+
+    @property
+    def is_square(self) -> bool:
+        return all(h == w for h, w in self.infinity.schedule)
+
+    @property
     def schedule(self) -> tuple[tuple[int, int], ...]:
-        """``(h, w)`` per generated scale (``sides`` when set)."""
-        return self.infinity.schedule if self.sides is None else tuple((s, s) for s in self.sides)
+        """``(h, w)`` per generated scale (the first ``len(sides)`` when set)."""
+        full = self.infinity.schedule
+        return full if self.sides is None else full[:len(self.sides)]
 
     @property
     def geometry(self) -> CacheGeometry:
-        if self.sides is None:
-            return self.infinity.geometry
         a = self.infinity
-        return CacheGeometry(a.depth, a.num_heads, a.head_dim, self.sides)
+        return CacheGeometry.from_shapes(a.depth, a.num_heads, a.head_dim, self.schedule)
 
     @property
     def resolution(self) -> int:
-        """Image height in pixels (square schedules: also the width)."""
-        return image_size(self.schedule)[0]
+        """Image height in pixels (square schedules: also the width; :attr:`image_hw` for both)."""
+        return self.image_hw[0]
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the generated image in pixels."""
+        return image_size(self.schedule)
+
+    def at_scales(self, n: int) -> "InfinityModelConfig":
+        """The first ``n`` scales of this ratio's schedule; ``ValueError`` outside ``1 … len(schedule)``."""
+        full = self.infinity.schedule
+        if not 1 <= int(n) <= len(full):
+            raise ValueError(f"the {self.aspect} schedule of {self.name} has {len(full)} scales; ask for 1 "
+                             f"to {len(full)}")
+        return replace(self, sides=tuple(h for h, _ in full[:int(n)]))
+
+    def at_aspect(self, h_div_w: float) -> "InfinityModelConfig":
+        """The same model at another official ratio, generating as many scales as now (all of them when
+        the whole schedule is generated); ``ValueError`` for a ratio without a template."""
+        arch = replace(self.infinity, h_div_w=float(h_div_w))
+        n = None if self.sides is None else len(self.sides)
+        out = replace(self, infinity=arch, sides=None)
+        return out if n is None else out.at_scales(n)
 
 
 def _named(name: str, depth: int, width: int, heads: int, vae: BSQVAEConfig) -> InfinityModelConfig:

@@ -10,11 +10,12 @@ What is not loaded, on purpose: the VAE's ``encoder.*`` (inference never encodes
 quantizer's ``mask`` buffers (``quantizer.*`` / ``quantize.*``, bit weights the bit-label path does
 not read); in the transformer file, the training-time buffers the official ``load_state_dict`` also
 drops (:data:`MODEL_SKIPPED`). Everything else must match exactly (the official loaders are lenient:
-``strict=False`` and ``load_cnn`` skip unknown names silently). Sharded checkpoints (the official 8B
-``torch_shard`` layout) are not read in this version.
+``strict=False`` and ``load_cnn`` skip unknown names silently). A sharded transformer (the official
+8B ``torch_shard`` folder) is read shard by shard (:mod:`tuner.model.infinity_weights`).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,10 @@ def _count(sd: dict, pattern: str) -> int:
 
 
 def infer_infinity_config(sd: dict[str, torch.Tensor], source: str, sides: tuple[int, ...] | None = None,
-                          h_div_w: float = 1.0, pixels: str = "1M") -> InfinityEngineConfig:
-    """The architecture of an official-format Infinity state dict, from its tensor shapes."""
+                          h_div_w: float = 1.0, pixels: str = "1M", *,
+                          scales: int | None = None) -> InfinityEngineConfig:
+    """The architecture of an official-format Infinity state dict, from its tensor shapes, generating
+    ``sides`` (the maps' heights, a prefix of the ``h_div_w`` schedule) or its first ``scales`` maps."""
     if "cfg_uncond" not in sd or "word_embed.weight" not in sd:
         vae = any(k.startswith("decoder.") for k in sd)
         hint = ("it holds a BSQ-VAE (decoder.*); swap the two files" if vae
@@ -116,9 +119,12 @@ def infer_infinity_config(sd: dict[str, torch.Tensor], source: str, sides: tuple
     except ValueError as exc:
         raise UserError(f"{source}: {exc}; pass an official-format Infinity checkpoint") from None
     try:
+        if scales is not None:
+            return InfinityEngineConfig.first_scales(arch, scales, block_chunks=chunks)
         return InfinityEngineConfig(arch, sides=sides, block_chunks=chunks)
-    except ValueError as exc:  # a schedule the engine cannot run, or sides that are not its prefix
-        raise UserError(f"{exc}; pass sides that start the official square schedule") from None
+    except ValueError as exc:  # sides that are not the schedule's prefix, or too many scales
+        raise UserError(f"{exc}; pass sides (heights) that start the official schedule, or fewer "
+                        "scales") from None
 
 
 _CONV_WRAPPERS = ("conv_in", "conv_out", "conv1", "conv2", "nin_shortcut")
@@ -177,18 +183,23 @@ def load_infinity_state(engine: InfinityEngineConfig, vae_cfg: BSQVAEConfig, mod
 
 def load_infinity(model_path: str | Path, vae_path: str | Path, *, name: str | None = None,
                   sides: tuple[int, ...] | None = None, h_div_w: float = 1.0, pixels: str = "1M",
-                  device: str | torch.device = "cpu") -> LoadedInfinity:
+                  device: str | torch.device = "cpu", scales: int | None = None) -> LoadedInfinity:
     """Load the official transformer and BSQ-VAE files; shapes from the tensors, ``name`` checked.
 
-    ``name``: a named model (``infinity-2b`` …) whose architecture the files must have. ``sides``: the
-    square maps to generate, a prefix of the ``h_div_w`` / ``pixels`` schedule (default all of it).
+    ``name``: a named model (``infinity-2b`` …) whose architecture the files must have. ``h_div_w``:
+    the aspect-ratio template (1.0, 2.0, 0.5, 1.333 …). ``sides``: the heights of the maps to generate
+    (at 1:1 the square sides), a prefix of the ``h_div_w`` / ``pixels`` schedule, or ``scales``: its
+    first ``scales`` maps (default all of it).
     """
     from tuner.model.infinity_config import INFINITY_MODELS
 
+    from tuner.model.infinity_weights import read_sharded_state_dict, shard_files
+
     model_src, vae_src = f"Infinity checkpoint {model_path}", f"BSQ-VAE checkpoint {vae_path}"
-    model_sd = read_state_dict(model_path, "Infinity")
+    sharded = Path(model_path).is_dir()
+    model_sd = read_sharded_state_dict(model_path) if sharded else read_state_dict(model_path, "Infinity")
     vae_sd = read_state_dict(vae_path, "BSQ-VAE", inner="vae")
-    engine = infer_infinity_config(model_sd, model_src, sides, h_div_w, pixels)
+    engine = infer_infinity_config(model_sd, model_src, sides, h_div_w, pixels, scales=scales)
     vae_sd = prepare_vae_state(vae_sd)
     vae_cfg = infer_bsq_config(vae_sd, vae_src)
     problem = pair_problem(engine, vae_cfg)
@@ -202,5 +213,10 @@ def load_infinity(model_path: str | Path, vae_path: str | Path, *, name: str | N
                             f"{name}; pass the right file")
     model, vae = load_infinity_state(engine, vae_cfg, model_sd, vae_sd, model_src, vae_src, device)
     label = name or f"infinity-d{engine.arch.depth}"
-    return LoadedInfinity(InfinityModelConfig(label, engine.arch, vae_cfg), engine, model, vae,
-                          sha256_file(model_path), str(model_path))
+    if sharded:  # one identity for the folder: the hash of its shards' hashes, in index order
+        digest = hashlib.sha256("".join(sha256_file(f) for f in shard_files(Path(model_path))).encode())
+        sha = digest.hexdigest()
+    else:
+        sha = sha256_file(model_path)
+    return LoadedInfinity(InfinityModelConfig(label, engine.arch, vae_cfg), engine, model, vae, sha,
+                          str(model_path))

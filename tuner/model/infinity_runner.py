@@ -6,15 +6,15 @@ model kind: it asks the loaded model for ``num_conditions`` and calls
 ``generate_chunk(conditions, seed=…, …)``. For VAR a condition is a class id; here it is an index into
 the model's prompt set (:mod:`tuner.model.prompts`; the built-in list unless ``--prompts FILE``).
 
-Text features: with random weights, seeded stand-ins of the right shape, one per prompt text
-(:func:`tuner.model.prompts.stand_in_features`): the prompt only seeds them, it means nothing to the
-model. Real weights need the flan-t5-xl encoder, which this version does not load
-(:func:`require_random_weights`).
+Text features: with real weights, the flan-t5-xl encoder's, as the official inference computes them
+(:mod:`tuner.model.text_encoder`); with random weights, seeded stand-ins of the right shape, one per
+prompt text (:func:`tuner.model.prompts.stand_in_features`): the prompt only seeds them, it means
+nothing to the model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -27,19 +27,14 @@ STAND_IN_NOTE = ("random weights and no text encoder: each prompt only seeds ran
                  "(the images mean nothing)")
 
 
-def require_random_weights(name: str) -> None:
-    """One-line :class:`UserError`: real Infinity weights need the T5 encoder, not loadable yet."""
-    raise UserError(f"--model {name} with real weights needs the flan-t5-xl text encoder, which this "
-                    "version does not load yet (planned: the optional extra 'infinity', transformers + "
-                    "sentencepiece); use --random-weights (seeded random text features) or tuner plan")
-
-
 @dataclass
 class InfinityModel:
     """A ready-to-run Infinity transformer + BSQ-VAE, its prompt set and its identity.
 
     config: the named model at the generated sides (geometry, resolution and memory follow them).
     prompts: what condition ``i`` means (``prompts[i]``). checkpoint_sha256: None for random weights.
+    text_encoder: the loaded T5 (:class:`~tuner.model.text_encoder.T5TextEncoder`) with real weights;
+        None: seeded stand-in features.
     """
 
     config: InfinityModelConfig
@@ -48,10 +43,15 @@ class InfinityModel:
     checkpoint_sha256: str | None
     source: str
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    text_encoder: Any = None
 
     condition_name = "prompt"
     softmax_scale = 1.0  # cosine attention: the learned temperature is folded into q
-    note = STAND_IN_NOTE
+
+    @property
+    def note(self) -> str | None:
+        """What a user must know about the images (None with the real text encoder)."""
+        return None if self.text_encoder is not None else STAND_IN_NOTE
 
     @property
     def num_conditions(self) -> int:
@@ -59,8 +59,10 @@ class InfinityModel:
 
     @property
     def conditions_key(self) -> str:
-        """What the conditions add to the model's identity in cache keys (the prompt set)."""
-        return f"prompts:{prompts_digest(self.prompts)}"
+        """What the conditions add to the model's identity in cache keys (the prompt set, and the text
+        encoder that turns it into features)."""
+        encoder = f"|t5:{self.text_encoder.fingerprint}" if self.text_encoder is not None else ""
+        return f"prompts:{prompts_digest(self.prompts)}{encoder}"
 
     @property
     def device(self) -> torch.device:
@@ -72,8 +74,11 @@ class InfinityModel:
     def text_features(self, conditions: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """``([B, T, text_channels] on the model's device, lens)`` for prompt indices ``conditions``."""
         a = self.config.infinity
-        feats, lens = stand_in_features([self.prompts[int(i)] for i in conditions], a.text_channels,
-                                        a.text_maxlen)
+        texts = [self.prompts[int(i)] for i in conditions]
+        if self.text_encoder is not None:
+            feats, lens = self.text_encoder.encode(texts)
+        else:
+            feats, lens = stand_in_features(texts, a.text_channels, a.text_maxlen)
         return feats.to(self.device), lens
 
     def generate_chunk(self, conditions: Sequence[int] | torch.Tensor, *, seed: int | None, cfg: float,
@@ -96,18 +101,42 @@ class InfinityModel:
 
 
 def load_infinity_model(config: InfinityModelConfig, *, random_weights: bool, seed: int = 0,
-                        device: str | torch.device = "cpu",
-                        prompts: tuple[str, ...] | None = None) -> InfinityModel:
-    """The named Infinity model (at ``config.sides``) with random weights; real weights refused."""
+                        device: str | torch.device = "cpu", prompts: tuple[str, ...] | None = None,
+                        weights_dir=None) -> InfinityModel:
+    """The named Infinity model at ``config.sides``: random weights, or the official files in
+    ``weights_dir`` (else ``$TUNER_WEIGHTS_DIR``; :mod:`tuner.model.infinity_weights`) with the T5
+    encoder from its ``flan-t5-xl/`` folder."""
+    prompts = tuple(prompts) if prompts else DEFAULT_PROMPTS
+    if not random_weights:
+        return _load_real(config, weights_dir, device, prompts)
     from tuner.model.infinity import InfinityEngineConfig
     from tuner.model.infinity_loading import random_infinity
 
-    if not random_weights:
-        require_random_weights(config.name)
     depth = config.infinity.depth
     chunks = 8 if depth % 8 == 0 else 1  # the official grouping where it divides (names only)
     engine = InfinityEngineConfig(config.infinity, sides=config.sides, block_chunks=chunks)
     loaded = random_infinity(engine, config.vae, seed, device, name=config.name)
     source = f"random weights (seed {seed}), random text features"
-    return InfinityModel(replace(config), loaded.model, loaded.vae, None, source,
-                         tuple(prompts) if prompts else DEFAULT_PROMPTS)
+    return InfinityModel(replace(config), loaded.model, loaded.vae, None, source, prompts)
+
+
+def _load_real(config: InfinityModelConfig, weights_dir, device, prompts) -> InfinityModel:
+    from tuner.model.infinity_loading import load_infinity
+    from tuner.model.infinity_weights import check_infinity_weights
+    from tuner.model.text_encoder import load_text_encoder
+
+    paths = check_infinity_weights(config.name, weights_dir)
+    a = config.infinity
+    loaded = load_infinity(paths.model, paths.vae, name=config.name, sides=config.sides, h_div_w=a.h_div_w,
+                           pixels=a.pixels, device=device)
+    got = loaded.config.infinity
+    if (got.codebook_dim, got.text_channels, got.text_maxlen) != (a.codebook_dim, a.text_channels,
+                                                                 a.text_maxlen):
+        raise UserError(f"{paths.model} predicts {got.codebook_dim} bits from {got.text_channels}-wide "
+                        f"text of {got.text_maxlen} tokens, not {config.name}'s {a.codebook_dim} / "
+                        f"{a.text_channels} / {a.text_maxlen}; pass the official file")
+    encoder = load_text_encoder(paths.text_encoder, max_length=got.text_maxlen,
+                                text_channels=got.text_channels, device=device)
+    source = f"{paths.model} + {paths.vae.name} + {paths.text_encoder.name}/"
+    cfg = replace(config, infinity=got, vae=loaded.config.vae)
+    return InfinityModel(cfg, loaded.model, loaded.vae, loaded.checkpoint_sha256, source, prompts, encoder)

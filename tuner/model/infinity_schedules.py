@@ -7,10 +7,15 @@ the first 7, 10, 12 or 13 scales ("0.06M", "0.25M", "0.60M", "1M"). A token cove
 (``vae_stride``), so the image is ``16·h × 16·w``. The time axis of the official ``(t, h, w)``
 triples is 1 for images and is left out here.
 
-1:1 at "1M": sides 1 2 4 6 8 12 16 20 24 32 40 48 64, 10,521 tokens, 6,425 before the last scale.
-Nothing here imports torch.
+1:1 at "1M": sides 1 2 4 6 8 12 16 20 24 32 40 48 64, 10,521 tokens, 6,425 before the last scale;
+2:1 at "1M": 1x1 2x2 4x2 6x3 10x5 16x8 22x11 30x15 38x19 46x23 60x30 74x37 90x45 (h x w), 11,269
+tokens, 7,219 before the last scale (a 1440 × 720 image); 1:2 is its transpose.
+Users name a ratio as ``H:W`` (:data:`ASPECT_NAMES`, e.g. ``2:1`` for the official ``h_div_w`` 2.0,
+``4:3`` for 1.333, ``2:3`` for 0.666). Nothing here imports torch.
 """
 from __future__ import annotations
+
+import math
 
 VAE_STRIDE = 16  # pixels per token side (the official ``vae_stride``)
 
@@ -47,6 +52,53 @@ def _all_ratios() -> dict[float, tuple[tuple[int, int], ...]]:
 
 
 ASPECT_RATIOS: tuple[float, ...] = tuple(sorted(_all_ratios()))  # h/w, 0.333 … 3.0 (15 ratios)
+
+# ``H:W`` names of the ratios >= 1 (reduced fractions); the transposed ratios swap them.
+_NAMES = {1.000: (1, 1), 1.250: (5, 4), 1.333: (4, 3), 1.500: (3, 2), 1.750: (7, 4), 2.000: (2, 1),
+          2.500: (5, 2), 3.000: (3, 1)}
+
+
+def _named_ratios() -> dict[str, float]:
+    out = {}
+    for ratio, (h, w) in _NAMES.items():
+        out[f"{h}:{w}"] = ratio
+        if ratio != 1.0:
+            out[f"{w}:{h}"] = int(1 / ratio * 1000) / 1000
+    return out
+
+
+# ``H:W`` → the official ``h_div_w`` template, ordered by ratio (1:3 … 3:1).
+ASPECT_NAMES: dict[str, float] = dict(sorted(_named_ratios().items(), key=lambda kv: kv[1]))
+
+
+def aspect_ratio(text: str) -> float:
+    """The official ``h_div_w`` template of an ``H:W`` ratio (``"2:1"`` → 2.0, ``"8:6"`` → 1.333).
+
+    Raises ``ValueError`` naming the allowed ratios for anything that is not one of them.
+    """
+    allowed = ", ".join(ASPECT_NAMES)
+    parts = str(text).strip().split(":")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text} is not H:W with whole numbers; use one of the official ratios "
+                         f"{allowed}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{text} must have positive H and W; use one of the official ratios {allowed}")
+    g = math.gcd(h, w)
+    name = f"{h // g}:{w // g}"
+    if name not in ASPECT_NAMES:
+        raise ValueError(f"{text} has no official Infinity schedule; use one of the official ratios "
+                         f"{allowed}")
+    return ASPECT_NAMES[name]
+
+
+def aspect_name(h_div_w: float) -> str:
+    """``H:W`` of an official ``h_div_w`` template (2.0 → ``"2:1"``); ``ValueError`` for others."""
+    for name, ratio in ASPECT_NAMES.items():
+        if abs(ratio - h_div_w) < 1e-9:
+            return name
+    raise ValueError(f"aspect ratio {h_div_w} is not one of the official templates")
 
 
 def infinity_schedule(h_div_w: float = 1.0, pixels: str = "1M") -> tuple[tuple[int, int], ...]:

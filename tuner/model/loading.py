@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from tuner.errors import UserError
-from tuner.model.config import NAMED_MODELS, ModelConfig, at_sides, model_config, require_engine
+from tuner.model.config import NAMED_MODELS, ModelConfig, at_schedule, at_sides, model_config, require_engine
 from tuner.model.random_init import for_inference, randomize_  # noqa: F401 - re-exported (older imports)
 
 VAE_FILE = "vae_ch160v4096z32.pth"
@@ -131,19 +131,24 @@ def resolve_weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Pat
 
 def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weights_dir=None,
                random_weights: bool = False, seed: int = 0, device: str | torch.device = "cpu",
-               sides: Sequence[int] | None = None, prompts: Sequence[str] | None = None):
+               sides: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+               aspect: str | None = None, scales: int | None = None):
     """The one entry point the CLI and workers use to get a model: a :class:`LoadedModel` (VAR) or an
     :class:`~tuner.model.infinity_runner.InfinityModel` (``UserError`` for a model that can only be
     planned, :func:`~tuner.model.config.require_engine`).
 
     ``sides`` (Infinity only): the square token maps to generate, a prefix of the schedule.
     ``prompts`` (Infinity only): the prompt set conditions index (default the built-in list).
+    ``aspect`` (Infinity only): an official ratio ``H:W`` (``"2:1"``); ``scales``: generate the first N
+    maps of the ratio's schedule (:func:`~tuner.model.config.at_schedule`; VAR models refuse both).
     """
     if name is not None:
         require_engine(name)
     cfg = model_config(name) if name in NAMED_MODELS else None
+    if aspect is not None or scales is not None:  # Infinity only (one-line error for a VAR model)
+        cfg = at_schedule(cfg or model_config("tiny"), sides=sides, aspect=aspect, scales=scales)
     if cfg is not None and cfg.kind == "infinity":
-        return _load_infinity(cfg, var_ckpt, random_weights, seed, device, sides, prompts)
+        return _load_infinity(cfg, var_ckpt, weights_dir, random_weights, seed, device, sides, prompts)
     if sides is not None and (name or "tiny") in NAMED_MODELS:
         at_sides(model_config(name or "tiny"), sides)  # refuses: a VAR schedule is fixed
     if prompts is not None:
@@ -170,10 +175,12 @@ def load_model(name: str | None = "tiny", *, var_ckpt=None, vae_ckpt=None, weigh
     return loaded
 
 
-def _load_infinity(cfg, var_ckpt, random_weights: bool, seed: int, device, sides, prompts):
-    from tuner.model.infinity_runner import load_infinity_model, require_random_weights
+def _load_infinity(cfg, var_ckpt, weights_dir, random_weights: bool, seed: int, device, sides, prompts):
+    from tuner.model.infinity_runner import load_infinity_model
 
-    if var_ckpt is not None or not random_weights:
-        require_random_weights(cfg.name)
-    return load_infinity_model(at_sides(cfg, sides), random_weights=True, seed=seed, device=device,
-                               prompts=tuple(prompts) if prompts is not None else None)
+    if var_ckpt is not None:
+        raise UserError(f"--model {cfg.name} reads its files from --weights-dir (the official weights/ "
+                        "folder), not --var-ckpt/--vae-ckpt; pass --weights-dir DIR or --random-weights")
+    return load_infinity_model(at_sides(cfg, sides), random_weights=random_weights, seed=seed, device=device,
+                               prompts=tuple(prompts) if prompts is not None else None,
+                               weights_dir=weights_dir)

@@ -26,3 +26,18 @@ def as_runner(model: Any, vae: Any = None, model_cfg: Any = None) -> Any:
     from tuner.model.loading import LoadedModel
 
     return LoadedModel(model_cfg, model, vae, None, "modules")
+
+
+def cache_key(loaded: Any) -> str:
+    """A loaded model's identity in cache keys: the checkpoint hash (``random:<source>`` for random
+    weights), then what its conditions mean (an Infinity prompt set; nothing for VAR) and, for a
+    non-square Infinity schedule, its maps (the same weights at another aspect ratio make other
+    images). VAR and square keys are what they always were."""
+    base = loaded.checkpoint_sha256 or f"random:{loaded.source}"
+    extra = loaded.conditions_key
+    geometry = loaded.config.geometry
+    if not geometry.is_square:
+        from tuner.geometry import format_shapes
+
+        extra = f"{extra}|scales:{format_shapes(geometry.shapes)}"
+    return f"{base}|{extra}" if extra else base

@@ -38,7 +38,8 @@ class ModelSizing:
 
     width: the transformer's channels per token (activations scale with it). logits_per_token: the
     head's outputs per token (VAR: the codebook; Infinity: 2 per bit). decoder_channels: channels of
-    the image decoder's (``decoder_name``'s) full-resolution maps. resolution: image side in pixels.
+    the image decoder's (``decoder_name``'s) full-resolution maps. resolution: image side in pixels
+    (the height of a non-square image); image_hw: ``(height, width)`` in pixels (None: square).
     weights: the parameter groups on the GPU. weights_note: how they are held, one line (for the
     assumptions).
     """
@@ -51,6 +52,7 @@ class ModelSizing:
     resolution: int
     weights: tuple[WeightPart, ...]
     weights_note: str
+    image_hw: tuple[int, int] | None = None
 
     @property
     def weights_bytes(self) -> int:
@@ -94,7 +96,7 @@ def _infinity_sizing(cfg: Any) -> ModelSizing:
         width=t.embed_dim, logits_per_token=2 * t.codebook_dim,
         logits_note=f"2 × {t.codebook_dim} bits (bitwise head)",
         decoder_channels=cfg.vae.decoder_out_channels, decoder_name="BSQ-VAE", resolution=cfg.resolution,
-        weights=parts,
+        image_hw=cfg.image_hw, weights=parts,
         weights_note=(f"weights as the official inference holds them ({sum(p.params for p in parts):,} "
                       f"parameters, {sum(p.bytes for p in parts) / 2**30:.2f} GiB): transformer blocks bf16 "
                       f"({blocks:,}), its other parameters fp32 ({t.other_params():,}), BSQ-VAE fp32 "

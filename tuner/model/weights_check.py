@@ -9,34 +9,9 @@ import os
 from pathlib import Path
 
 from tuner.errors import UserError
+from tuner.model.checkpoint_files import check_checkpoint_file
 
-
-def _is_torch_checkpoint(path: Path) -> bool:
-    """A complete zip archive (torch.save since 1.6) or a legacy torch pickle; reads a few bytes only."""
-    import zipfile
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-    except OSError:
-        return False
-
-
-def check_checkpoint_file(path: str | Path, what: str, flag: str) -> Path:
-    """Cheap, read-only proof that ``path`` can be a checkpoint (exists, readable, torch format)."""
-    p = Path(path)
-    if not p.is_file():
-        kind = "is a directory" if p.is_dir() else "not found"
-        raise UserError(f"{what} checkpoint {kind}: {p}; pass an existing file with {flag}")
-    if not os.access(p, os.R_OK):
-        raise UserError(f"{what} checkpoint {p} is not readable; fix its permissions or pass another file "
-                        f"with {flag}")
-    if not _is_torch_checkpoint(p):
-        raise UserError(f"{p} is not a readable PyTorch checkpoint (not a zip-format torch checkpoint: "
-                        f"truncated, corrupt or not a checkpoint); re-download or re-save it and pass it "
-                        f"with {flag}")
-    return p
+__all__ = ["check_checkpoint_file", "check_weights"]
 
 
 def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights_flag: bool,
@@ -46,7 +21,8 @@ def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights
     For commands whose model is loaded late (in search workers, after Ray started) or that lack
     ``--random-weights`` (policy check): the messages name only the flags the command has
     (``random_weights_flag``, ``ckpt_flags`` for ``--var-ckpt/--vae-ckpt``). ``random_weights``: the
-    command will use random weights (nothing to check). Infinity models run with random weights only.
+    command will use random weights (nothing to check). Infinity models: the official files and the
+    T5 folder in ``--weights-dir`` (:func:`tuner.model.infinity_weights.check_infinity_weights`).
     """
     from tuner.model.config import model_config, require_engine
     from tuner.model.loading import VAE_FILE
@@ -57,9 +33,13 @@ def check_weights(model: str, var_ckpt, vae_ckpt, weights_dir, *, random_weights
     from tuner.model.config import NAMED_MODELS
 
     if model in NAMED_MODELS and model_config(model).kind == "infinity":
-        from tuner.model.infinity_runner import require_random_weights
+        from tuner.model.infinity_weights import check_infinity_weights
 
-        require_random_weights(model)
+        if var_ckpt is not None or vae_ckpt is not None:
+            raise UserError(f"--model {model} reads its files from --weights-dir (the official weights/ "
+                            "folder), not --var-ckpt/--vae-ckpt; pass --weights-dir DIR")
+        check_infinity_weights(model, weights_dir)
+        return
     if (var_ckpt is None) != (vae_ckpt is None):
         raise UserError("pass both --var-ckpt and --vae-ckpt (or neither and use --model NAME)")
     if var_ckpt is not None:

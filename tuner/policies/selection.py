@@ -176,21 +176,27 @@ def sink_recent_indices(state: "SelectionState", sink_tokens: int) -> "torch.Ten
     return torch.where(j < a, j, j + (n - k))
 
 
-def observation_window(side: int, n_new: int, window_size: int) -> list[int]:
+def observation_window(shape: int | tuple[int, int], n_new: int, window_size: int) -> list[int]:
     """Current-scale tokens whose queries score the candidates (ScaleKV's observation window).
 
-    Small maps (``n_new <= window_size``) use all their tokens. Otherwise a ``g × g`` grid
-    (``g = isqrt(window_size)``) spread over the ``side × side`` map: the map is cut into ``g × g``
-    patches of ``side // g`` rows/cols and the centre cell of each patch is taken, as in the released
-    ScaleKV code; if ``g² < window_size`` the most recent unused tokens pad the window.
-    Returns sorted raster indices into the current scale.
+    ``shape``: the current map, ``(h, w)`` (or its side when square; ``n_new = h·w``). Small maps
+    (``n_new <= window_size``) use all their tokens. Otherwise a ``g × g`` grid (``g =
+    isqrt(window_size)``) spread over the ``h × w`` map: rows are cut into ``g`` bands of ``h // g``
+    and columns into ``g`` of ``w // g``, and the centre cell of each patch is taken, as in the
+    released ScaleKV code (square maps); a side shorter than ``g`` gives each of its rows (columns)
+    one band. If fewer than ``window_size`` cells are chosen the most recent unused tokens pad the
+    window. Returns sorted raster indices into the current scale.
     """
     if n_new <= window_size:
         return list(range(n_new))
+    h, w = (shape, shape) if isinstance(shape, int) else shape
     g = math.isqrt(window_size)
-    cell = side // g
-    offsets = [i * cell + (cell - 1) // 2 for i in range(g)]
-    chosen = {r * side + c for r in offsets for c in offsets}
+
+    def centres(side: int) -> list[int]:
+        cell = max(1, side // g)
+        return [i * cell + (cell - 1) // 2 for i in range(min(g, side))]
+
+    chosen = {r * w + c for r in centres(h) for c in centres(w)}
     pad = n_new - 1
     while len(chosen) < window_size:
         if pad not in chosen:
@@ -230,8 +236,8 @@ def window_scores(state: "SelectionState", window_size: int = 16,
     from kernels import token_scores
 
     r, h = state.queries.shape[:2]
-    side = state.geometry.patch_nums[state.scale]
-    win = torch.tensor(observation_window(side, state.n_new, window_size), dtype=torch.int64,
+    shape = state.geometry.shapes[state.scale]
+    win = torch.tensor(observation_window(shape, state.n_new, window_size), dtype=torch.int64,
                        device=state.queries.device)
     q_obs = state.queries.index_select(2, win)
     keys = state.keys

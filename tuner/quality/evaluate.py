@@ -83,10 +83,11 @@ class PolicyEvaluator:
     @property
     def model_hash(self) -> str:
         """The weights' identity in cache keys, with what the conditions mean (an Infinity prompt set;
-        nothing for VAR, whose keys are unchanged)."""
-        base = self.loaded.checkpoint_sha256 or f"random:{self.loaded.source}"
-        extra = self.loaded.conditions_key
-        return f"{base}|{extra}" if extra else base
+        nothing for VAR, whose keys are unchanged) and, for a non-square Infinity schedule, its maps
+        (the same weights at another aspect ratio make other images; square keys are unchanged)."""
+        from tuner.model.runner import cache_key
+
+        return cache_key(self.loaded)
 
     def policy_spec(self, policy):
         from tuner.policies.base import PolicySpec
@@ -244,11 +245,13 @@ def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae
                     device: str = "cpu",
                     dtype: str = "fp32", backend: str = "auto", inception_weights=None, reference=None,
                     calibration_samples: int = 16, random_weights: bool = False, sides=None,
-                    prompts: str | None = None) -> PolicyEvaluator:
+                    prompts: str | None = None, aspect: str | None = None,
+                    scales: int | str | None = None) -> PolicyEvaluator:
     """Load a model and its feature network once; the factory the search workers call.
 
-    ``sides`` (Infinity: a schedule prefix, ``"1,2,4,6"`` or a tuple) and ``prompts`` (Infinity: a
-    prompt file; default the built-in prompts) as ``tuner generate`` takes them.
+    ``sides`` (Infinity: a schedule prefix, ``"1,2,4,6"`` or a tuple), ``aspect`` (Infinity: ``"2:1"``),
+    ``scales`` (Infinity: the first N maps) and ``prompts`` (Infinity: a prompt file; default the built-in
+    prompts) as ``tuner generate`` takes them.
 
     Features: the shipped tiny feature net for ``tiny``; the FID Inception-v3 (local weights) for
     ImageNet models, without which only PSNR/SSIM are reported. ``reference``: a reference batch
@@ -265,7 +268,8 @@ def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae
     if isinstance(random_weights, str):
         random_weights = random_weights.strip().lower() in ("1", "true", "yes")
     loaded = load_model(model, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
-                        random_weights=random_weights, device=device, sides=sides,
+                        random_weights=random_weights, device=device, sides=sides, aspect=aspect,
+                        scales=None if scales is None else int(scales),
                         prompts=read_prompts(prompts) if prompts is not None else None)
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     features, stats = None, None

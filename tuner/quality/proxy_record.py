@@ -150,7 +150,7 @@ class ProxyRecord:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"schema_version": SCHEMA_VERSION, "model_name": self.model_name,
-                "geometry": asdict(self.geometry), "spec": asdict(self.spec),
+                "geometry": self.geometry.to_dict(), "spec": asdict(self.spec),
                 "softmax_scale": self.softmax_scale, "checkpoint_sha256": self.checkpoint_sha256}
         doc = {"meta": json.dumps(meta), "keys": self.keys.contiguous(), "values": self.values.contiguous(),
                "queries": self.queries.contiguous()}
@@ -170,8 +170,7 @@ class ProxyRecord:
             if meta.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"proxy record schema_version must be {SCHEMA_VERSION}")
             g = meta["geometry"]
-            geometry = CacheGeometry(int(g["num_layers"]), int(g["num_heads"]), int(g["head_dim"]),
-                                     tuple(int(p) for p in g["patch_nums"]))
+            geometry = CacheGeometry.from_dict(g)
             tensors = [doc[k] for k in ("keys", "values", "queries")]
             if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
                 raise ValueError("proxy record tensors must be floating point")
@@ -185,8 +184,7 @@ class ProxyRecord:
 
 
 def _describe(g: CacheGeometry) -> str:
-    return (f"{g.num_layers} layers × {g.num_heads} heads × head_dim {g.head_dim} with patch_nums "
-            f"{list(g.patch_nums)}")
+    return f"{g.num_layers} layers × {g.num_heads} heads × head_dim {g.head_dim} with {g.describe_scales()}"
 
 
 class _Recorder:

@@ -74,6 +74,8 @@ class SearchConfig:
     evaluator_kwargs: tuple[tuple[str, Any], ...] = ()
     random_weights: bool = False  # random weights of the model's shape (Infinity: random text features)
     sides: tuple[int, ...] | None = None  # Infinity: the schedule prefix generated (checked in validate)
+    aspect: str | None = None  # Infinity: an official ratio H:W, reduced ("2:1"; fits the model: validate)
+    scales: int | None = None  # Infinity: the first N maps of the ratio's schedule (checked in validate)
     prompts: str | None = None  # Infinity: a prompt file (absolute; default the built-in prompts)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,12 @@ class SearchConfig:
             raise ValueError(f"--patience {self.patience} must be at least 1")
         if self.sides is not None and (not self.sides or min(self.sides) < 1):
             raise ValueError(f"--sides {self.sides} must be positive token-map sides like 1,2,4,6")
+        if self.aspect is not None:
+            from tuner.model.infinity_schedules import aspect_name, aspect_ratio
+
+            object.__setattr__(self, "aspect", aspect_name(aspect_ratio(self.aspect)))  # "4:2" -> "2:1"
+        if self.scales is not None and self.scales < 1:
+            raise ValueError(f"--scales {self.scales} must be at least 1 (the first N maps of the schedule)")
         if self.trial_timeout_s <= 0:
             raise ValueError("the per-trial timeout must be positive")
         problem = (sampling_problem(self.cfg, self.top_k, self.top_p)
@@ -193,6 +201,10 @@ class SearchConfig:
                "fit_memory": self.fits_to_target}
         if self.sides is not None:  # only when set: studies made before the flag keep their identity
             out["sides"] = list(self.sides)
+        if self.aspect is not None:  # likewise
+            out["aspect"] = self.aspect
+        if self.scales is not None:
+            out["scales"] = self.scales
         return out
 
 
@@ -320,8 +332,15 @@ def resolve_config(*, mem_target: str | None = None, fid_limit: float | None = N
 
         read_prompts(fields["prompts"])  # one-line error now, not in a worker
         fields["prompts"] = str(Path(fields["prompts"]).resolve())
-    sides_label = "-".join(map(str, fields["sides"])) if fields.get("sides") else None
-    name = study_name or default_study_name(model if sides_label is None else f"{model}@{sides_label}", label,
+    if fields.get("aspect") is not None:  # reduced before it names the study ("4:2" is "2:1")
+        from tuner.model.config import parse_aspect
+        from tuner.model.infinity_schedules import aspect_name
+
+        fields["aspect"] = aspect_name(parse_aspect(fields["aspect"]))
+    schedule = ([str(fields["aspect"]).replace(":", "x")] if fields.get("aspect") else []) \
+        + ([f"s{fields['scales']}"] if fields.get("scales") else []) \
+        + (["-".join(map(str, fields["sides"]))] if fields.get("sides") else [])
+    name = study_name or default_study_name(f"{model}@{'-'.join(schedule)}" if schedule else model, label,
                                             mem, fid_limit, fields["metric"])
     out_dir = Path(out) if out else Path("runs") / name
     from tuner.quality.metric_info import MIN_DISTRIBUTION_SAMPLES

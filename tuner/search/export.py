@@ -185,7 +185,7 @@ def write_winner(rt: Any, winner: Candidate, metrics: dict[str, float]) -> Path:
                   "metric": cfg.metric,  # the search target: `tuner policy check` matches on it
                   "mem_target": cfg.mem_target.text if cfg.mem_target is not None else None,
                   "quality_limit": cfg.quality_limit}
-    write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.model_hash, metrics=metrics,
+    write_policy_file(path, policy, rt.model_cfg, checkpoint_sha256=rt.checkpoint_sha256, metrics=metrics,
                       eval_spec=rt.final_spec, provenance=provenance, spec=rt.planner.spec)
     rt.tables.record_export(ExportRecord(cfg.study_name, winner.trial, str(path),
                                          winner.planned.key, rt.model_hash, metrics,

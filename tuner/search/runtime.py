@@ -65,7 +65,14 @@ class SearchRuntime:
 
     @property
     def model_hash(self) -> str:
+        """The evaluations' identity in cache keys (weights, and for Infinity prompts and text encoder)."""
         return str(self.info.get("model_hash", ""))
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        """What an exported policy records: the weights' sha256 (what `--policy` checks against the
+        loaded weights); the model hash for random weights, which have none."""
+        return str(self.info.get("checkpoint_sha256") or self.model_hash)
 
     def close(self, status: str = "FINISHED") -> None:
         for step in (lambda: self.tracker and self.tracker.finish(status),
@@ -86,7 +93,8 @@ def make_pool(cfg: SearchConfig):
     kwargs = {"model": cfg.model, "weights_dir": cfg.weights_dir, "var_ckpt": cfg.var_ckpt,
               "vae_ckpt": cfg.vae_ckpt, "dtype": cfg.dtype, "backend": cfg.backend}
     # only when set: an evaluator factory written before these flags still gets what it takes
-    extra = {"random_weights": cfg.random_weights or None, "sides": cfg.sides, "prompts": cfg.prompts}
+    extra = {"random_weights": cfg.random_weights or None, "sides": cfg.sides, "prompts": cfg.prompts,
+             "aspect": cfg.aspect, "scales": cfg.scales}
     kwargs.update({k: v for k, v in extra.items() if v is not None})
     kwargs.update(dict(cfg.evaluator_kwargs))
     if cfg.workers == 0:
@@ -155,13 +163,13 @@ def validate(cfg: SearchConfig):
 
 
 def _at_sides(model_cfg: Any, cfg: SearchConfig) -> Any:
-    """The model config the driver plans with (an Infinity model at ``--sides``, as the workers load
-    it); ``--prompts`` refused for a class-conditional model."""
-    from tuner.model.config import at_sides
+    """The model config the driver plans with (an Infinity model at ``--aspect``, ``--scales`` or
+    ``--sides``, as the workers load it); ``--prompts`` refused for a class-conditional model."""
+    from tuner.model.config import at_schedule
 
     if model_cfg.kind != "infinity" and cfg.prompts is not None:
         raise UserError(f"--prompts applies to Infinity models only, not --model {cfg.model}")
-    return at_sides(model_cfg, cfg.sides)
+    return at_schedule(model_cfg, sides=cfg.sides, aspect=cfg.aspect, scales=cfg.scales)
 
 
 def make_directories(cfg: SearchConfig) -> Path:

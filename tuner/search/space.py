@@ -21,7 +21,8 @@ File format (``schema_version: 1``)::
 A parameter whose ``when`` is false is not suggested: the policy gets its ``default`` if one is given,
 else the policy's own default (expressions then read it as ``None``). Bounds and ``repeat`` may use
 the model symbols ``num_layers num_scales seq_len num_heads head_dim
-patch_nums scale_lengths last_scale_len cached_before_last`` and the functions of
+patch_nums scale_heights scale_widths scale_lengths last_scale_len cached_before_last`` (``patch_nums``:
+a square map's side; for a non-square Infinity schedule the heights) and the functions of
 :mod:`tuner.search.expr`. Every problem is reported as ``file:line: where: what`` (UserError), and so
 is a space over the size limits (file size, YAML nodes and nesting, no YAML aliases, expression
 cost, ``repeat``, parameter and choice counts: see :mod:`tuner.search.space_schema`). Optuna
@@ -43,6 +44,8 @@ def model_symbols(geometry: Any) -> dict[str, Any]:
     return {"num_layers": geometry.num_layers, "num_scales": geometry.num_scales, "seq_len": geometry.seq_len,
             "num_heads": geometry.num_heads, "head_dim": geometry.head_dim,
             "patch_nums": tuple(geometry.patch_nums), "scale_lengths": lengths,
+            "scale_heights": tuple(h for h, _ in geometry.shapes),
+            "scale_widths": tuple(w for _, w in geometry.shapes),
             "last_scale_len": lengths[-1], "cached_before_last": geometry.seq_len - lengths[-1]}
 
 

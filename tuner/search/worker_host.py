@@ -76,6 +76,9 @@ class WorkerHost:
         """Build the evaluator (loads the model) and describe it: model hash, pid, calibration."""
         ev = self._build()
         info: dict[str, Any] = {"model_hash": str(ev.model_hash), "pid": os.getpid()}
+        weights = getattr(getattr(ev, "loaded", None), "checkpoint_sha256", None)
+        if weights:  # the weights alone (model_hash adds the prompt set and text encoder of Infinity)
+            info["checkpoint_sha256"] = str(weights)
         describe = getattr(ev, "describe", None)
         if callable(describe):
             info.update(describe())
