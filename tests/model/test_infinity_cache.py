@@ -3,7 +3,10 @@
 For every family and conformance case (tests/policies/cases.py) on the Infinity cache geometry: the
 bytes the cache allocates equal the planner's (``memory_report``), a keep-all case samples the full
 cache's bits exactly, and every attention call equals full-K/V attention masked to exactly the positions
-the cache reports it kept (the VAR engine's oracle, tests/policies/test_engine_oracle.py).
+the cache reports it kept (the VAR engine's oracle, tests/policies/test_engine_oracle.py). The
+family test also runs on a non-square schedule (4:3, its first 4 maps 1x1 2x2 4x3 8x6: the 8x6 map is
+larger than the observation window, so score-based selections read a non-square window,
+:func:`tuner.policies.selection.observation_window`).
 """
 from __future__ import annotations
 
@@ -21,12 +24,12 @@ from tuner.policies.base import PolicySpec
 from tuner.policies.registry import make_policy
 
 SIDES = (1, 2, 4, 6)  # 4 scales, 57 tokens: enough history for windows, sinks and scores to differ
+SHAPES_4X3 = ((1, 1), (2, 2), (4, 3), (8, 6))  # 65 tokens, a 128 x 96 image
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    model_path, vae_path, _, _ = write_official_checkpoints(tmp_path_factory.mktemp("infinity_cache"))
-    loaded = load_infinity(model_path, vae_path, sides=SIDES)
+def _run(directory, **schedule):
+    model_path, vae_path, _, _ = write_official_checkpoints(directory)
+    loaded = load_infinity(model_path, vae_path, **schedule)
     text, lens = random_text(2, 256, 9, seed=7, lens=(9, 4))
 
     def generate(**kw):
@@ -35,9 +38,23 @@ def run(tmp_path_factory):
     return loaded, generate, generate()
 
 
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("infinity_cache"), sides=SIDES)
+
+
+@pytest.fixture(scope="module")
+def run_4x3(tmp_path_factory):
+    run = _run(tmp_path_factory.mktemp("infinity_cache_4x3"), h_div_w=1.333, scales=len(SHAPES_4X3))
+    assert run[0].engine.schedule == SHAPES_4X3 and not run[0].engine.geometry.is_square
+    assert run[2].images.shape == (2, 3, 128, 96)
+    return run
+
+
+@pytest.mark.parametrize("schedule", ["run", "run_4x3"])
 @pytest.mark.parametrize("family,index", case_ids())
-def test_every_family_allocates_its_plan_and_attends_to_what_it_kept(run, family, index):
-    loaded, generate, full = run
+def test_every_family_allocates_its_plan_and_attends_to_what_it_kept(request, schedule, family, index):
+    loaded, generate, full = request.getfixturevalue(schedule)
     g = loaded.engine.geometry
     policy, case = build(family, index, g)
     spec = PolicySpec(g, loaded.config.name, synthetic_calibration(g, seed=index))
