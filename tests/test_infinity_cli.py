@@ -140,3 +140,23 @@ def test_evaluate_measures_fid_vs_full_with_local_inception_weights(tmp_path, ca
     m = json.loads(r.output)
     assert m["fid_vs_full"] is not None and m["fid_vs_full"] >= 0 and m["samples"] == 4
     assert 0 < m["ssim"] <= 1
+
+
+def test_calibrate_and_presets_read_the_users_prompts(tmp_path, cache_dir):
+    """Calibration (and the presets it places) runs over --prompts FILE: other prompts, other text
+    features, another calibration, not the cached one of the built-in prompts."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a lighthouse at night\na bowl of ramen\n")
+    own = run("calibrate", *SMALL, "--samples", "2", "--prompts", prompts, "--out", tmp_path / "own")
+    built_in = run("calibrate", *SMALL, "--samples", "2", "--out", tmp_path / "built_in")
+    assert own.exit_code == 0 and built_in.exit_code == 0, own.output + built_in.output
+    a = json.loads((tmp_path / "own" / "calibration.json").read_text())
+    b = json.loads((tmp_path / "built_in" / "calibration.json").read_text())
+    assert a["key_similarity"] != b["key_similarity"] and a["checkpoint_sha256"] != b["checkpoint_sha256"]
+    r = run("presets", *SMALL, "--prompts", prompts, "--calibration-samples", "2", "--out", tmp_path / "pre")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "pre" / "scalekv_10.json").is_file()
+    for cmd in ("calibrate", "presets"):
+        assert_user_error(run(cmd, "--model", "tiny", "--prompts", prompts, "--out", tmp_path / "x"),
+                          "--prompts needs a text-to-image model")
+    assert not (tmp_path / "x").exists()

@@ -48,7 +48,8 @@ def calibrate(
     sides: Optional[str] = mo.SidesOpt,
     aspect: Optional[str] = mo.AspectOpt,
     scales: Optional[int] = mo.ScalesOpt,
-    samples: int = typer.Option(16, "--samples", help="Calibration images (Infinity: over the built-in "
+    prompts: Optional[str] = mo.PromptsOpt,
+    samples: int = typer.Option(16, "--samples", help="Calibration images (Infinity: cycling through the "
                                 "prompts)."),
     seed: int = typer.Option(0, "--seed", help="Calibration seed."),
     out: str = typer.Option("calibration", "--out",
@@ -65,9 +66,11 @@ def calibrate(
     check_seed(seed)
     check_writable_dir(out, "--out")
     mo.check_schedule_options(sides, aspect, scales)
+    texts = mo.read_prompts_option(model, prompts)
     apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
-                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales)
+                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales,
+                                        prompts=texts)
     cal = calibration_for(loaded, samples, seed, recompute)
     out_dir = writable_dir(out)  # only now: bad input leaves no directory behind
     cal.save(out_dir / "calibration.json")

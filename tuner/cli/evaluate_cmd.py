@@ -65,19 +65,6 @@ def check_policy_name(name_or_path: str) -> None:
         raise UserError(f"unknown policy {name_or_path!r}: not a file and not a preset ({', '.join(names)})")
 
 
-def _check_prompts_flag(model: str, prompts: Optional[str]) -> None:
-    """``--prompts`` only for a text-to-image model, and the file must read (before any model loads)."""
-    if prompts is None:
-        return
-    from tuner.model.config import NAMED_MODELS, model_config
-    from tuner.model.prompts import read_prompts
-
-    if model not in NAMED_MODELS or model_config(model).kind != "infinity":
-        raise UserError(f"--prompts needs a text-to-image model (infinity-test, infinity-2b, infinity-8b); "
-                        f"--model {model} is class-conditional")
-    read_prompts(prompts)
-
-
 @contextmanager
 def progress_bar(evaluator, total_images: int, disable: bool):
     """A rich progress bar on stderr over the images generated (full cache, then policy).
@@ -153,7 +140,7 @@ def evaluate(
                         f"file with --inception-weights (or TUNER_INCEPTION_WEIGHTS)")
     check_policy_name(policy)
     mo.check_schedule_options(sides, aspect, scales)
-    _check_prompts_flag(model, prompts)
+    mo.read_prompts_option(model, prompts)
     check_weights(model, var_ckpt, vae_ckpt, weights_dir, random_weights_flag=True,
                   random_weights=random_weights)
     dev = resolve_device(device)

@@ -69,6 +69,21 @@ def parse_sides(sides: Optional[str]) -> Optional[list[int]]:
     return None if sides is None else parse_int_list(sides, "--sides")
 
 
+def read_prompts_option(model: str, prompts: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The prompts of ``--prompts FILE`` (None when not given), read before any model loads; refused
+    for a class-conditional model."""
+    if prompts is None:
+        return None
+    from tuner.errors import UserError
+    from tuner.model.config import NAMED_MODELS, model_config
+    from tuner.model.prompts import read_prompts
+
+    if model not in NAMED_MODELS or model_config(model).kind != "infinity":
+        raise UserError(f"--prompts needs a text-to-image model (infinity-test, infinity-2b, infinity-8b); "
+                        f"--model {model} is class-conditional")
+    return read_prompts(prompts)
+
+
 def load_model_from_options(model: Optional[str], var_ckpt, vae_ckpt, weights_dir, random_weights: bool,
                             device: str, seed: int = 0, sides: Optional[str] = None,
                             prompts: Optional[tuple[str, ...]] = None, aspect: Optional[str] = None,

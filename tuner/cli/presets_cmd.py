@@ -93,6 +93,7 @@ def presets(
     sides: Optional[str] = mo.SidesOpt,
     aspect: Optional[str] = mo.AspectOpt,
     scales: Optional[int] = mo.ScalesOpt,
+    prompts: Optional[str] = mo.PromptsOpt,
     mem_target: Optional[str] = typer.Option(None, "--mem-target",
                                              help="Fit each preset to this memory: 15%, "
                                                   "0.15 or 40MiB per image."),
@@ -115,9 +116,11 @@ def presets(
     target = parse_mem_target(mem_target) if mem_target is not None else None
     check_writable_dir(out, "--out")
     mo.check_schedule_options(sides, aspect, scales)
+    texts = mo.read_prompts_option(model, prompts)  # the calibration's prompts (Infinity)
     apply_threads(threads)
     loaded = mo.load_model_from_options(model, var_ckpt, vae_ckpt, weights_dir, random_weights,
-                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales)
+                                        resolve_device(device), sides=sides, aspect=aspect, scales=scales,
+                                        prompts=texts)
     if target is not None:
         check_target_reachable(loaded.config, target, mem_target)
     cal = calibration_for(loaded, calibration_samples)
