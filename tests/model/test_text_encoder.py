@@ -75,6 +75,14 @@ def test_broken_folders_are_one_line_errors(t5_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(t5_dir, bad)
     _fails(bad, "64-wide features but the Infinity model reads 2048", text_channels=2048)
+    from safetensors.torch import load_file, save_file
+
+    weights = bad / "model.safetensors"
+    full = load_file(str(weights))
+    dropped = sorted(full)[3]
+    save_file({k: v for k, v in full.items() if k != dropped}, str(weights), metadata={"format": "pt"})
+    _fails(bad, f"lacks or mis-shapes 1 tensor.*first: {dropped}")  # not random weights, silently
+    save_file(full, str(weights), metadata={"format": "pt"})
     (bad / "tokenizer.json").unlink()
     _fails(bad, "no tokenizer")
     shutil.copy(t5_dir / "tokenizer.json", bad)

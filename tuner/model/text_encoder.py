@@ -123,7 +123,8 @@ class T5TextEncoder:
 def load_text_encoder(directory: str | Path, *, max_length: int, text_channels: int,
                       device: str | Any = "cpu") -> T5TextEncoder:
     """Load the T5 tokenizer and encoder from a local folder; one-line :class:`UserError` when
-    transformers is missing, the folder is incomplete, or its width is not the model's ``text_channels``."""
+    transformers is missing, the folder is incomplete, a tensor is missing or mis-shaped (strict), or
+    its width is not the model's ``text_channels``."""
     import torch
 
     d = check_text_encoder_dir(directory)
@@ -138,12 +139,19 @@ def load_text_encoder(directory: str | Path, *, max_length: int, text_channels: 
     dev = torch.device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(d), legacy=True, local_files_only=True)
-        model = T5EncoderModel.from_pretrained(str(d), local_files_only=True, use_safetensors=None,
-                                               dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+        model, info = T5EncoderModel.from_pretrained(
+            str(d), local_files_only=True, output_loading_info=True,
+            dtype=torch.float16 if dev.type == "cuda" else torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the T5 encoder from {d} ({first}); re-download the flan-t5-xl folder")\
             from None
+    # transformers fills missing or mis-shaped tensors with random ones and only warns (silenced above):
+    # strict here, as for the transformer. Unexpected keys are fine (flan-t5-xl also holds the decoder).
+    bad = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if bad:
+        raise UserError(f"the T5 encoder in {d} lacks or mis-shapes {len(bad)} tensor(s) (first: {bad[0]}); "
+                        "re-download the flan-t5-xl folder")
     width = int(model.config.d_model)
     if width != text_channels:
         raise UserError(f"the T5 encoder in {d} gives {width}-wide features but the Infinity model reads "
