@@ -4,12 +4,12 @@ Every kernel here runs one program per (row, head) pair along grid axis 0 over `
 tensors with a ragged valid length per pair (axis 0, because CUDA allows 2^31 - 1 blocks there but
 only 65,535 on axes 1 and 2: d30's 30 heads × 2 CFG rows would cap the batch at 1,092 images), and
 takes the same compile-time flags (``D``, ``BLOCK_D``, ``UPCAST``, ``IEEE``). A packed cache with
-per-head capacities (:mod:`kernels.packed`) replaces the head stride by per-head offsets
+per-head capacities (:mod:`varkv_kernels.packed`) replaces the head stride by per-head offsets
 (:func:`packed_row_head_span`). Both halves of that
-contract live here so that :mod:`kernels.attention` and :mod:`kernels.scoring` cannot drift apart.
+contract live here so that :mod:`varkv_kernels.attention` and :mod:`varkv_kernels.scoring` cannot drift apart.
 
 Importing this module defines a Triton function: ``TRITON_INTERPRET=1`` must be set before that for
-the CPU interpreter (see :mod:`kernels.dispatch`).
+the CPU interpreter (see :mod:`varkv_kernels.dispatch`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def row_head_span(pid_rh, H, LENS, N):
 
 @triton.jit
 def packed_row_head_span(pid_rh, H, LENS, OFFS):
-    """``(r, h, n_valid, start)`` of program ``pid_rh`` over a packed cache (:mod:`kernels.packed`).
+    """``(r, h, n_valid, start)`` of program ``pid_rh`` over a packed cache (:mod:`varkv_kernels.packed`).
 
     ``OFFS`` is the ``[H + 1]`` int32 head offsets: head ``h``'s segment is tokens
     ``OFFS[h]:OFFS[h+1]``, so ``n_valid = min(LENS[r, h], C_h)`` and ``start`` (int64) is where the

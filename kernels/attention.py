@@ -5,18 +5,18 @@ prefix (its length read from ``cache_lens`` at run time), stage 2 streams the sc
 tokens; an online softmax in exp2 form keeps one fp32 accumulator, so no attention matrix is ever
 materialized and the cache and new tokens never have to be concatenated.
 
-Cache formats (:mod:`kernels.quant`): a plain tensor cache in ``q``'s dtype runs the kernel below; an
-int8 / int4 :class:`~kernels.quant.QuantizedKV` cache runs :mod:`kernels.attention_quant`'s kernel,
-which loads the codes plus their fp16 scales (and zero points) and dequantizes stage-1 tiles in
+Cache formats (:mod:`varkv_kernels.quant`): a plain tensor cache in ``q``'s dtype runs the kernel below;
+an int8 / int4 :class:`~varkv_kernels.quant.QuantizedKV` cache runs :mod:`varkv_kernels.attention_quant`'s
+kernel, which loads the codes plus their fp16 scales (and zero points) and dequantizes stage-1 tiles in
 registers (its constexpr ``KV_FMT`` picks the format); stage 2 stays in ``q``'s dtype in both. A
 zero-capacity cache of either kind takes the plain kernel (nothing of the cache is read). A
-:class:`~kernels.packed.PackedKV` cache (per-head capacities, heads back to back on one token axis)
+:class:`~varkv_kernels.packed.PackedKV` cache (per-head capacities, heads back to back on one token axis)
 runs the same kernels with the constexpr ``PACKED``: a program's cache pointer starts at its head's
 offset instead of ``h × head stride`` and its length is clamped to the head's capacity; the
 unpacked path compiles as before.
 
 Importing this module defines the kernel: ``TRITON_INTERPRET=1`` must be set before that for the
-CPU interpreter (see :mod:`kernels.dispatch`).
+CPU interpreter (see :mod:`varkv_kernels.dispatch`).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import int32_lens, launch_flags, packed_row_head_span, row_head_span
-from kernels.attention_quant import half_block, launch_quantized
-from kernels.packed import PackedKV
-from kernels.quant import QuantizedKV
+from varkv_kernels._launch import int32_lens, launch_flags, packed_row_head_span, row_head_span
+from varkv_kernels.attention_quant import half_block, launch_quantized
+from varkv_kernels.packed import PackedKV
+from varkv_kernels.quant import QuantizedKV
 
 _LOG2E = 1.4426950408889634
 
@@ -145,11 +145,13 @@ def block_config(lq: int, block_d: int, interpreted: bool, elt: int = 2) -> tupl
 def kv_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cache_lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                         softmax_scale: float) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.kv_attention` (same shapes, arguments already checked).
+    """Triton implementation of :func:`varkv_kernels.dispatch.kv_attention` (same shapes, arguments
+    already checked).
 
-    ``k_cache``/``v_cache``: tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV` of one
-    format (dequantized in registers by :mod:`kernels.attention_quant`), or :class:`~kernels.packed.
-    PackedKV` of either kind (per-head segments: both kernels take the head offsets, ``PACKED``).
+    ``k_cache``/``v_cache``: tensors in ``q``'s dtype, or :class:`~varkv_kernels.quant.QuantizedKV` of one
+    format (dequantized in registers by :mod:`varkv_kernels.attention_quant`), or
+    :class:`~varkv_kernels.packed.PackedKV` of either kind (per-head segments: both kernels take the head
+    offsets, ``PACKED``).
     """
     r, h, lq, d = q.shape
     flags = launch_flags(q, is_interpreted())

@@ -1,10 +1,10 @@
-"""The Triton attention kernel over an int8 / int4 cache (:class:`kernels.quant.QuantizedKV`).
+"""The Triton attention kernel over an int8 / int4 cache (:class:`varkv_kernels.quant.QuantizedKV`).
 
-Same algorithm as :mod:`kernels.attention` (one program per (row, head) and ``BLOCK_M`` queries, an
+Same algorithm as :mod:`varkv_kernels.attention` (one program per (row, head) and ``BLOCK_M`` queries, an
 online softmax over stage 1, the valid cache prefix, then stage 2, the scale's own tokens), but stage 1
 loads the stored codes plus their fp16 scale (and zero point) per token and dequantizes them in
 registers, so it reads 1 (int8) or 0.5 (int4) bytes per cached element plus 2 or 4 bytes per vector
-instead of 2. Dequantization is fp32 math, exactly :func:`kernels.quant.dequantize`'s, then the tile
+instead of 2. Dequantization is fp32 math, exactly :func:`varkv_kernels.quant.dequantize`'s, then the tile
 is rounded to ``q``'s dtype and takes the same ``tl.dot`` path as an unquantized one. Stage 2 stays
 in ``q``'s dtype.
 
@@ -16,10 +16,10 @@ output are split the same way, and every ``q·kᵀ`` / ``P·V`` is two dots of w
 padded to a power of two >= 16 and masked: head_dim 80 is two halves of 40 in 64-wide tiles). No
 ``tl.join`` / reshape is needed, so the interpreter and compiled Triton run the same code. The
 constexpr ``KV_FMT`` (1 int8, 2 int4) selects the tile loader; the unquantized cache keeps its own
-kernel in :mod:`kernels.attention`, untouched.
+kernel in :mod:`varkv_kernels.attention`, untouched.
 
 Importing this module defines the kernel: ``TRITON_INTERPRET=1`` must be set before that for the CPU
-interpreter (see :mod:`kernels.dispatch`).
+interpreter (see :mod:`varkv_kernels.dispatch`).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import packed_row_head_span, row_head_span
-from kernels.quant import QuantizedKV
+from varkv_kernels._launch import packed_row_head_span, row_head_span
+from varkv_kernels.quant import QuantizedKV
 
 FMT_CODE = {"int8": 1, "int4": 2}  # the kernel's KV_FMT per format
 
@@ -181,9 +181,9 @@ def launch_quantized(q: torch.Tensor, k_cache: QuantizedKV, v_cache: QuantizedKV
     """Run the kernel into ``out``; ``lens`` int32 contiguous ``[R, H]``, ``qk_scale`` in log2 units.
 
     ``offsets``: ``[H + 1]`` int32 head offsets when the caches are the stores of a
-    :class:`~kernels.packed.PackedKV` (``[R, 1, Σ_h C_h, ...]``), else None.
+    :class:`~varkv_kernels.packed.PackedKV` (``[R, 1, Σ_h C_h, ...]``), else None.
 
-    The caller (:func:`kernels.attention.kv_attention_triton`) has checked the arguments, handled
+    The caller (:func:`varkv_kernels.attention.kv_attention_triton`) has checked the arguments, handled
     empty outputs and zero capacity (no cache pointer to read), and picked the block sizes.
     """
     if k_cache.fmt != v_cache.fmt or k_cache.fmt not in FMT_CODE:

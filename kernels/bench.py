@@ -1,4 +1,4 @@
-"""``python -m kernels.bench``: compressed-cache attention vs full-cache SDPA over VAR's scales.
+"""``python -m varkv_kernels.bench``: compressed-cache attention vs full-cache SDPA over VAR's scales.
 
 For each model (heads = depth, head_dim 64, 256px patch_nums), batch (rows = 2·batch with CFG) and
 cache fraction, every scale's queries (``pn²`` tokens) attend to ``round(fraction · earlier tokens)``
@@ -6,10 +6,10 @@ cached tokens plus their own. Providers:
 
 - ``sdpa_full``: ``F.scaled_dot_product_attention`` over all earlier tokens + the scale, read from
   one preallocated buffer (no concatenation; FlashAttention on a GPU) — the uncompressed baseline;
-- ``torch``: :func:`kernels.kv_attention` with the PyTorch reference on the compressed cache;
+- ``torch``: :func:`varkv_kernels.dispatch.kv_attention` with the PyTorch reference on the compressed cache;
 - ``triton``: the same op with the Triton kernel (on CPU only under ``TRITON_INTERPRET=1``).
 
-Cache formats (``--formats``, :mod:`kernels.quant`): ``compute`` is the cache in the run's dtype
+Cache formats (``--formats``, :mod:`varkv_kernels.quant`): ``compute`` is the cache in the run's dtype
 (the 16-bit cache with ``--dtype fp16/bf16``), measured by all three providers; ``int8`` / ``int4``
 quantize the same cached tokens (equal kept tokens) and are measured by the compressed provider only
 (``triton`` when it runs, else ``torch``), so the second table compares each format's latency and bytes
@@ -17,7 +17,7 @@ read with the ``compute`` cache's at the same provider.
 
 Latency: ``triton.testing.do_bench`` medians on CUDA (warm-up call first, then the benchmarker's own
 synchronized warm-up), ``perf_counter`` medians on CPU. Bytes = K/V of the keys read + q read + out
-written (a quantized cache's K/V: its codes plus fp16 scales / zero points, :mod:`kernels.quant`);
+written (a quantized cache's K/V: its codes plus fp16 scales / zero points, :mod:`varkv_kernels.quant`);
 ``read_bytes`` leaves the output out. FLOPs = 4·R·H·Lq·keys·D. ``--quick`` runs tiny shapes (for CPU
 and tests).
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import KV_FORMATS, format_info
+from varkv_kernels.quant import KV_FORMATS, format_info
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MODEL_HEADS = {"d16": 16, "d20": 20, "d24": 24, "d30": 30}
@@ -112,8 +112,8 @@ def bench_config(model: str, heads: int, batch: int, fraction: float, *, patch_n
     ``compute`` rows come from every provider; each quantized format's from the compressed provider
     (``triton`` when in ``providers``, else ``torch``), over the same kept tokens quantized once.
     """
-    from kernels import kv_attention
-    from kernels.quant import quantize
+    from varkv_kernels.dispatch import kv_attention
+    from varkv_kernels.quant import quantize
 
     gen = torch.Generator(device=device).manual_seed(0)
     rows, d, total = 2 * batch, HEAD_DIM, sum(p * p for p in patch_nums)
@@ -250,7 +250,7 @@ def markdown(summary: list[dict], providers, device: torch.device, dtype_name: s
         f"- device: {device_name(device)}",
         f"- torch {torch.__version__}, triton {triton_version}, {dtype_name}, head_dim {HEAD_DIM}",
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `{' '.join(['python -m kernels.bench', *argv])}`",
+        f"- command: `{' '.join(['python -m varkv_kernels.bench', *argv])}`",
         "- latency = sum over the scales of one forward (one layer); ratio = compressed / sdpa_full;",
         "  GB/s and TFLOP/s of the compressed provider (triton when measured, else torch)", "",
         "| model | batch | cache % | " + " | ".join(f"{p} ms" for p in providers)
@@ -299,7 +299,7 @@ def _csv_list(cast):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m varkv_kernels.bench", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", type=_csv_list(str), default=("d16", "d20", "d30"))
     p.add_argument("--batches", type=_csv_list(int), default=(16, 64))
@@ -325,7 +325,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from kernels.dispatch import resolve_backend
+    from varkv_kernels.dispatch import resolve_backend
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

@@ -3,6 +3,11 @@
 The caller resolves the backend once per run (:func:`resolve_backend`) and passes the resolved name
 (``"torch"`` or ``"triton"``) on every call; the ops then only branch. Triton modules are imported
 on the first Triton call, so the ``torch`` backend never imports triton.
+
+The package (the ``kernels/`` folder, imported as ``varkv_kernels``) has no ``__init__``: a folder of
+that name with one would shadow Hugging Face's ``kernels`` package that transformers imports
+(docs/design.md, Kernels). Import the ops from here; :mod:`varkv_kernels.formats` (the storage-format
+vocabulary) imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ import os
 
 import torch
 
-from kernels.packed import PackedKV
-from kernels.quant import QuantizedKV
-from kernels.reference import kv_attention_reference, token_scores_reference
+from varkv_kernels.packed import PackedKV
+from varkv_kernels.quant import QuantizedKV
+from varkv_kernels.reference import kv_attention_reference, token_scores_reference
 
 BACKENDS = ("auto", "torch", "triton")
 _NO_TRITON_ON_CPU = ("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 set before start for the "
@@ -29,7 +34,7 @@ def _triton_importable() -> bool:
 
 def triton_interpreted() -> bool:
     """Whether this process's Triton kernels run in the CPU interpreter (imports the kernels)."""
-    from kernels.attention import is_interpreted
+    from varkv_kernels.attention import is_interpreted
 
     return is_interpreted()
 
@@ -142,9 +147,9 @@ def kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     ----------
     q: ``[R, H, Lq, D]`` queries of the current scale.
     k_cache, v_cache: ``[R, H, C, D]`` buffers (``C`` may be 0; any strides) in ``q``'s dtype, or
-        :class:`~kernels.quant.QuantizedKV` (int8 / int4 plus fp16 scales, dequantized on read: in
+        :class:`~varkv_kernels.quant.QuantizedKV` (int8 / int4 plus fp16 scales, dequantized on read: in
         registers by the Triton kernel); the first ``cache_lens[r, h]`` tokens are valid. Or a pair of
-        :class:`~kernels.packed.PackedKV` with per-head capacities ``C_h`` (store ``[R, 1, Σ_h C_h, D]``
+        :class:`~varkv_kernels.packed.PackedKV` with per-head capacities ``C_h`` (store ``[R, 1, Σ_h C_h, D]``
         in either kind, the same capacities for K and V): head ``h`` reads the first
         ``min(cache_lens[r, h], C_h)`` tokens of its own segment.
     cache_lens: ``[R, H]`` int32, ragged per row and per head, 0 allowed.
@@ -165,7 +170,7 @@ def kv_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return kv_attention_reference(q, k_cache, v_cache, cache_lens, k_new, v_new, softmax_scale,
                                       uniform_len=uniform_len)
     if backend == "triton":
-        from kernels.attention import kv_attention_triton
+        from varkv_kernels.attention import kv_attention_triton
 
         return kv_attention_triton(q, k_cache, v_cache, cache_lens, k_new, v_new, softmax_scale)
     raise ValueError(f"backend must be 'torch' or 'triton' (see resolve_backend), got {backend!r}")
@@ -205,7 +210,7 @@ def token_scores(q_obs: torch.Tensor, keys: torch.Tensor, key_lens: torch.Tensor
     if backend == "torch":
         return token_scores_reference(q_obs, keys, key_lens, softmax_scale, pool_kernel=pool_kernel)
     if backend == "triton":
-        from kernels.scoring import token_scores_triton
+        from varkv_kernels.scoring import token_scores_triton
 
         return token_scores_triton(q_obs, keys, key_lens, softmax_scale, pool_kernel=pool_kernel)
     raise ValueError(f"backend must be 'torch' or 'triton' (see resolve_backend), got {backend!r}")

@@ -1,5 +1,5 @@
 """The KV storage formats by name and their exact cost in bytes (no torch: the planner and the policy
-contract read it without loading the kernels). The arithmetic of each format is in :mod:`kernels.quant`.
+contract read it without loading the kernels). The arithmetic of each format is in :mod:`varkv_kernels.quant`.
 """
 from __future__ import annotations
 

@@ -4,15 +4,15 @@ Per-head budgets (docs/design.md, Policies and Memory) give head ``h`` of a laye
 ``C_h``. :class:`PackedKV` stores the heads' segments back to back on one token axis, so the buffer
 holds ``T = Σ_h C_h`` tokens per row, not ``H × max_h C_h``: the bytes really shrink.
 
-``store`` is ``[R, 1, T, D]``: a plain tensor (format ``compute``) or a :class:`~kernels.quant.QuantizedKV`
-(int8 / int4 plus fp16 scales ``[R, 1, T]``). Why a head axis of 1 instead of ``[R, T, D]``: every
-format routine (quantize, dequantize, narrow, the kernels' per-token strides) already works on a
-token axis at dim 2, so the packed buffer reuses all of them unchanged and a head's segment is a view
-``store[:, :, offsets[h]:offsets[h+1]]`` of the same kind as an unpacked buffer.
+``store`` is ``[R, 1, T, D]``: a plain tensor (format ``compute``) or a
+:class:`~varkv_kernels.quant.QuantizedKV` (int8 / int4 plus fp16 scales ``[R, 1, T]``). Why a head axis of 1
+instead of ``[R, T, D]``: every format routine (quantize, dequantize, narrow, the kernels' per-token
+strides) already works on a token axis at dim 2, so the packed buffer reuses all of them unchanged and a
+head's segment is a view ``store[:, :, offsets[h]:offsets[h+1]]`` of the same kind as an unpacked buffer.
 
-:func:`kernels.kv_attention` accepts a :class:`PackedKV` pair wherever it accepts ``[R, H, C, D]``
-buffers (same signature): per (row, head) the valid length is ``min(cache_lens[r, h], C_h)``, read
-from the head's segment.
+:func:`varkv_kernels.dispatch.kv_attention` accepts a :class:`PackedKV` pair wherever it accepts
+``[R, H, C, D]`` buffers (same signature): per (row, head) the valid length is
+``min(cache_lens[r, h], C_h)``, read from the head's segment.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from kernels.quant import QuantizedKV, dequantize
+from varkv_kernels.quant import QuantizedKV, dequantize
 
 Store = Union[torch.Tensor, QuantizedKV]
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.formats import FORMATS, KV_FORMATS, REFERENCE_BITS, FormatInfo, format_info
+from varkv_kernels.formats import FORMATS, KV_FORMATS, REFERENCE_BITS, FormatInfo, format_info
 
 __all__ = ["FORMATS", "KV_FORMATS", "REFERENCE_BITS", "FormatInfo", "QuantizedKV", "dequantize",
            "empty_quantized", "format_info", "max_abs_error_bound", "quantize", "write_tokens"]
@@ -33,7 +33,8 @@ SIDE_DTYPE = torch.float16  # scales and zero points, in every run (so their byt
 
 
 class QuantizedKV(NamedTuple):
-    """A quantized ``[R, H, C, D]`` K or V buffer (what :func:`kernels.kv_attention` also accepts).
+    """A quantized ``[R, H, C, D]`` K or V buffer (what :func:`varkv_kernels.dispatch.kv_attention` also
+    accepts).
 
     data: ``[R, H, C, D]`` int8 (``int8``) or ``[R, H, C, D/2]`` uint8 (``int4``).
     scale: ``[R, H, C]`` fp16. zero: ``[R, H, C]`` fp16 (``int4``) or None. head_dim: ``D``.

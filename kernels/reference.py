@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.packed import PackedKV, unpack_prefix
-from kernels.quant import QuantizedKV, dequantize
+from varkv_kernels.packed import PackedKV, unpack_prefix
+from varkv_kernels.quant import QuantizedKV, dequantize
 
 
 def uniform_length(lens: torch.Tensor) -> int | None:
@@ -33,9 +33,9 @@ def kv_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Parameters
     ----------
     q, k_new, v_new: ``[R, H, Lq, D]``; the scale attends to all its own tokens (no causal mask).
-    k_cache, v_cache: ``[R, H, C, D]`` tensors in ``q``'s dtype, or :class:`~kernels.quant.QuantizedKV`
+    k_cache, v_cache: ``[R, H, C, D]`` tensors in ``q``'s dtype, or :class:`~varkv_kernels.quant.QuantizedKV`
         buffers (dequantized to ``q``'s dtype first); the first ``cache_lens[r, h]`` tokens are valid.
-        Or :class:`~kernels.packed.PackedKV` (per-head capacities ``C_h``): the used prefix of every
+        Or :class:`~varkv_kernels.packed.PackedKV` (per-head capacities ``C_h``): the used prefix of every
         head is unpacked into a padded ``[R, H, max, D]`` copy first, then attended like that.
     cache_lens: ``[R, H]`` int32 (values above ``C``, or ``C_h`` when packed, count as that).
     softmax_scale: multiplies ``q·kᵀ`` before the softmax.

@@ -10,7 +10,7 @@ keys, so it takes two passes without a ``[W, N]`` matrix in memory:
 and an optional third launch max-pools the ``[N]`` result (it needs its neighbours' final sums).
 
 Importing this module defines the kernels: ``TRITON_INTERPRET=1`` must be set before that for the
-CPU interpreter (see :mod:`kernels.dispatch`).
+CPU interpreter (see :mod:`varkv_kernels.dispatch`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._launch import int32_lens, launch_flags, row_head_span
-from kernels.attention import is_interpreted
+from varkv_kernels._launch import int32_lens, launch_flags, row_head_span
+from varkv_kernels.attention import is_interpreted
 
 _LOG2E = 1.4426950408889634
 
@@ -137,7 +137,8 @@ def _blocks(w: int, block_d: int, interpreted: bool) -> tuple[int, int, int]:
 
 def token_scores_triton(q_obs: torch.Tensor, keys: torch.Tensor, key_lens: torch.Tensor, softmax_scale: float,
                         *, pool_kernel: int = 0) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.token_scores` (same shapes, arguments already checked)."""
+    """Triton implementation of :func:`varkv_kernels.dispatch.token_scores` (same shapes, arguments
+    already checked)."""
     r, h, w, d = q_obs.shape
     n = keys.shape[2]
     flags = launch_flags(q_obs, is_interpreted())

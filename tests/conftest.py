@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402  (only to ask whether a GPU exists)
 
 # Triton kernels run under the CPU interpreter when there is no GPU; the variable must be set before
-# any @triton.jit decorator runs, i.e. before kernels.attention / kernels.scoring are imported.
+# any @triton.jit decorator runs, i.e. before varkv_kernels.attention / varkv_kernels.scoring are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tuner", "kernels", "search_spaces")
+# Import name -> source folder: the Triton kernels in kernels/ install as varkv_kernels (pyproject.toml).
+PACKAGES = {"tuner": "tuner", "varkv_kernels": "kernels", "search_spaces": "search_spaces"}
 HEAVY = ("torch", "optuna", "ray", "mlflow", "triton", "sqlalchemy", "numpy", "matplotlib")
 SEARCH_STACK = ("optuna", "ray", "mlflow")
 
@@ -44,9 +45,9 @@ def module_imports() -> dict[str, set[str]]:
 
     A package's lazy ``__getattr__`` is a unit of its own (see :func:`_units`)."""
     files = {}
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    for package, folder in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            name = ".".join((package, *path.relative_to(ROOT / folder).with_suffix("").parts))
             files[name.removesuffix(".__init__")] = path
     units = [unit for name, path in files.items() for unit in _units(name, path)]
     out: dict[str, set[str]] = {}

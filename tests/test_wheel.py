@@ -47,6 +47,18 @@ def test_the_wheel_holds_the_data_files(wheel):
     assert not any(n.startswith(("tests/", "experiments/")) for n in names)
 
 
+def test_the_wheel_holds_every_module(wheel):
+    """pyproject.toml lists the packages one by one (kernels/ installs as varkv_kernels): a package left
+    off the list, or a kernel module, would be missing from the wheel and fail only on import."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    files = subprocess.run(["git", "ls-files", "tuner", "kernels", "search_spaces"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    modules = {("varkv_kernels/" + f.removeprefix("kernels/")) if f.startswith("kernels/") else f
+               for f in files if f.endswith(".py")}
+    assert modules - names == set()
+    assert not any(n.startswith("kernels/") for n in names)
+
+
 def test_search_runs_from_a_non_editable_install(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)

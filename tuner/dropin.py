@@ -202,7 +202,7 @@ class PolicyHooks:
         """The run's cache, preallocated from the plan in the run's dtype (autocast's, else q's)."""
         import torch
 
-        from kernels import kv_attention
+        from varkv_kernels.dispatch import kv_attention
         from tuner.model.cache import KVCache
         from tuner.options import resolve_backend
 

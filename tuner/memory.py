@@ -5,7 +5,7 @@ KV bytes per image = ``Σ_l C[l] × b(f_l) + max_s n_s × b(compute)`` with ``C[
 and ``b(f)`` the bytes of one token in one layer (K and V, every head, rows = 2 with classifier-free
 guidance) in the layer's storage format ``f``: ``2 × rows × heads × vector_bytes(f)``, where an
 unquantized vector is ``head_dim × dtype bytes`` and a quantized one its codes plus fp16 scales
-(:mod:`kernels.quant`). With per-head budgets a layer holds ``Σ_h C[l][h]`` (token, head) vectors
+(:mod:`varkv_kernels.quant`). With per-head budgets a layer holds ``Σ_h C[l][h]`` (token, head) vectors
 (``C[l][h] = max_s head_budgets[l][s][h]``, packed without padding), each ``b(f_l) / heads``; a
 uniform plan is the special case ``C[l][h] = C[l]``, so its figures are the same either way. The
 ``full`` plan is the official layout, ``L × layers`` tokens and no workspace. These numbers are
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernels.formats import REFERENCE_BITS, format_info
+from varkv_kernels.formats import REFERENCE_BITS, format_info
 from tuner.errors import UserError
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, PolicySpec
 

@@ -77,7 +77,7 @@ def resolve_device(name: str | None, hint: str = "use --device cpu") -> str:
 
 def resolve_backend(name: str, device: str) -> str:
     check_choice(name, BACKENDS, "--attention-backend")
-    from kernels.dispatch import resolve_backend as _resolve
+    from varkv_kernels.dispatch import resolve_backend as _resolve
 
     try:
         return _resolve(name, device)

@@ -208,7 +208,7 @@ def _embedded_calibration(where: str, doc: dict, geometry: CacheGeometry, redo: 
 
 def _stored_plan(where: str, doc: dict, geometry: CacheGeometry, redo: str) -> CachePlan:
     """The file's budget table as a :class:`CachePlan`, validated against ``geometry``."""
-    from kernels.formats import KV_FORMATS
+    from varkv_kernels.formats import KV_FORMATS
 
     formats = tuple(doc.get("kv_formats") or ())
     unknown = sorted({f for f in formats if f not in KV_FORMATS})

@@ -8,7 +8,7 @@ Steps, each a subprocess with a time limit, all under one time budget (the GPU i
 2. ``imports``: ``tuner plan`` / ``bench`` / ``presets`` run once cheaply, proving they import none
    of optuna, ray, mlflow, sqlalchemy (the device image lacks them);
 3. ``pytest``: ``pytest -m gpu tests/kernels`` (on a GPU every selected test must run, none skip);
-4. ``kernels``: ``python -m kernels.bench`` runs (the d30 bf16 run first, the rest after ``e2e``);
+4. ``kernels``: ``python -m varkv_kernels.bench`` runs (the d30 bf16 run first, the rest after ``e2e``);
 5. ``e2e``: :mod:`experiments.gpu.e2e` (images/s, peak memory, max batch vs ``tuner plan``).
 
 A failing step does not stop the others (one GPU session should return everything it can); the
@@ -240,7 +240,7 @@ def write_outputs(d: Driver, machine: dict) -> int:
     steps += [s.as_dict() for s in d.steps]
     (out / "kernels.md").write_text("\n".join(head("GPU check: attention kernels")) + "\n"
                                     + ("Latency = sum over one forward's scales, one layer; "
-                                       "`python -m kernels.bench`.\n\n"
+                                       "`python -m varkv_kernels.bench`.\n\n"
                                        + kernel_table.markdown(ksum) if ksum else "No kernel result.\n"))
     (out / "e2e.md").write_text("\n".join(head("GPU check: end to end")) + "\n" + report.e2e_markdown(e2e))
     (out / "maxbatch.md").write_text("\n".join(head("GPU check: max batch, measured vs planned")) + "\n"

@@ -1,9 +1,9 @@
-"""The kernel step: which ``python -m kernels.bench`` runs to make, and their CSVs as one table with the
+"""The kernel step: which ``python -m varkv_kernels.bench`` runs to make, and their CSVs as one table with the
 targets.
 
-A run is ``MODEL:DTYPE:BATCHES[:FORMATS]`` (``d30:bf16:16,64``), one ``kernels.bench`` process each, so
-a run that hits its time limit loses only itself; ``quick:DTYPE[:FORMATS]`` is ``kernels.bench --quick``
-(the dry run's toy shapes). FORMATS are the cache's storage formats (``kernels.bench --formats``):
+A run is ``MODEL:DTYPE:BATCHES[:FORMATS]`` (``d30:bf16:16,64``), one ``varkv_kernels.bench`` process each, so
+a run that hits its time limit loses only itself; ``quick:DTYPE[:FORMATS]`` is ``varkv_kernels.bench --quick``
+(the dry run's toy shapes). FORMATS are the cache's storage formats (``varkv_kernels.bench --formats``):
 ``compute`` (the cache in DTYPE, fp16 or bf16: the 16-bit cache) by default, all of
 ``compute,int8,int4`` for a quick run. A quantized format is measured by the Triton kernel only, so a
 run such as ``d30:bf16:64:int8,int4`` (100 timings: 5 cache fractions x 10 scales x 2 formats) adds
@@ -20,7 +20,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-# kernels.quant.KV_FORMATS, restated so that the driver does not import torch (a test keeps them equal).
+# varkv_kernels.quant.KV_FORMATS, restated so that the driver does not import torch (a test keeps them equal).
 KV_FORMATS = ("compute", "int8", "int4")
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.15, 0.10)
@@ -43,8 +43,8 @@ class KernelRun:
                                                else "") + fmts
 
     def command(self, python: str, out: Path, fractions=FRACTIONS, device: str = "cuda") -> list[str]:
-        cmd = [python, "-m", "kernels.bench", "--device", device, "--dtype", self.dtype, "--out", str(out),
-               "--formats", ",".join(self.formats)]
+        cmd = [python, "-m", "varkv_kernels.bench", "--device", device, "--dtype", self.dtype,
+               "--out", str(out), "--formats", ",".join(self.formats)]
         if self.model == "quick":
             return cmd + ["--quick", "--reps", "1"]
         return cmd + ["--models", self.model, "--batches", ",".join(map(str, self.batches)),
@@ -85,7 +85,7 @@ def parse_runs(text: str) -> list[KernelRun]:
 
 
 def read_rows(csv_path: Path) -> list[dict]:
-    """kernels.bench's CSV with numbers as numbers."""
+    """varkv_kernels.bench's CSV with numbers as numbers."""
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
@@ -112,11 +112,11 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (model, dtype, batch, fraction): kernels.bench's summary plus the worst big-scale ratio
-    (``kind`` "latency", the compute cache), then the cache-format rows of kernels.bench's
+    """One row per (model, dtype, batch, fraction): varkv_kernels.bench's summary plus the worst big-scale
+    ratio (``kind`` "latency", the compute cache), then the cache-format rows of varkv_kernels.bench's
     ``format_summary`` (``kind`` "format"; present when a quantized format was measured)."""
-    from kernels.bench import format_summary
-    from kernels.bench import summarize as bench_summarize
+    from varkv_kernels.bench import format_summary
+    from varkv_kernels.bench import summarize as bench_summarize
 
     rows = _unique(rows)
     out, formats = [], []
@@ -163,7 +163,7 @@ def _num(x: float) -> str:
 def markdown(summary: list[dict]) -> str:
     """The kernel table (ms are sums over one forward's scales, one layer), then the cache-format table
     when a quantized format was measured."""
-    from kernels.bench import format_markdown
+    from varkv_kernels.bench import format_markdown
 
     formats = [s for s in summary if s.get("kind") == "format"]
     summary = [s for s in summary if s.get("kind", "latency") == "latency"]

@@ -166,7 +166,7 @@ def allocation_probe(*, plan, geometry, dtype, policy, backend: str, fixed_bytes
     ``fixed_bytes`` (weights + reserve) and the activation term are the planner's; the KV term is
     measured from the buffers :class:`tuner.model.cache.KVCache` allocates for ``2 × batch`` rows.
     """
-    from kernels import kv_attention
+    from varkv_kernels.dispatch import kv_attention
     from tuner.model.cache import KVCache
 
     def probe(batch: int) -> Probe:

@@ -1,6 +1,6 @@
 """Markdown of the GPU check: the end-to-end and max-batch tables, the targets and the summary.
 
-Everything here reads the results the steps wrote (``e2e.json``, kernels.bench CSVs, step statuses);
+Everything here reads the results the steps wrote (``e2e.json``, varkv_kernels.bench CSVs, step statuses);
 nothing measures. Targets (issue 20) that are missed are reported, not failed: the exit status is
 about mismatches and broken steps, the targets are the finding.
 """

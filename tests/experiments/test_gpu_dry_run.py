@@ -189,7 +189,7 @@ def test_bad_arguments_are_usage_errors():
 
 def test_kernel_runs_take_cache_formats():
     from experiments.gpu.kernel_table import KV_FORMATS, parse_runs
-    from kernels.quant import KV_FORMATS as QUANT_FORMATS
+    from varkv_kernels.quant import KV_FORMATS as QUANT_FORMATS
 
     assert KV_FORMATS == QUANT_FORMATS
     runs = parse_runs("d30:bf16:16,64;d30:bf16:64:int8,int4;quick:fp16;quick:fp16:int4")

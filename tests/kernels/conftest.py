@@ -1,7 +1,7 @@
 """Kernel tests: Triton runs in the CPU interpreter when no GPU is visible.
 
-``TRITON_INTERPRET=1`` has to be in the environment before ``kernels.attention`` /
-``kernels.scoring`` define their ``@triton.jit`` kernels, so it is set here, before any kernel
+``TRITON_INTERPRET=1`` has to be in the environment before ``varkv_kernels.attention`` /
+``varkv_kernels.scoring`` define their ``@triton.jit`` kernels, so it is set here, before any kernel
 module is imported (the top-level ``tests/conftest.py`` does the same for the whole session).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 def triton_device() -> str:
     """Device the Triton tests run on: the GPU when there is one, else the CPU interpreter."""
     pytest.importorskip("triton")
-    from kernels.dispatch import triton_interpreted
+    from varkv_kernels.dispatch import triton_interpreted
 
     if torch.cuda.is_available() and not triton_interpreted():
         return "cuda"

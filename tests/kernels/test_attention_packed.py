@@ -1,4 +1,4 @@
-"""``kv_attention`` over a packed cache with per-head capacities (:class:`kernels.packed.PackedKV`).
+"""``kv_attention`` over a packed cache with per-head capacities (:class:`varkv_kernels.packed.PackedKV`).
 
 Head ``h``'s tokens are one segment of a ``[R, 1, Σ_h C_h, D]`` store; it reads the first
 ``min(cache_lens[r, h], C_h)`` of them. Checked: the PyTorch reference against explicit float64 loops
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kv_attention
-from kernels.packed import PackedKV, pack_heads, unpack_prefix
-from kernels.quant import dequantize, quantize
-from kernels.reference import kv_attention_reference
+from varkv_kernels.dispatch import kv_attention
+from varkv_kernels.packed import PackedKV, pack_heads, unpack_prefix
+from varkv_kernels.quant import dequantize, quantize
+from varkv_kernels.reference import kv_attention_reference
 from tests.kernels.naive import naive_kv_attention
 
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

@@ -1,8 +1,8 @@
 """Triton ``kv_attention`` over an int8 / int4 cache vs the PyTorch reference over the same cache.
 
-Both sides read the same :class:`~kernels.quant.QuantizedKV` (quantization error is not what is tested
-here: :mod:`kernels.quant`'s own tests bound it). The reference dequantizes with
-:func:`kernels.quant.dequantize` and runs in fp32 (q, k_new, v_new upcast from the same rounded
+Both sides read the same :class:`~varkv_kernels.quant.QuantizedKV` (quantization error is not what is tested
+here: :mod:`varkv_kernels.quant`'s own tests bound it). The reference dequantizes with
+:func:`varkv_kernels.quant.dequantize` and runs in fp32 (q, k_new, v_new upcast from the same rounded
 values); the kernel dequantizes in registers with the same fp32 math, then rounds the tile to q's dtype
 before its dots. Tolerances (|a-b| <= atol + rtol·|b|, outputs are O(1)) are those of
 tests/kernels/test_attention_triton.py:
@@ -21,9 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kv_attention
-from kernels.quant import QuantizedKV, quantize
-from kernels.reference import kv_attention_reference
+from varkv_kernels.dispatch import kv_attention
+from varkv_kernels.quant import QuantizedKV, quantize
+from varkv_kernels.reference import kv_attention_reference
 from tests.kernels.naive import ragged_lens
 
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kv_attention
-from kernels.reference import kv_attention_reference
+from varkv_kernels.dispatch import kv_attention
+from varkv_kernels.reference import kv_attention_reference
 from tests.kernels.naive import ragged_lens
 
 TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

@@ -1,11 +1,11 @@
-"""``python -m kernels.bench --quick``: the whole reporting path on tiny CPU shapes."""
+"""``python -m varkv_kernels.bench --quick``: the whole reporting path on tiny CPU shapes."""
 from __future__ import annotations
 
 import csv
 
 import pytest
 
-from kernels.bench import QUICK, format_traffic, main, scale_shapes, traffic
+from varkv_kernels.bench import QUICK, format_traffic, main, scale_shapes, traffic
 
 
 def _records(path):
@@ -38,7 +38,8 @@ def test_scale_shapes_and_traffic_model():
 def test_quick_run_writes_table_csv_and_plot(quick_run):
     tmp_path = quick_run
     table = (tmp_path / "kernels_bench.md").read_text()
-    assert "- device: CPU" in table and "- command: `python -m kernels.bench --quick --reps 1 --out" in table
+    assert "- device: CPU" in table
+    assert "- command: `python -m varkv_kernels.bench --quick --reps 1 --out" in table
     main_table = table.split("## Cache formats")[0]
     rows = [line for line in main_table.splitlines() if line.startswith("| d2 |")]
     assert [r.split(" | ")[2] for r in rows] == ["100", "25"]

@@ -9,15 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import kv_attention, resolve_backend, token_scores
-from kernels.reference import kv_attention_reference
+import varkv_kernels.dispatch
+from varkv_kernels.dispatch import kv_attention, resolve_backend, token_scores
+from varkv_kernels.reference import kv_attention_reference
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_package_is_ours_not_the_pypi_kernels():
-    assert Path(kernels.__file__).resolve().is_relative_to(REPO)
+def test_package_is_ours_and_leaves_the_name_kernels_free():
+    """Our kernels import as varkv_kernels; ``import kernels`` from the checkout's root (where
+    ``python -m pytest`` puts it first on sys.path) never finds our folder as a package of its own,
+    so transformers gets Hugging Face's kernels package (or, without it, an empty namespace it skips)."""
+    assert Path(varkv_kernels.dispatch.__file__).resolve().parent == REPO / "kernels"
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    probe = ("import kernels, os; f = getattr(kernels, '__file__', None); "
+             "print(os.path.realpath(f) if f else 'namespace')")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == "namespace" or not Path(found).is_relative_to(REPO / "kernels"), found
 
 
 def test_auto_and_torch_resolution():
@@ -43,7 +52,7 @@ def test_triton_on_cpu_under_the_interpreter():
 
 _CHILD = """
 import os, sys, torch
-from kernels import kv_attention, resolve_backend, token_scores
+from varkv_kernels.dispatch import kv_attention, resolve_backend, token_scores
 q = torch.randn(1, 2, 3, 16)
 kv_attention(q, q, q, torch.zeros(1, 2, dtype=torch.int32), q, q, 1.0)
 token_scores(q, q, torch.full((1, 2), 3, dtype=torch.int32), 1.0, pool_kernel=3)

@@ -2,15 +2,15 @@
 
 Bounds (per vector of ``D`` elements, fp16 side values): int8 symmetric absmax ``|e| <= max|x| / 254``
 (half a step) plus the fp16 rounding of the scale; int4 asymmetric min/max ``|e| <= (max - min) / 30``
-plus the fp16 rounding of scale and zero point (:func:`kernels.quant.max_abs_error_bound`).
+plus the fp16 rounding of scale and zero point (:func:`varkv_kernels.quant.max_abs_error_bound`).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.formats import FORMATS, format_info
-from kernels.quant import dequantize, empty_quantized, max_abs_error_bound, quantize, write_tokens
+from varkv_kernels.formats import FORMATS, format_info
+from varkv_kernels.quant import dequantize, empty_quantized, max_abs_error_bound, quantize, write_tokens
 
 
 def data(seed=0, shape=(2, 3, 50, 64), scale=1.0):
@@ -71,7 +71,7 @@ def test_write_tokens_stores_the_same_codes_as_quantize(fmt):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_reference_attention_over_a_quantized_cache_equals_it_over_the_dequantized_one(fmt):
-    from kernels import kv_attention
+    from varkv_kernels.dispatch import kv_attention
 
     gen = torch.Generator().manual_seed(1)
     q, kn, vn = (torch.randn(2, 3, 5, 32, generator=gen) for _ in range(3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import kv_attention_reference, token_scores_reference, uniform_length
+from varkv_kernels.reference import kv_attention_reference, token_scores_reference, uniform_length
 from tests.kernels.naive import naive_kv_attention, naive_token_scores, ragged_lens
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import token_scores
-from kernels.reference import token_scores_reference
+from varkv_kernels.dispatch import token_scores
+from varkv_kernels.reference import token_scores_reference
 from tests.kernels.naive import ragged_lens
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 1e-4), torch.bfloat16: (1e-4, 1e-4)}

@@ -50,7 +50,7 @@ def one_head(state: SelectionState, head: int) -> SelectionState:
 
 def pooled_scores(state: SelectionState, kw: dict) -> torch.Tensor:
     """``[R, 1, n]`` the score rule's ranking values of a one-head uniform state (before the lift)."""
-    from kernels import token_scores
+    from varkv_kernels.dispatch import token_scores
     from tuner.policies.selection import observation_window
 
     side = state.geometry.patch_nums[state.scale]

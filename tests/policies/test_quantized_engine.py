@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.quant import dequantize, quantize
+from varkv_kernels.quant import dequantize, quantize
 from tests.policies.cases import build, cases
 from tests.policies.helpers import SMALL, synthetic_calibration
 from tests.policies.test_engine_oracle import LABELS, Oracle

@@ -13,7 +13,7 @@ The ``full`` plan is laid out like the official code: every layer's buffer holds
 and the new tokens are written straight into it (no workspace).
 
 A plan with per-head budgets (``plan.head_budgets``) packs each layer's heads without padding
-(:mod:`tuner.model.head_cache`): the layers' buffers are :class:`~kernels.packed.PackedKV`, which
+(:mod:`tuner.model.head_cache`): the layers' buffers are :class:`~varkv_kernels.packed.PackedKV`, which
 the attention function reads like any other buffer, and the keep step selects per head.
 """
 from __future__ import annotations

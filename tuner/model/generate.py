@@ -67,7 +67,7 @@ def generate(var, vae, labels: torch.Tensor, *, seed: int | None = None, cfg: fl
     labels: ``[B]`` int64 class ids on the model's device.
     seed: seeds a generator on the model's device; ``None`` uses the global RNG.
     policy, spec: cache policy (default ``full``) and what it plans against.
-    backend: resolved attention backend (``torch`` or ``triton``), see :mod:`kernels.dispatch`.
+    backend: resolved attention backend (``torch`` or ``triton``), see :mod:`varkv_kernels.dispatch`.
     observer: calibration hook, called after every layer's attention.
     audit: ``f(AttendRecord)`` after every attention call (what the cache attended to and returned).
     """
@@ -132,7 +132,7 @@ def _build_cache(var, b: int, device: torch.device, policy: KVPolicy | None, spe
                  **cache_kw) -> tuple[CachePlan, KVCache]:
     """Plan ``policy`` (default ``full``) against ``spec`` (default the bare geometry) and allocate its cache.
 
-    ``cache_kw``: backend, dtype, observer, attention (``None``: :func:`kernels.kv_attention`),
+    ``cache_kw``: backend, dtype, observer, attention (``None``: :func:`varkv_kernels.dispatch.kv_attention`),
     check_selection and audit, as :func:`generate` received them.
     """
     from tuner.policies.full import FullPolicy
@@ -142,7 +142,7 @@ def _build_cache(var, b: int, device: torch.device, policy: KVPolicy | None, spe
     spec = spec or PolicySpec(geometry)
     plan = policy.plan(spec)
     if cache_kw["attention"] is None:
-        from kernels import kv_attention
+        from varkv_kernels.dispatch import kv_attention
 
         cache_kw["attention"] = kv_attention
     cache = KVCache(plan, geometry, rows=2 * b, device=device, policy=policy, **cache_kw)

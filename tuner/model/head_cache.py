@@ -1,7 +1,7 @@
 """The per-head half of :class:`~tuner.model.cache.KVCache`: layers whose heads keep different numbers
 of tokens (``CachePlan.head_budgets``; docs/design.md, Model engine and Memory).
 
-Layout: per layer a K and a V :class:`~kernels.packed.PackedKV` of ``Σ_h C[l][h]`` tokens per row in
+Layout: per layer a K and a V :class:`~varkv_kernels.packed.PackedKV` of ``Σ_h C[l][h]`` tokens per row in
 the layer's storage format (``C[l][h] = max_s head_budgets[l][s][h]``, no padding to the largest
 head), one int32 ``[H + 1]`` offsets tensor shared by K, V and the kept-token ids, and the ids
 themselves packed the same way. The workspace for the current scale's new K/V stays the cache's
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packed import PackedKV
+from varkv_kernels.packed import PackedKV
 from tuner.model import kv_store
 from tuner.policies.base import CacheGeometry, CachePlan, KVPolicy, SelectionState
 

@@ -159,7 +159,7 @@ def generate_infinity(model, vae, text: torch.Tensor, lens: Sequence[int] | None
     policy = policy or FullPolicy()
     plan = policy.plan(spec or PolicySpec(geometry))
     if attention is None:
-        from kernels import kv_attention as attention
+        from varkv_kernels.dispatch import kv_attention as attention
     cache = KVCache(plan, geometry, rows=rows, dtype=dtype, device=device, policy=policy, attention=attention,
                     backend=backend, observer=observer, check_selection=check_selection, audit=audit)
     rng = None if seed is None else torch.Generator(device=device).manual_seed(seed)

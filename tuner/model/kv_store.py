@@ -1,8 +1,8 @@
 """One layer's persistent K or V buffer in its storage format (docs/design.md, Memory).
 
 A buffer is either a plain ``[R, H, C, D]`` tensor in the run's compute dtype (format ``compute``)
-or a :class:`kernels.quant.QuantizedKV` (``int8`` / ``int4`` plus fp16 scales). Under per-head
-budgets a layer's buffer is a :class:`kernels.packed.PackedKV`: the same two kinds as a
+or a :class:`varkv_kernels.quant.QuantizedKV` (``int8`` / ``int4`` plus fp16 scales). Under per-head
+budgets a layer's buffer is a :class:`varkv_kernels.packed.PackedKV`: the same two kinds as a
 ``[R, 1, Σ_h C_h, D]`` store with the heads' segments back to back (``*_heads`` functions below).
 :class:`~tuner.model.cache.KVCache` only talks to its buffers through these functions, so the
 compaction logic is written once for every format. Tokens are quantized when a layer writes what
@@ -16,8 +16,8 @@ from typing import Callable, TypeVar, Union
 
 import torch
 
-from kernels.packed import PackedKV, head_offsets, unpack_prefix
-from kernels.quant import QuantizedKV, empty_quantized, quantize, write_tokens
+from varkv_kernels.packed import PackedKV, head_offsets, unpack_prefix
+from varkv_kernels.quant import QuantizedKV, empty_quantized, quantize, write_tokens
 
 Buffer = Union[torch.Tensor, QuantizedKV, PackedKV]
 F = TypeVar("F", bound=Callable)
@@ -70,7 +70,7 @@ def read(buf: Buffer, length: int, dtype: torch.dtype) -> torch.Tensor:
     """Tokens ``0:length`` as ``[R, H, length, D]`` in ``dtype`` (a view for ``compute``, else a
     dequantized copy)."""
     if isinstance(buf, QuantizedKV):
-        from kernels.quant import dequantize
+        from varkv_kernels.quant import dequantize
 
         return dequantize(buf.narrow(0, length), dtype)
     return buf[:, :, :length]

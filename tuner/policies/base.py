@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from kernels.formats import KV_FORMATS
+from varkv_kernels.formats import KV_FORMATS
 from tuner.geometry import CacheGeometry
 from tuner.policies.plan import CachePlan, HeadBudgets, check_layer_formats
 
@@ -184,7 +184,7 @@ class KVPolicy:
     is never fitted to a memory target) and :meth:`conformance_cases` (the tests' matrix).
 
     Every family inherits ``kv_format`` (keyword-only), how its kept tokens are stored: one of
-    :data:`kernels.quant.KV_FORMATS` for every layer, or a tuple of ``G <= num_layers`` formats for
+    :data:`varkv_kernels.quant.KV_FORMATS` for every layer, or a tuple of ``G <= num_layers`` formats for
     ``G`` contiguous layer groups (layer ``l`` takes ``kv_format[l * G // num_layers]``; ``G =
     num_layers`` is per layer). The default ``compute`` is the 16-bit cache of every paper.
     """

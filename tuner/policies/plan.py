@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from kernels.formats import KV_FORMATS
+from varkv_kernels.formats import KV_FORMATS
 from tuner.geometry import CacheGeometry
 
 HeadBudgets = tuple[tuple[tuple[int, ...], ...], ...]  # [layer][scale][head]
@@ -30,7 +30,7 @@ class CachePlan:
         The official layout: every layer holds every token of every scale (no workspace, no
         selection). Only the ``full`` policy sets it.
     formats:
-        Storage format of each layer's persistent buffer (:data:`kernels.quant.KV_FORMATS`); ``()``
+        Storage format of each layer's persistent buffer (:data:`varkv_kernels.quant.KV_FORMATS`); ``()``
         (the normal form when every layer is ``compute``) means the compute dtype everywhere.
     head_budgets:
         ``head_budgets[layer][scale][head]`` = tokens head ``head`` of the layer keeps after the

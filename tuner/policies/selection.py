@@ -209,7 +209,7 @@ def score_indices(state: "SelectionState", window_size: int = 16, pool_kernel: i
     """``[R, H, k]``: per (row, head) top-``k`` candidates by observation-window attention mass.
 
     Window queries (:func:`observation_window`) attend to all candidates with the true softmax
-    (``kernels.token_scores``: attention mass per candidate summed over the window queries, 1-D
+    (``varkv_kernels.dispatch.token_scores``: attention mass per candidate summed over the window queries, 1-D
     max-pooled with ``pool_kernel`` over the candidate order). The window's own tokens are always
     kept (when the budget is smaller than the window, the best-scored window tokens).
     """
@@ -233,7 +233,7 @@ def window_scores(state: "SelectionState", window_size: int = 16,
     (ragged: ``-inf`` after each head's valid prefix) and the window's candidate columns (``[W]``, or
     ``[H, W]`` when ragged: each head's window sits after its own old tokens)."""
     import torch
-    from kernels import token_scores
+    from varkv_kernels.dispatch import token_scores
 
     r, h = state.queries.shape[:2]
     shape = state.geometry.shapes[state.scale]

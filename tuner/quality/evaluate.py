@@ -257,7 +257,7 @@ def build_evaluator(model: str = "tiny", *, weights_dir=None, var_ckpt=None, vae
     ImageNet models, without which only PSNR/SSIM are reported. ``reference``: a reference batch
     ``.npz`` for ``fid``/``delta_fid`` (tiny uses a fixed generated reference set).
     """
-    from kernels.dispatch import resolve_backend
+    from varkv_kernels.dispatch import resolve_backend
     from tuner.model.loading import load_model
 
     from tuner.model.prompts import read_prompts

@@ -114,7 +114,7 @@ def replay(record: ProxyRecord, policy: KVPolicy, policy_spec: PolicySpec, *, ba
     """
     import torch
 
-    from kernels.reference import kv_attention_reference
+    from varkv_kernels.reference import kv_attention_reference
     from tuner.model.cache import KVCache
 
     g = record.geometry
