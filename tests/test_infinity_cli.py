@@ -114,6 +114,34 @@ def test_bad_input_is_one_error_line(tmp_path, monkeypatch, args, fragments):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_infinity_samples_with_the_official_cli_settings_unless_told_otherwise(tmp_path):
+    """Infinity's own defaults (cfg 3, top-k 900, top-p 0.97: tools/run_infinity.py), not VAR's 1.5 / 0.96."""
+    images = {}
+    for name, flags in (("default", ()), ("official", ("--cfg", 3, "--top-k", 900, "--top-p", 0.97)),
+                        ("var", ("--cfg", 1.5, "--top-p", 0.96))):
+        r = run("generate", *SMALL, "--prompt", "a red fox", "--out", tmp_path / name, *flags)
+        assert r.exit_code == 0, r.output
+        images[name] = np.load(tmp_path / name / "samples.npz")["images"]
+    assert np.array_equal(images["default"], images["official"])
+    assert not np.array_equal(images["default"], images["var"])
+
+
+def test_search_calibration_and_proxy_default_to_the_models_own_sampling():
+    from tuner.calibration import calibrate
+    from tuner.model.loading import load_model
+    from tuner.options import INFINITY_SAMPLING, SAMPLING
+    from tuner.quality.proxy_record import record_proxy
+    from tuner.search.config import resolve_config
+
+    for model, own in (("infinity-test", INFINITY_SAMPLING), ("tiny", SAMPLING)):
+        cfg = resolve_config(model=model, mem_target="50%", out="unused")
+        assert (cfg.cfg, cfg.top_k, cfg.top_p) == (own.cfg, own.top_k, own.top_p)
+    assert resolve_config(model="infinity-test", mem_target="50%", out="unused", cfg=1.0).cfg == 1.0
+    loaded = load_model("infinity-test", random_weights=True, sides=(1, 2))
+    assert calibrate(loaded, samples=1).spec.cfg == 3.0
+    assert record_proxy(loaded).spec.top_p == 0.97
+
+
 def test_python_api_refuses_infinity_with_the_cli_way():
     import tuner
     from tuner.errors import UserError

@@ -302,7 +302,7 @@ def calibrate(model, vae=None, model_cfg=None, samples: int = 16, seed: int = 0,
     from tuner.model.runner import as_runner
 
     runner = as_runner(model, vae, model_cfg)
-    spec = spec or CalibrationSpec(samples=samples, seed=seed)
+    spec = spec or CalibrationSpec(samples=samples, seed=seed, **runner.config.sampling.as_kwargs())
     geometry, softmax_scale = runner.config.geometry, runner.softmax_scale
     obs = CalibrationObserver(geometry, model_name=runner.config.name, spec=spec,
                               checkpoint_sha256=checkpoint_sha256, softmax_scale=softmax_scale)
@@ -356,7 +356,7 @@ def run_calibration_images(model, vae=None, model_cfg=None, spec: CalibrationSpe
     from tuner.policies.full import FullPolicy
 
     runner = as_runner(model, vae, model_cfg)
-    spec = spec or CalibrationSpec()
+    spec = spec or CalibrationSpec(**runner.config.sampling.as_kwargs())
     geometry = runner.config.geometry
     labels = torch.tensor(calibration_labels(runner.num_conditions, spec.samples))
     done = 0
@@ -423,7 +423,7 @@ def load_or_compute_calibration(model, vae=None, model_cfg=None, *, checkpoint_s
     from tuner.model.runner import as_runner
 
     runner = as_runner(model, vae, model_cfg)
-    spec = spec or CalibrationSpec()
+    spec = spec or CalibrationSpec(**runner.config.sampling.as_kwargs())
     geometry = runner.config.geometry
     path = cache_path(runner.config, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
     if path is not None and path.is_file() and not recompute:

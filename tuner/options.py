@@ -1,7 +1,8 @@
 """The option vocabulary every command shares, and its checks (no CLI framework here).
 
-Dtype names, attention backends, the sampling defaults (:data:`SAMPLING`, the settings of the
-papers' FID numbers), devices, seeds and integer lists: one home, used by the commands in
+Dtype names, attention backends, the sampling defaults (:data:`SAMPLING` for VAR, the settings of
+the papers' FID numbers; :data:`INFINITY_SAMPLING`, the official Infinity CLI's; a model config's
+``sampling`` says which one is its own), devices, seeds and integer lists: one home, used by the commands in
 :mod:`tuner.cli` and by the search config alike. Every check raises (or returns the message of) a
 one-line :class:`~tuner.errors.UserError` naming the flag and the fix.
 """
@@ -18,14 +19,25 @@ BACKENDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """Classifier-free guidance and token filtering of the official FID evaluations (VAR's README)."""
+    """Classifier-free guidance and token filtering a model samples with unless told otherwise.
+
+    The defaults are VAR's official FID evaluations (VAR's README): cfg 1.5 ramped over the scales,
+    top-k 900, top-p 0.96.
+    """
 
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
 
+    def as_kwargs(self) -> dict[str, float | int]:
+        """``{"cfg": ..., "top_k": ..., "top_p": ...}``: the keyword arguments of every spec and generator."""
+        return {"cfg": self.cfg, "top_k": self.top_k, "top_p": self.top_p}
+
 
 SAMPLING = SamplingDefaults()
+# FoundationVision/Infinity tools/run_infinity.py @4c27bbb: --cfg 3 (the same at every scale), --tau 1,
+# top_k 900 (a no-op on bits unless 1) and top_p 0.97.
+INFINITY_SAMPLING = SamplingDefaults(cfg=3.0, top_k=900, top_p=0.97)
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> str:

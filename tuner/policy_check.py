@@ -207,7 +207,8 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
             rows.append(CheckRow(cand.path, None, cand.describe_target(), name, cand_mem))
             continue
         ev = evaluator_for(cand.model)
-        spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size)
+        spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size,
+                                **ev.loaded.config.sampling.as_kwargs())
         mc, mr = measure(cand, spec), measure(ref, spec)
         names = [name, *(g for g in guards if g != name)]
         missing = [n for n in names if n not in mc or n not in mr]

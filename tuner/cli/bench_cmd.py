@@ -11,7 +11,7 @@ import typer
 from tuner.cli import model_opts as mo
 from tuner.cli.common import torch_dtype, user_errors
 from tuner.errors import UserError
-from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLING, check_choice, resolve_backend, resolve_device
+from tuner.options import BACKENDS, DTYPE_NAMES, check_choice, resolve_backend, resolve_device
 from tuner.paths import check_writable_file, ensure_parent
 from tuner.threads import apply_threads, check_threads
 
@@ -65,7 +65,7 @@ def run_bench(loaded, policy, spec, *, batch: int, device: str, dtype, backend: 
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         res = loaded.generate_chunk(conditions, seed=seed + i, policy=policy, spec=spec, backend=backend,
-                                    dtype=dtype, top_k=SAMPLING.top_k, top_p=SAMPLING.top_p, cfg=SAMPLING.cfg)
+                                    dtype=dtype, **loaded.config.sampling.as_kwargs())
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0

@@ -34,7 +34,8 @@ def calibration_for(loaded, samples: int = 16, seed: int = 0, recompute: bool = 
     with step_progress(f"calibrating {loaded.config.name}", samples, "images", quiet=quiet) as update:
         return load_or_compute_calibration(
             loaded, checkpoint_sha256=key,
-            spec=CalibrationSpec(samples=samples, seed=seed), recompute=recompute,
+            spec=CalibrationSpec(samples=samples, seed=seed, **loaded.config.sampling.as_kwargs()),
+            recompute=recompute,
             progress=lambda done, total: update(done), progress_per_scale=True)
 
 

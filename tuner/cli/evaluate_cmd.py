@@ -153,7 +153,8 @@ def evaluate(
                          random_weights=random_weights, sides=sides, aspect=aspect, scales=scales,
                          prompts=prompts)
     pol = resolve_policy(ev, policy)
-    spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size)
+    spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size,
+                            **ev.loaded.config.sampling.as_kwargs())
     with progress_bar(ev, 2 * samples, disable=as_json or no_progress):
         metrics = ev.evaluate(pol.family, pol.params(), spec)
     if as_json:

@@ -11,7 +11,6 @@ from tuner.errors import UserError
 from tuner.options import (
     BACKENDS,
     DTYPE_NAMES,
-    SAMPLING,
     check_choice,
     check_sampling,
     check_seed,
@@ -49,12 +48,13 @@ def generate(
     aspect: Optional[str] = mo.AspectOpt,
     scales: Optional[int] = mo.ScalesOpt,
     seed: int = typer.Option(0, "--seed", help="Sampling seed (batch i uses seed + i)."),
-    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance strength (ramped over "
-                              "scales)."),
-    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps "
-                              "all)."),
-    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Nucleus filtering mass in [0, 1] "
-                                "(0 = off)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance strength (default: "
+                                        "the model's own: 1.5 ramped over the scales for VAR, 3 at every "
+                                        "scale for Infinity)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k filtering (0 = off; >= vocab keeps "
+                                        "all; default 900; on Infinity's bits only 1 acts)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus filtering mass in [0, 1] (0 = off; "
+                                          "default 0.96 for VAR, 0.97 for Infinity)."),
     policy: Optional[str] = mo.PolicyOpt,
     out: str = typer.Option("samples", "--out", help="Output directory."),
     device: str = mo.DeviceOpt,
@@ -68,6 +68,7 @@ def generate(
     # Every check first (cheap ones before torch is even imported); the output directory is made
     # only once all of them passed, so bad input leaves nothing behind.
     check_threads(threads)
+    cfg, top_k, top_p = _sampling(model, cfg, top_k, top_p)
     requested = _check_flags(cfg, top_k, top_p, seed, batch_size, upscale, dtype, attention_backend, out,
                              classes)
     prompt_set = _prompt_set(model, prompt, prompts, classes)
@@ -93,6 +94,16 @@ def generate(
                f"KV cache {per_image / 2**20:.2f} MiB per image")
     if loaded.note:
         typer.echo(f"note: {loaded.note}")
+
+
+def _sampling(model: str, cfg: Optional[float], top_k: Optional[int],
+              top_p: Optional[float]) -> tuple[float, int, float]:
+    """The flags given, and the model's own defaults for the others (VAR's FID settings, Infinity's CLI's)."""
+    from tuner.model.config import default_sampling
+
+    own = default_sampling(model)
+    return (own.cfg if cfg is None else cfg, own.top_k if top_k is None else top_k,
+            own.top_p if top_p is None else top_p)
 
 
 def _check_flags(cfg: float, top_k: int, top_p: float, seed: int, batch_size: int, upscale: int, dtype: str,

@@ -12,7 +12,6 @@ import typer
 from tuner.cli import model_opts as mo
 from tuner.cli.common import user_errors
 from tuner.errors import UserError
-from tuner.options import SAMPLING
 from tuner.quality.metric_info import METRICS
 
 
@@ -134,9 +133,12 @@ def search_command(
     device: str = mo.DeviceOpt,
     dtype: str = mo.DtypeOpt,
     attention_backend: str = mo.BackendOpt,
-    cfg: float = typer.Option(SAMPLING.cfg, "--cfg", help="Classifier-free guidance of the evaluation."),
-    top_k: int = typer.Option(SAMPLING.top_k, "--top-k", help="Top-k sampling of the evaluation."),
-    top_p: float = typer.Option(SAMPLING.top_p, "--top-p", help="Top-p sampling of the evaluation."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance of the evaluation "
+                                        "(default: the model's own, 1.5 for VAR and 3 for Infinity)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling of the evaluation (default: "
+                                        "900)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p sampling of the evaluation (default: "
+                                          "0.96 for VAR, 0.97 for Infinity)."),
     eval_batch_size: int = typer.Option(32, "--eval-batch-size",
                                         help="Images per forward pass in evaluations."),
     trial_timeout: float = typer.Option(3600.0, "--trial-timeout",

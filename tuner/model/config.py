@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from tuner.errors import UserError
 from tuner.geometry import CacheGeometry
 from tuner.model.infinity_config import INFINITY_MODELS
+from tuner.options import SAMPLING, SamplingDefaults
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -101,6 +102,7 @@ class ModelConfig:
 
     kind: ClassVar[str] = "var"
     engine: ClassVar[str | None] = "var"
+    sampling: ClassVar[SamplingDefaults] = SAMPLING  # what --cfg/--top-k/--top-p default to
 
     @property
     def geometry(self) -> CacheGeometry:
@@ -146,6 +148,14 @@ def model_config(name: str) -> Any:
         return NAMED_MODELS[name]()
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(NAMED_MODELS)}") from None
+
+
+def default_sampling(name: str) -> SamplingDefaults:
+    """The sampling ``--model name`` uses when no flag says otherwise: the model config's ``sampling``
+    (VAR's FID settings, or the official Infinity CLI's); an unknown name gets VAR's (its loader
+    reports it)."""
+    make = NAMED_MODELS.get(name)
+    return make().sampling if make is not None else SAMPLING
 
 
 def engine_models() -> tuple[str, ...]:

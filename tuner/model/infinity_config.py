@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from tuner.geometry import CacheGeometry
 from tuner.model.infinity_schedules import aspect_name, image_size, infinity_schedule
+from tuner.options import INFINITY_SAMPLING, SamplingDefaults
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class InfinityModelConfig:
 
     kind: ClassVar[str] = "infinity"
     engine: ClassVar[str | None] = "infinity"
+    sampling: ClassVar[SamplingDefaults] = INFINITY_SAMPLING  # the official CLI's cfg 3 / top-p 0.97
 
     def __post_init__(self) -> None:
         if self.sides is not None:

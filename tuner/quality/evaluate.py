@@ -206,9 +206,11 @@ class PolicyEvaluator:
         if getattr(self, "_calibration", None) is None:
             from tuner.calibration import CalibrationSpec, load_or_compute_calibration
 
+            sampling = self.loaded.config.sampling.as_kwargs()
             self._calibration = load_or_compute_calibration(
                 self.loaded, checkpoint_sha256=self.model_hash,
-                spec=CalibrationSpec(samples=self.calibration_samples), backend=self.backend)
+                spec=CalibrationSpec(samples=self.calibration_samples, **sampling),
+                backend=self.backend)
         return self._calibration
 
     def describe(self) -> dict:

@@ -232,7 +232,7 @@ def record_proxy(model, vae=None, model_cfg=None, spec: ProxySpec | None = None,
     from tuner.policies.full import FullPolicy
 
     runner = as_runner(model, vae, model_cfg)
-    spec = spec or ProxySpec()
+    spec = spec or ProxySpec(**runner.config.sampling.as_kwargs())
     geometry = runner.config.geometry
     dtype = torch.float16 if spec.store == "fp16" else torch.float32
     rec = _Recorder(geometry, spec, 2 * spec.samples, dtype)
@@ -268,7 +268,7 @@ def load_or_record_proxy(model, vae=None, model_cfg=None, *, checkpoint_sha256: 
     from tuner.model.runner import as_runner
 
     runner = as_runner(model, vae, model_cfg)
-    spec = spec or ProxySpec()
+    spec = spec or ProxySpec(**runner.config.sampling.as_kwargs())
     geometry = runner.config.geometry
     path = cache_path(runner.config, checkpoint_sha256, spec, cache_dir) if checkpoint_sha256 else None
     if path is not None and path.is_file() and not recompute:

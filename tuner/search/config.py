@@ -17,7 +17,7 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.mem_target import MemTarget, parse_mem_target
 from tuner.quality.metric_info import METRICS
-from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLER_SEED_MAX, SAMPLING, sampling_problem, seed_problem
+from tuner.options import BACKENDS, DTYPE_NAMES, SAMPLER_SEED_MAX, sampling_problem, seed_problem
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 # --family choices are derived from the policy registry and the space files (search.space.family_choices)
@@ -60,9 +60,10 @@ class SearchConfig:
     device: str = "auto"
     dtype: str = "fp32"
     backend: str = "auto"
-    cfg: float = SAMPLING.cfg
-    top_k: int = SAMPLING.top_k
-    top_p: float = SAMPLING.top_p
+    # None: the model's own (tuner.model.config.default_sampling: VAR's FID settings, Infinity's CLI's)
+    cfg: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     eval_batch_size: int = 32
     trial_timeout_s: float = 3600.0
     presets: bool = True
@@ -79,6 +80,12 @@ class SearchConfig:
     prompts: str | None = None  # Infinity: a prompt file (absolute; default the built-in prompts)
 
     def __post_init__(self) -> None:
+        from tuner.model.config import default_sampling
+
+        own = default_sampling(self.model)
+        for name in ("cfg", "top_k", "top_p"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(own, name))
         if self.metric not in METRICS:
             raise ValueError(f"--metric {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.sampler not in SAMPLERS:
