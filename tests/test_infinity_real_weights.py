@@ -91,6 +91,13 @@ def test_generate_evaluate_and_search_on_real_weights(weights, tmp_path, monkeyp
     policy = json.loads(result.policy_path.read_text())
     assert policy["model"]["checkpoint_sha256"] == load_model("infinity-test", weights_dir=weights,
                                                               sides=SIDES).checkpoint_sha256
+    # `tuner policy check` re-evaluates it on the maps it was planned for (1,2,4), not on the model's
+    # default 1,2,4,6, which would re-plan the family to another budget table and another memory
+    r = run("policy", "check", result.policy_path, "--reference", result.policy_path,
+            "--weights-dir", weights, "--metric", "psnr", "--samples", 4)
+    assert r.exit_code == 0, r.output
+    fraction = f"{100 * policy['memory']['fraction']:.2f}%"
+    assert f"{fraction} / {fraction}" in r.output and "ok: 1 policy" in r.output
 
 
 def test_a_broken_weights_folder_is_one_error_line(weights, tmp_path):

@@ -62,6 +62,24 @@ class Entry:
         return str(self.info.model.get("name"))
 
     @property
+    def schedule(self) -> dict:
+        """The schedule flags (``aspect``, ``scales``) of an Infinity file's token maps, so it is
+        re-evaluated on the maps it was planned for; ``{}`` for VAR (a fixed schedule)."""
+        from tuner.model.config import NAMED_MODELS
+
+        m = self.info.model
+        make = NAMED_MODELS.get(self.model)
+        if make is None or make().kind != "infinity":
+            return {}
+        from tuner.model.infinity_schedules import aspect_of_maps
+
+        shapes = m.get("scale_shapes") or [(p, p) for p in m.get("patch_nums") or ()]
+        try:
+            return {"aspect": aspect_of_maps(shapes), "scales": len(shapes)}
+        except ValueError as exc:
+            raise UserError(f"{self.path}: {exc}; re-export it with `tuner search`") from None
+
+    @property
     def key(self) -> tuple:
         m = self.info.model
         shapes = tuple(tuple(hw) for hw in m.get("scale_shapes") or ())  # () for square maps
@@ -172,10 +190,13 @@ def _with_file_calibration(evaluator: Any, entry: Entry) -> Any:
     return dataclasses.replace(evaluator, spec_for=lambda policy: spec)
 
 
-def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[str], Any], samples: int,
+def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[Entry], Any], samples: int,
             seed: int, batch_size: int, tol: Tolerances, metric: str | None = None,
             guards: tuple[str, ...] = ("psnr",)) -> list[CheckRow]:
     """Re-evaluate each pair on one paired spec (identical policies once) and judge the candidate.
+
+    ``evaluator_for(entry)``: the evaluator of the entry's model at the entry's schedule
+    (:attr:`Entry.schedule`; a pair shares it, since the match key holds the maps).
 
     Quality is judged on the search metric and on the ``guards`` (PSNR by default: on tiny the
     feature-based fid_vs_full barely separates a one-token cache from a searched 10% policy, while
@@ -189,12 +210,15 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
         key = json.dumps([entry.model, entry.policy.family, entry.policy.params(), entry.info.plan.budgets],
                          sort_keys=True, default=str)
         if key not in cache:
-            ev = evaluator_for(entry.model)
+            ev = evaluator_for(entry)
             sha = ev.loaded.checkpoint_sha256
             if entry.info.checkpoint_sha256 and sha and entry.info.checkpoint_sha256 != sha:
                 raise UserError(f"{entry.path} was tuned on checkpoint {entry.info.checkpoint_sha256[:12]}…, "
                                 f"the loaded {entry.model} weights are {sha[:12]}…; "
                                 f"pass the weights it was made for")
+            from tuner.policy_file import load_policy_file
+
+            load_policy_file(entry.path, ev.loaded.config)  # the evaluator plans what the file holds
             cache[key] = _with_file_calibration(ev, entry).evaluate(entry.policy.family,
                                                                     entry.policy.params(), spec)
         return cache[key]
@@ -206,7 +230,7 @@ def compare(pairs: list[tuple[Entry, Entry | None]], evaluator_for: Callable[[st
         if ref is None:
             rows.append(CheckRow(cand.path, None, cand.describe_target(), name, cand_mem))
             continue
-        ev = evaluator_for(cand.model)
+        ev = evaluator_for(cand)
         spec = EvalSpec.balanced(ev.loaded.num_conditions, samples, seed, batch_size=batch_size,
                                 **ev.loaded.config.sampling.as_kwargs())
         mc, mr = measure(cand, spec), measure(ref, spec)

@@ -14,7 +14,8 @@ from tuner.model.config import at_schedule, model_config
 from tuner.model.infinity_generate import generate_infinity, random_text
 from tuner.model.infinity_loading import load_infinity
 from tuner.model.infinity_rope import rope_positions
-from tuner.model.infinity_schedules import aspect_name, aspect_ratio, infinity_schedule
+from tuner.model.infinity_schedules import (ASPECT_NAMES, aspect_name, aspect_of_maps, aspect_ratio,
+                                            infinity_schedule)
 
 # dynamic_resolution_h_w[2.0]['1M']['scales'] of the official code (time axis dropped)
 TWO_BY_ONE = ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23),
@@ -70,6 +71,16 @@ def test_aspect_names_and_the_model_config():
         at_schedule(test, aspect="2:1", sides=(1, 2))
     with pytest.raises(UserError, match="applies to Infinity models only, not --model d16"):
         at_schedule(model_config("d16"), aspect="2:1")
+
+
+def test_a_files_token_maps_name_their_aspect_ratio():
+    """What `tuner policy check` re-evaluates an Infinity file at: its maps' ratio (4+ maps are unique)."""
+    for name, ratio in ASPECT_NAMES.items():
+        assert aspect_of_maps(infinity_schedule(ratio)[:4]) == name
+        assert aspect_of_maps(infinity_schedule(ratio)) == name
+    assert aspect_of_maps([(1, 1), (2, 2)]) == "1:1"  # shared by every ratio: 1:1 preferred
+    with pytest.raises(ValueError, match="not the start of any official"):
+        aspect_of_maps([(1, 1), (2, 2), (5, 5)])
 
 
 def test_rope_positions_spread_over_the_ratio_1m_map_with_half_to_even_ties():

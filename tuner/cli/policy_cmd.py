@@ -148,14 +148,17 @@ def _pair_with_references(candidates: List[str], reference: List[str], model: Op
 
 
 def _evaluator_cache(weights_dir: Optional[str]):
-    """``evaluator_for(model name)``: builds each model's evaluator once, on first use."""
+    """``evaluator_for(entry)``: builds each model's evaluator once per schedule, on first use (an
+    Infinity file is re-evaluated on the token maps it records, whatever the model's default)."""
     from tuner.quality.evaluate import build_evaluator
 
     evaluators: dict = {}
 
-    def evaluator_for(name: str):
-        if name not in evaluators:
-            evaluators[name] = build_evaluator(name, weights_dir=weights_dir, backend="torch")
-        return evaluators[name]
+    def evaluator_for(entry):
+        key = (entry.model, tuple(sorted(entry.schedule.items())))
+        if key not in evaluators:
+            evaluators[key] = build_evaluator(entry.model, weights_dir=weights_dir, backend="torch",
+                                              **entry.schedule)
+        return evaluators[key]
 
     return evaluator_for

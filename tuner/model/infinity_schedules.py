@@ -118,6 +118,21 @@ def infinity_schedule(h_div_w: float = 1.0, pixels: str = "1M") -> tuple[tuple[i
     return table[match[0]][:PIXEL_SCALES[pixels]]
 
 
+def aspect_of_maps(shapes) -> str:
+    """``H:W`` of the official ratio whose schedule starts with the ``(h, w)`` maps ``shapes`` (the
+    maps a policy file records); ``ValueError`` when no official schedule does.
+
+    From the 4th map on, every ratio's schedule is its own. Up to 3 maps several ratios share them
+    ((1,1) (2,2) (3,3): 4:5, 5:4, 4:7, 7:4); the plan is the same for all of them (only RoPE's
+    normalisation differs), and 1:1 is preferred, then the first by ratio.
+    """
+    shapes = tuple(tuple(int(x) for x in hw) for hw in shapes)
+    for name, ratio in sorted(ASPECT_NAMES.items(), key=lambda kv: kv[0] != "1:1"):
+        if shapes and infinity_schedule(ratio)[:len(shapes)] == shapes:
+            return name
+    raise ValueError(f"token maps {shapes} are not the start of any official Infinity schedule")
+
+
 def image_size(schedule: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     """``(height, width)`` in pixels of the image a schedule generates (its last map × 16)."""
     h, w = schedule[-1]
