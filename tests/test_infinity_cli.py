@@ -142,12 +142,37 @@ def test_search_calibration_and_proxy_default_to_the_models_own_sampling():
     assert record_proxy(loaded).spec.top_p == 0.97
 
 
-def test_python_api_refuses_infinity_with_the_cli_way():
+def test_python_api_generates_what_the_cli_generates(tmp_path, cache_dir):
+    """`tuner.generate(model, prompts=...)` is `tuner generate --prompt ...`: the same samples.npz, with
+    and without a policy file; classes index the model's prompt set; bad input is one line."""
+    import torch
+
     import tuner
     from tuner.errors import UserError
 
-    with pytest.raises(UserError, match="through the CLI"):
-        tuner.load_model("infinity-test", random_weights=True)
+    model = tuner.load_model("infinity-test", random_weights=True, sides=(1, 2, 4))
+    assert model.kind == "infinity" and model.num_classes == 0 and "text-to-image" in repr(model)
+    assert run("presets", *SMALL, "--mem-target", "60%", "--out", tmp_path / "pre").exit_code == 0
+    for policy in (None, tmp_path / "pre" / "scalekv_10.json"):
+        out = tmp_path / f"cli-{policy is None}"
+        flags = ("--policy", policy) if policy is not None else ()
+        r = run("generate", *SMALL, "--prompt", "a red fox", "--prompt", "a cat", "--batch-size", 1,
+                "--seed", 5, "--out", out, *flags)
+        assert r.exit_code == 0, r.output
+        images = tuner.generate(model, prompts=["a red fox", " a cat "], policy=policy, seed=5, batch_size=1)
+        assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+        assert np.array_equal(np.load(out / "samples.npz")["images"], images.numpy())
+    builtin = tuner.generate(model, list(range(8)))  # the first 8 built-in prompts: the CLI's default
+    r = run("generate", *SMALL, "--out", tmp_path / "default")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "default" / "samples.npz")["images"], builtin.numpy())
+    for kwargs, match in (({}, "pass prompts"), ({"prompts": [""]}, "non-empty text"),
+                          ({"classes": [99]}, "must index infinity-test's 16 prompts")):
+        with pytest.raises(UserError, match=match) as err:
+            tuner.generate(model, **kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="class-conditional"):
+        tuner.generate(tuner.load_model("tiny"), prompts="a cat")
 
 
 @pytest.mark.slow  # Inception-v3 at 299² on the CPU

@@ -6,6 +6,9 @@ Three lines from ``import tuner`` to images with a policy file::
     model = tuner.load_model("tiny")
     images = tuner.generate(model, [0, 1, 2, 3], policy="policies/tiny-15pct.json")  # [4, 3, 32, 32]
 
+and for a text-to-image model ``tuner.generate(tuner.load_model("infinity-2b", weights_dir=DIR),
+prompts=["a red fox in snow"])``.
+
 Every function runs the code the matching command runs: :func:`generate` is ``tuner generate``
 (same engine, batches, seeds: equal images), :func:`plan` is ``tuner plan`` (same figures),
 :func:`search_policy` (also ``tuner.search(...)``: the search package is callable) builds ``tuner
@@ -22,7 +25,6 @@ from typing import Any, Sequence
 from tuner.dropin import PolicyHooks, apply_policy
 from tuner.errors import UserError
 from tuner.handles import Model, Policy
-from tuner.options import SAMPLING
 from tuner.search.python_api import SearchSummary, search_config, search_policy
 
 __all__ = ["Model", "Policy", "PlanSummary", "SearchSummary", "PolicyHooks", "load_model", "load_policy",
@@ -33,16 +35,20 @@ __all__ = ["Model", "Policy", "PlanSummary", "SearchSummary", "PolicyHooks", "lo
 def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: str | Path | None = None,
                vae_ckpt: str | Path | None = None, weights_dir: str | Path | None = None,
                random_weights: bool = False, seed: int = 0, device: str = "cpu",
-               dtype: str = "fp32") -> Model:
+               dtype: str = "fp32", sides: Sequence[int] | None = None, aspect: str | None = None,
+               scales: int | None = None) -> Model:
     """A model ready to generate, as ``--model`` / ``--var-ckpt`` + ``--vae-ckpt`` / ``--random-weights``
     load it.
 
     name_or_paths: a named model (``tiny`` built in; ``d16`` ... ``d36`` from ``weights_dir`` or
-        ``$TUNER_WEIGHTS_DIR``), or ``(var_ckpt, vae_ckpt)``: official-format state dicts (depth,
-        width and VAE channels read from their tensor shapes).
-    random_weights: weights of the named model's shape drawn from ``seed`` (no files needed).
+        ``$TUNER_WEIGHTS_DIR``; ``infinity-2b``/``-8b``/``-test`` from a ``weights_dir`` laid out as the
+        official ``weights/`` with ``flan-t5-xl/``), or ``(var_ckpt, vae_ckpt)``: official-format VAR
+        state dicts (depth, width and VAE channels read from their tensor shapes).
+    random_weights: weights of the named model's shape drawn from ``seed`` (no files needed; Infinity
+        then reads seeded stand-in text features, and its images mean nothing).
     device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``. dtype: ``fp32``, ``fp16`` or ``bf16``, the compute
         dtype of :func:`generate` (non-fp32 runs under autocast over fp32 weights).
+    sides, aspect, scales: Infinity's schedule, as ``--sides 1,2,4,6`` / ``--aspect 2:1`` / ``--scales N``.
     """
     from tuner.model.loading import load_model as load
     from tuner.options import DTYPE_NAMES, check_choice, resolve_device
@@ -55,16 +61,13 @@ def load_model(name_or_paths: str | Sequence[str | Path] = "tiny", *, var_ckpt: 
             raise UserError("pass a model name, or (var_ckpt, vae_ckpt) as two paths, or var_ckpt= and "
                             "vae_ckpt=")
         (var_ckpt, vae_ckpt), name = paths, "tiny"
-    from tuner.model.config import NAMED_MODELS, model_config
-
-    if name in NAMED_MODELS and model_config(name).kind != "var":
-        raise UserError(f"tuner.load_model runs VAR models in this version; {name} runs through the CLI "
-                        f"(tuner generate / bench / evaluate / search --model {name} with --weights-dir DIR "
-                        "or --random-weights)")
     dev = resolve_device(device)
     loaded = load(name, var_ckpt=var_ckpt, vae_ckpt=vae_ckpt, weights_dir=weights_dir,
-                  random_weights=random_weights, seed=seed, device=dev)
-    return Model(loaded.config, loaded.var, loaded.vae, loaded.checkpoint_sha256, loaded.source, dev, dtype)
+                  random_weights=random_weights, seed=seed, device=dev,
+                  sides=None if sides is None else tuple(sides), aspect=aspect, scales=scales)
+    transformer = loaded.var if loaded.config.kind == "var" else loaded.model
+    return Model(loaded.config, transformer, loaded.vae, loaded.checkpoint_sha256, loaded.source, dev, dtype,
+                 runner=loaded)
 
 
 def load_policy(path: str | Path, model: Model | None = None) -> Policy:
@@ -90,33 +93,36 @@ def _checked(policy: Policy | str | Path, model_config: Any, checkpoint_sha256: 
     return Policy.from_file(policy, model_config, checkpoint_sha256)
 
 
-def generate(model: Model, classes: int | Sequence[int] | Any, *, policy: Policy | str | Path | None = None,
-             seed: int = 0, cfg: float = SAMPLING.cfg, top_k: int = SAMPLING.top_k,
-             top_p: float = SAMPLING.top_p,
+def generate(model: Model, classes: int | Sequence[int] | Any = None, *,
+             prompts: str | Sequence[str] | None = None, policy: Policy | str | Path | None = None,
+             seed: int = 0, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
              batch_size: int = 16, backend: str = "auto"):
-    """Images of ``classes`` under ``policy`` (default: the full cache), exactly as ``tuner generate``.
+    """Images of ``classes`` (VAR) or ``prompts`` (Infinity) under ``policy`` (default: the full cache),
+    exactly as ``tuner generate`` (``--classes`` / ``--prompt``) makes them.
 
     classes: class ids (a list, a 1-D tensor or one int), each in ``[0, model.num_classes)``.
+    prompts: a text-to-image model's prompts (one string or a list; surrounding spaces dropped).
     seed: batch ``i`` (``batch_size`` images each, in order) samples with seed ``seed + i``.
-    cfg, top_k, top_p: guidance strength (ramped over scales) and token filtering (0 = off).
+    cfg, top_k, top_p: guidance strength and token filtering (0 = off); None: the model's own
+        (VAR: cfg 1.5 ramped over the scales, 900, 0.96; Infinity: the official CLI's cfg 3, 900, 0.97).
     backend: attention backend, ``auto`` (Triton on CUDA, PyTorch on CPU), ``torch`` or ``triton``.
 
-    Returns ``[len(classes), 3, H, W]`` float32 on the CPU, values in [0, 1], ``H = W = model.resolution``.
+    Returns ``[N, 3, H, W]`` float32 on the CPU, values in [0, 1] (``H = W = model.resolution`` for a
+    square schedule).
     """
     import torch
 
     from tuner.model.generate import DTYPES, generate_batches
     from tuner.options import check_sampling, check_seed, resolve_backend
 
+    own = model.config.sampling
+    cfg, top_k, top_p = (own.cfg if cfg is None else cfg, own.top_k if top_k is None else top_k,
+                         own.top_p if top_p is None else top_p)
     check_sampling(cfg, top_k, top_p)
     check_seed(seed, flag="seed")
     if batch_size <= 0:
         raise UserError(f"batch_size {batch_size} must be positive")
-    labels = [int(classes)] if isinstance(classes, int) else [int(c) for c in classes]
-    bad = [c for c in labels if not 0 <= c < model.num_classes]
-    if not labels or bad:
-        raise UserError(f"classes {bad[:1] or '[]'} must be ids in [0, {model.num_classes}) for model "
-                        f"{model.name}")
+    runner, labels = _conditions(model, classes, prompts)
     from tuner.policies.base import PolicySpec
     from tuner.policies.full import FullPolicy
 
@@ -126,10 +132,51 @@ def generate(model: Model, classes: int | Sequence[int] | Any, *, policy: Policy
         checked = _checked(policy, model.config, model.checkpoint_sha256)
         pol, spec = checked.policy, PolicySpec(model.geometry, model.name, checked.spec.calibration)
     label_t = torch.tensor(labels, dtype=torch.long, device=model.device)
-    images, _ = generate_batches(model.var, model.vae, label_t, batch_size, seed, cfg=cfg, top_k=top_k,
+    engine = (runner, None) if runner is not None else (model.var, model.vae)
+    images, _ = generate_batches(*engine, label_t, batch_size, seed, cfg=cfg, top_k=top_k,
                                  top_p=top_p, policy=pol, spec=spec,
                                  backend=resolve_backend(backend, model.device), dtype=DTYPES[model.dtype])
     return images
+
+
+def _conditions(model: Model, classes: Any, prompts: Any) -> tuple[Any, list[int]]:
+    """``(runner, condition ids)``: VAR's class ids (runner None: the modules run), or an Infinity
+    runner holding ``prompts`` and their indices (``classes`` there index the model's own prompt set)."""
+    if model.kind == "var":
+        if prompts is not None:
+            raise UserError(f"prompts need a text-to-image model (infinity-test, infinity-2b, infinity-8b); "
+                            f"{model.name} is class-conditional: pass classes")
+        if classes is None:
+            raise UserError(f"pass classes: ids in [0, {model.num_classes}) for model {model.name}")
+        labels = [int(classes)] if isinstance(classes, int) else [int(c) for c in classes]
+        bad = [c for c in labels if not 0 <= c < model.num_classes]
+        if not labels or bad:
+            raise UserError(f"classes {bad[:1] or '[]'} must be ids in [0, {model.num_classes}) for model "
+                            f"{model.name}")
+        return None, labels
+    if (prompts is None) == (classes is None):
+        raise UserError(f"{model.name} is text-to-image: pass prompts (a string or a list of them), or "
+                        "classes as indices into the model's prompt set, not both")
+    runner = model.runner
+    if prompts is not None:
+        from dataclasses import replace
+
+        from tuner.model.prompts import MAX_PROMPT_CHARS
+
+        given = [prompts] if isinstance(prompts, str) else list(prompts)
+        bad = next((q for q in given if not isinstance(q, str) or not q.strip() or len(q) > MAX_PROMPT_CHARS),
+                   None)
+        if not given or bad is not None:
+            raise UserError(f"prompt {str(bad)[:40]!r} must be non-empty text of at most {MAX_PROMPT_CHARS} "
+                            "characters")
+        runner = replace(runner, prompts=tuple(q.strip() for q in given))
+        return runner, list(range(len(given)))
+    labels = [int(classes)] if isinstance(classes, int) else [int(c) for c in classes]
+    bad = [c for c in labels if not 0 <= c < runner.num_conditions]
+    if not labels or bad:
+        raise UserError(f"classes {bad[:1] or '[]'} must index {model.name}'s {runner.num_conditions} "
+                        "prompts; or pass prompts")
+    return runner, labels
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,15 @@ from tuner.policies.base import CachePlan, KVPolicy, PolicySpec
 class Model:
     """A ready-to-run model pair: ``tuner.load_model(...)``.
 
-    var, vae: the engine's VAR transformer and multi-scale VQ-VAE (frozen fp32 weights on ``device``).
-    config: its :class:`~tuner.model.config.ModelConfig`. checkpoint_sha256: sha256 of the VAR
-    checkpoint file (None for random weights). source: where the weights came from. device: the
-    torch device name (``cpu``, ``cuda``, ``cuda:1``). dtype: compute dtype of generation, ``fp32``
-    or ``fp16``/``bf16`` (autocast over the fp32 weights, as the official demo).
+    var, vae: the engine's transformer (VAR, or Infinity's) and its tokenizer decoder (multi-scale
+    VQ-VAE, or BSQ-VAE), frozen fp32 weights on ``device``. config: its
+    :class:`~tuner.model.config.ModelConfig` or :class:`~tuner.model.infinity_config.InfinityModelConfig`
+    (``kind`` says which). checkpoint_sha256: sha256 of the transformer checkpoint (None for random
+    weights). source: where the weights came from. device: the torch device name (``cpu``, ``cuda``,
+    ``cuda:1``). dtype: compute dtype of generation, ``fp32`` or ``fp16``/``bf16`` (autocast over the
+    fp32 weights, as the official demo). runner: the loaded model the CLI runs
+    (:class:`~tuner.model.loading.LoadedModel` or :class:`~tuner.model.infinity_runner.InfinityModel`:
+    an Infinity model's text encoder and prompt set live there).
     """
 
     config: Any
@@ -32,6 +36,12 @@ class Model:
     source: str
     device: str
     dtype: str = "fp32"
+    runner: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``var`` (class-conditional) or ``infinity`` (text-to-image)."""
+        return self.config.kind
 
     @property
     def name(self) -> str:
@@ -39,19 +49,21 @@ class Model:
 
     @property
     def num_classes(self) -> int:
-        return self.config.var.num_classes
+        """Classes of a VAR model (0 for a text-to-image model: it takes prompts)."""
+        return self.config.var.num_classes if self.kind == "var" else 0
 
     @property
     def resolution(self) -> int:
-        """Side of the generated images in pixels (``H = W``)."""
+        """Side of the generated images in pixels (``H = W``; the height at a non-square ratio)."""
         return self.config.resolution
 
     @property
     def geometry(self) -> CacheGeometry:
-        return CacheGeometry.from_var_config(self.config.var)
+        return self.config.geometry
 
     def __repr__(self) -> str:  # the modules' repr is pages long
-        return (f"Model({self.name!r}, {self.resolution}px, {self.num_classes} classes, "
+        what = f"{self.num_classes} classes" if self.kind == "var" else "text-to-image"
+        return (f"Model({self.name!r}, {self.resolution}px, {what}, "
                 f"source={self.source!r}, device={self.device!r}, dtype={self.dtype!r})")
 
 
